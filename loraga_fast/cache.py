@@ -1,0 +1,96 @@
+"""Gradient cache files: safetensors, never pickle.
+
+Keys follow peft's cache naming (``"{module_name}._peft_loraga_grad"``); the metadata records every target
+name, including layers that saw no backward pass (and so have no tensor), so a reload can tell "no gradient"
+from "wrong model".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+__all__ = ["load_cache", "save_cache"]
+
+_SUFFIX = "._peft_loraga_grad"
+_TARGETS_KEY = "loraga_fast.targets"
+
+
+def save_cache(path: str | os.PathLike[str], grads: Mapping[str, torch.Tensor], target_names: Sequence[str]) -> None:
+    """Write ``grads`` (``{module_name: fp32 mean gradient}``) to ``path`` atomically (temporary file + rename)."""
+    from . import __version__
+
+    path = os.fspath(path)
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    tensors = {f"{name}{_SUFFIX}": grads[name] for name in target_names if name in grads}
+    metadata = {"format": "pt", "loraga_fast.version": __version__, _TARGETS_KEY: json.dumps(list(target_names))}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_cache(path: str | os.PathLike[str], targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Load and check a cache against the model's targets.
+
+    Args:
+        path: the cache file.
+        targets: ``{module_name: weight}`` of the current targets; each loaded gradient goes to its weight's
+            device as fp32.
+
+    Returns:
+        ``{module_name: mean gradient}`` for the targets the cache holds a gradient for.
+
+    Raises:
+        ValueError: the file is not a safetensors file, or its names or shapes do not match ``targets``
+            (the message names the first mismatching module).
+    """
+    path = os.fspath(path)
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise ValueError(
+            f"Cache file '{path}' is not a safetensors file ({err}). loraga_fast writes its caches with safetensors "
+            "and never unpickles (peft's own caches are pickles): delete the file or pass another cache_file."
+        ) from err
+    with handle:
+        keys = set(handle.keys())
+        metadata = handle.metadata() or {}
+        cached_names = (
+            json.loads(metadata[_TARGETS_KEY])
+            if _TARGETS_KEY in metadata
+            else [k[: -len(_SUFFIX)] for k in sorted(keys) if k.endswith(_SUFFIX)]
+        )
+        for name, weight in targets.items():
+            if name not in cached_names:
+                raise ValueError(f"Cache file '{path}' does not match the model: it has no entry for target module '{name}'.")
+            key = f"{name}{_SUFFIX}"
+            if key in keys:
+                shape = tuple(handle.get_slice(key).get_shape())
+                if shape != tuple(weight.shape):
+                    raise ValueError(
+                        f"Cache file '{path}' does not match the model: module '{name}' has a cached gradient of shape "
+                        f"{shape} but a weight of shape {tuple(weight.shape)}."
+                    )
+        extra = [name for name in cached_names if name not in targets]
+        if extra:
+            raise ValueError(
+                f"Cache file '{path}' does not match the model: it holds module '{extra[0]}', which is not a target "
+                "of this model and lora_config."
+            )
+        out: dict[str, torch.Tensor] = {}
+        for name, weight in targets.items():
+            key = f"{name}{_SUFFIX}"
+            if key in keys:
+                out[name] = handle.get_tensor(key).to(device=weight.device, dtype=torch.float32)
+        return out

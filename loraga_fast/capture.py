@@ -1,0 +1,186 @@
+"""Routing target layers through the capture op for the duration of a call.
+
+While a :class:`CaptureSession` is open, every target ``nn.Linear`` / transformers ``Conv1D`` computes its
+output through :class:`_CaptureLinear`, an autograd function whose backward receives the output gradient ``G``
+and the saved input ``X``, adds ``G^T X`` into the layer's fp32 accumulator (:func:`loraga_fast.ops.accumulate`)
+and returns the input gradient only when the input needs one. Weights never require grad, so autograd never
+allocates a weight gradient. A zero-size "anchor" tensor that requires grad is passed to every capture op so
+that the outputs (and hence the loss) require grad even when nothing else in the model does.
+
+On exit, whatever happened inside, the model is put back as it was: original forwards, ``requires_grad`` flags
+and per-module train/eval modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ops import accumulate
+from .store import AccumulatorStore, Slot
+
+__all__ = ["CaptureSession", "conv1d_class", "is_supported_layer", "weight_layout_transposed"]
+
+_MISSING = object()
+
+
+def conv1d_class() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` (GPT-2 style linear layer, weight stored ``(in, out)``), or None."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency, but keep the capture usable without it
+        return None
+    return Conv1D
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    """True for the layer types LoRA-GA targets: ``nn.Linear`` and transformers ``Conv1D``."""
+    conv1d = conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def weight_layout_transposed(module: nn.Module) -> bool:
+    """True when the layer stores its weight as ``(in, out)`` (``Conv1D``), False for ``(out, in)``."""
+    return not isinstance(module, nn.Linear)
+
+
+class _CaptureLinear(torch.autograd.Function):
+    """``y = x W^T + b`` (or ``x W + b`` for Conv1D) whose backward accumulates ``G^T X`` instead of ``dW``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, anchor: torch.Tensor,
+                slot: Slot, transposed: bool, on_backward: Callable[[Slot], None] | None) -> torch.Tensor:
+        if transposed:  # transformers Conv1D: weight (in, out)
+            out_shape = x.shape[:-1] + (weight.shape[1],)
+            x2d = x.reshape(-1, x.shape[-1])
+            y = torch.addmm(bias, x2d, weight) if bias is not None else x2d @ weight
+            y = y.view(out_shape)
+        else:
+            y = nn.functional.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.slot = slot
+        ctx.transposed = transposed
+        ctx.on_backward = on_backward
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
+        x, weight = ctx.saved_tensors
+        slot: Slot = ctx.slot
+        accumulate(slot.acc, grad_out, x, transposed=ctx.transposed)
+        slot.count += 1
+        if ctx.on_backward is not None:
+            ctx.on_backward(slot)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = weight.to(grad_out.dtype)
+            grad_x = grad_out.matmul(w.t() if ctx.transposed else w).to(x.dtype)
+        return grad_x, None, None, None, None, None, None
+
+
+class CaptureSession:
+    """Context manager that routes ``targets`` through the capture op and restores the model on exit.
+
+    Args:
+        model: the model whose parameters are frozen (``requires_grad=False``) and which is put in train mode
+            while the session is open, like peft's ``preprocess_loraga`` does.
+        targets: ``(name, module)`` pairs; each module must be a supported layer with the standard forward.
+        store: accumulators, one slot per target name (weight shape and layout).
+        on_backward: optional callback, called with the layer's slot after each backward pass through a target.
+    """
+
+    def __init__(self, model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store: AccumulatorStore,
+                 on_backward: Callable[[Slot], None] | None = None):
+        check_capturable(targets)
+        self.model = model
+        self.targets = list(targets)
+        self.store = store
+        self.on_backward = on_backward
+        self._undo: list[Callable[[], None]] = []
+        # requires grad, so capture outputs (and the loss) require grad even when no parameter does
+        self._anchor = torch.empty(0, requires_grad=True)
+
+    def __enter__(self) -> CaptureSession:
+        try:
+            self._freeze()
+            for name, module in self.targets:
+                self._route(module, self.store[name])
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _freeze(self) -> None:
+        modes = [(m, m.training) for m in self.model.modules()]
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+
+        def undo() -> None:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            for m, mode in modes:
+                m.training = mode
+
+        self._undo.append(undo)
+        self.model.train()
+        for p, _ in flags:
+            p.requires_grad_(False)
+
+    def _route(self, module: nn.Module, slot: Slot) -> None:
+        transposed = weight_layout_transposed(module)
+        anchor = self._anchor
+        on_backward = self.on_backward
+
+        def captured_forward(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+            (x,) = (*args, *kwargs.values())  # nn.Linear.forward(input) / Conv1D.forward(x)
+            return _CaptureLinear.apply(x, module.weight, module.bias, anchor, slot, transposed, on_backward)
+
+        # accelerate's hooks replace `forward` on the instance and call `module._old_forward` at call time:
+        # route that one so the hook's pre/post-forward (device placement, offload) keeps running.
+        attr = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+        previous = module.__dict__.get(attr, _MISSING)
+        object.__setattr__(module, attr, captured_forward)
+
+        def undo() -> None:
+            if previous is _MISSING:
+                module.__dict__.pop(attr, None)
+            else:
+                object.__setattr__(module, attr, previous)
+
+        self._undo.append(undo)
+
+    def _restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def check_capturable(targets: Sequence[tuple[str, nn.Module]]) -> None:
+    """Raise ``ValueError`` naming the first target the capture op cannot stand in for.
+
+    ``G^T X`` equals the weight gradient only for the standard ``nn.Linear`` / ``Conv1D`` forward; a subclass
+    with its own forward, or an instance whose forward was replaced by something other than accelerate's
+    hooks, would be silently changed by the routing.
+    """
+    conv1d = conv1d_class()
+    standard = {nn.Linear.forward} | ({conv1d.forward} if conv1d is not None else set())
+    for name, module in targets:
+        if not is_supported_layer(module):
+            raise ValueError(f"Layer '{name}' ({type(module).__name__}) is not an nn.Linear or Conv1D layer.")
+        if type(module).forward not in standard:
+            raise ValueError(
+                f"Layer '{name}' is a {type(module).__qualname__} whose forward overrides the standard linear forward; "
+                "loraga_fast captures G^T X, which is the weight gradient only for y = x W^T + b. Exclude it from "
+                "target_modules (exclude_modules=[...]) or use peft.preprocess_loraga for this model."
+            )
+        if "forward" in module.__dict__ and not hasattr(module, "_hf_hook"):
+            raise ValueError(
+                f"Layer '{name}' has its forward replaced on the instance ({module.__dict__['forward']!r}); loraga_fast "
+                "would bypass that replacement. Remove it before calling preprocess_loraga."
+            )
+        if not module.weight.is_floating_point():
+            raise ValueError(f"Layer '{name}' has a {module.weight.dtype} weight; LoRA-GA needs a floating-point weight.")

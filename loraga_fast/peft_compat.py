@@ -1,0 +1,175 @@
+"""The drop-in surface: :func:`preprocess_loraga`, with peft's contract and target matching.
+
+``from loraga_fast import preprocess_loraga`` replaces ``from peft import preprocess_loraga``; the user's
+``peft.get_peft_model(model, lora_config)`` then initializes LoRA-GA from the gradients attached here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.model import LoraModel
+from torch import nn
+
+from .cache import load_cache, save_cache
+from .capture import CaptureSession, is_supported_layer
+from .store import AccumulatorStore, Slot
+
+__all__ = ["find_targets", "preprocess_loraga"]
+
+logger = logging.getLogger("loraga_fast")
+
+GRAD_ATTR = "_peft_loraga_grad"
+
+
+def _fill_default_target_modules(model: nn.Module, lora_config: LoraConfig) -> None:
+    """Fill ``lora_config.target_modules`` from peft's per-architecture defaults, as peft does."""
+    if lora_config.target_modules is not None:
+        return
+    model_config = LoraModel.get_model_config(model)
+    target_modules = LoraModel.target_module_mapping.get(model_config["model_type"])
+    if target_modules is None:
+        raise ValueError("Please specify `target_modules` in `peft_config`")
+    lora_config.target_modules = target_modules if isinstance(target_modules, str) else set(target_modules)
+
+
+def find_targets(model: nn.Module, lora_config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs LoRA-GA initializes: modules peft's own rules match whose type is
+    ``nn.Linear`` or transformers ``Conv1D`` (other matched types are skipped, as in peft).
+
+    Raises:
+        ValueError: a matched module is quantized (LoRA-GA needs full-precision gradients).
+    """
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if LoraModel._check_target_module_exists(lora_config, name) and is_supported_layer(module)
+    ]
+    for name, module in targets:
+        if hasattr(module, "quant_state") or hasattr(module.weight, "quant_state"):
+            raise ValueError(
+                f"LoRA-GA does not support quantized models. Found quantized module: '{name}'. "
+                "LoRA-GA requires full-precision gradients during preprocessing."
+            )
+    return targets
+
+
+class _Progress:
+    """tqdm bar over backward passes (the most any target has seen), when a total is known or asked for."""
+
+    def __init__(self, total: int | None, enabled: bool | None):
+        self.bar = None
+        if enabled or (enabled is None and total is not None):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="LoRA-GA gradient estimation", unit="backward")
+
+    def on_backward(self, slot: Slot) -> None:
+        assert self.bar is not None
+        if slot.count > self.bar.n:
+            self.bar.update(slot.count - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def preprocess_loraga(
+    model: nn.Module,
+    lora_config: LoraConfig,
+    train_step: Callable[[], None],
+    cache_file: str | os.PathLike[str] | None = None,
+    *,
+    num_batches: int | None = None,
+    progress: bool | None = None,
+) -> None:
+    """Estimate the mean gradient of every LoRA-GA target layer and attach it for ``peft.get_peft_model``.
+
+    A drop-in replacement for ``peft.preprocess_loraga`` with the same arguments and effects, computed without
+    autograd weight gradients: each target ``nn.Linear`` / ``Conv1D`` is routed through a capture op whose
+    backward adds ``G^T X`` (output gradient times input, all tokens) into an fp32 accumulator.
+
+    Args:
+        model: the model to preprocess (not yet wrapped by peft).
+        lora_config: a ``LoraConfig`` with ``init_lora_weights="lora_ga"`` and ``lora_ga_config`` set. When its
+            ``target_modules`` is None, it is filled from peft's defaults for the model type (as peft does).
+        train_step: callback that runs forward and backward passes (``loss.backward()``) over the estimation
+            batches. It may call ``model.zero_grad()``; the result is still the mean over all backward passes.
+        cache_file: optional safetensors file. If it exists and is non-empty, gradients are loaded from it and
+            ``train_step`` is not called; otherwise they are estimated and saved there.
+        num_batches: optional number of backward passes ``train_step`` will run, for the progress bar.
+        progress: show a progress bar (default: only when ``num_batches`` is given).
+
+    Effects:
+        Each target module gets ``module._peft_loraga_grad``: fp32, the weight's shape and layout, on the
+        weight's device, equal to the sum of the weight gradients over the backward passes through the module
+        divided by their number. Targets that saw no backward pass get none (peft then falls back to its
+        default init for them). If anything fails, the model is left as it was.
+
+    Raises:
+        ValueError: ``lora_config.lora_ga_config`` is missing, a target is quantized, no supported layer matches,
+            a target's forward is not the standard linear forward, or the cache does not match the model.
+    """
+    if lora_config.lora_ga_config is None:
+        raise ValueError(
+            "If you want to use LoRA-GA, please initialize the LoraConfig with "
+            "init_lora_weights='lora_ga' and lora_ga_config=LoraGAConfig(...)."
+        )
+    _fill_default_target_modules(model, lora_config)
+    targets = find_targets(model, lora_config)
+    if not targets:
+        raise ValueError(
+            "No supported layers found for LoRA-GA initialization. "
+            "LoRA-GA only supports nn.Linear and Conv1D layers. "
+            "Please ensure your model contains at least one of these layer types in target_modules."
+        )
+    names = [name for name, _ in targets]
+    start = time.perf_counter()
+
+    if cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0:
+        grads = load_cache(cache_file, {name: module.weight for name, module in targets})
+        _attach(targets, grads)
+        logger.info(
+            "LoRA-GA: loaded %d mean gradients for %d targets from %s in %.2fs",
+            len(grads), len(targets), os.fspath(cache_file), time.perf_counter() - start,
+        )
+        return
+
+    store = AccumulatorStore([(name, tuple(module.weight.shape), module.weight.device) for name, module in targets])
+    bar = _Progress(num_batches, progress)
+    try:
+        with CaptureSession(model, targets, store, on_backward=bar.on_backward if bar.bar is not None else None):
+            with torch.enable_grad():
+                train_step()
+    finally:
+        bar.close()
+    grads = store.means()
+    if cache_file is not None:
+        save_cache(cache_file, grads, names)
+    _attach(targets, grads)
+
+    missing = [name for name in names if name not in grads]
+    if missing:
+        logger.warning(
+            "LoRA-GA: %d of %d target layers saw no backward pass in train_step and keep peft's default init: %s",
+            len(missing), len(names), ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""),
+        )
+    passes = max((slot.count for slot in store.slots.values()), default=0)
+    logger.info(
+        "LoRA-GA: estimated %d target layers over %d backward passes in %.2fs (fp32 accumulators: %.1f MiB in %d shape groups)",
+        len(targets), passes, time.perf_counter() - start, store.nbytes / 2**20, len(store.groups),
+    )
+
+
+def _attach(targets: list[tuple[str, nn.Module]], grads: dict[str, torch.Tensor]) -> None:
+    """Set ``_peft_loraga_grad`` on every target with a gradient; drop a stale one from the others."""
+    for name, module in targets:
+        if name in grads:
+            setattr(module, GRAD_ATTR, grads[name])
+        elif hasattr(module, GRAD_ATTR):
+            delattr(module, GRAD_ATTR)
