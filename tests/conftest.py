@@ -1,0 +1,9 @@
+"""Test-wide fixtures."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(1234)

@@ -1,0 +1,134 @@
+"""The accumulate op against a float64 reference, its argument checks, and backend dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loraga_fast.ops import accumulate, accumulate_ref
+from loraga_fast.ops._dispatch import BACKEND_ENV, select_backend
+
+# (dtype, rtol on the relative Frobenius error against float64 of the same low-precision inputs)
+DTYPES = [
+    pytest.param(torch.float32, 1e-6, id="fp32"),
+    pytest.param(torch.bfloat16, 1e-6, id="bf16"),
+    pytest.param(torch.float16, 1e-6, id="fp16"),
+]
+SHAPES = [pytest.param(t, m, n, id=f"T{t}-M{m}-N{n}") for t, m, n in [(1, 5, 7), (63, 17, 33), (130, 64, 31)]]
+
+
+def _inputs(t: int, m: int, n: int, dtype: torch.dtype, strided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if strided:  # 3-D activations seen through non-contiguous views
+        g = torch.randn(2 * m + 1, t, dtype=dtype).t()[:, 1 : 2 * m + 1 : 2]
+        x = torch.randn(t, 3, 2 * n, dtype=dtype)[:, 1, ::2]
+        assert not g.is_contiguous() and not x.is_contiguous()
+    else:
+        g = torch.randn(t, m, dtype=dtype)
+        x = torch.randn(t, n, dtype=dtype)
+    return g, x
+
+
+@pytest.mark.parametrize("dtype,rtol", DTYPES)
+@pytest.mark.parametrize("t,m,n", SHAPES)
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_matches_float64(dtype: torch.dtype, rtol: float, t: int, m: int, n: int, strided: bool, transposed: bool) -> None:
+    start = torch.randn((n, m) if transposed else (m, n))
+    acc = start.clone()
+    expected = start.double()
+    for _ in range(3):  # accumulation over several calls into a non-zero accumulator
+        g, x = _inputs(t, m, n, dtype, strided)
+        accumulate(acc, g, x, transposed=transposed)
+        prod = g.double().t() @ x.double()
+        expected += prod.t() if transposed else prod
+    err = ((acc.double() - expected).norm() / expected.norm()).item()
+    assert err < rtol, err
+
+
+def test_leading_dims_flattened() -> None:
+    g = torch.randn(2, 3, 4, 5)
+    x = torch.randn(2, 3, 4, 6)
+    acc = torch.zeros(5, 6)
+    accumulate(acc, g, x)
+    torch.testing.assert_close(acc, g.reshape(-1, 5).t() @ x.reshape(-1, 6))
+
+
+def test_writes_through_strided_accumulator_view() -> None:
+    big = torch.zeros(3, 4, 5)
+    g, x = torch.randn(7, 4), torch.randn(7, 5)
+    accumulate(big[1], g, x)
+    torch.testing.assert_close(big[1], g.t() @ x)
+    assert big[0].abs().sum() == 0 and big[2].abs().sum() == 0
+
+
+def test_deterministic() -> None:
+    g, x = torch.randn(130, 33, dtype=torch.bfloat16), torch.randn(130, 17, dtype=torch.bfloat16)
+    a, b = torch.zeros(33, 17), torch.zeros(33, 17)
+    accumulate(a, g, x)
+    accumulate(b, g, x)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "acc,g,x,err",
+    [
+        (torch.zeros(4, 5, dtype=torch.bfloat16), torch.randn(3, 4), torch.randn(3, 5), TypeError),
+        (torch.zeros(5, 4), torch.randn(3, 4), torch.randn(3, 5), ValueError),
+        (torch.zeros(4, 5), torch.randn(3, 4), torch.randn(2, 5), ValueError),
+        (torch.zeros(1, 4, 5), torch.randn(3, 4), torch.randn(3, 5), ValueError),
+        (torch.zeros(4, 5), torch.randint(0, 3, (3, 4)), torch.randn(3, 5), TypeError),
+    ],
+    ids=["bf16-acc", "wrong-shape", "token-mismatch", "3d-acc", "int-input"],
+)
+def test_rejects_bad_arguments(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor, err: type[Exception]) -> None:
+    with pytest.raises(err, match="accumulate"):
+        accumulate(acc, g, x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    t=st.integers(1, 40), m=st.integers(1, 20), n=st.integers(1, 20), transposed=st.booleans(),
+    g_step=st.integers(1, 3), x_step=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_property_random_shapes_and_strides(t: int, m: int, n: int, transposed: bool, g_step: int, x_step: int,
+                                            dtype: torch.dtype) -> None:
+    g = torch.randn(t, m * g_step, dtype=dtype)[:, ::g_step]
+    x = torch.randn(t, n * x_step, dtype=dtype)[:, ::x_step]
+    acc = torch.randn((n, m) if transposed else (m, n))
+    expected = acc.double() + ((g.double().t() @ x.double()).t() if transposed else g.double().t() @ x.double())
+    accumulate(acc, g, x, transposed=transposed)
+    torch.testing.assert_close(acc.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_is_the_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert select_backend("accumulate", torch.zeros(1), ("torch", "triton")) == "torch"
+    g, x = torch.randn(9, 4), torch.randn(9, 3)
+    a, b = torch.zeros(4, 3), torch.zeros(4, 3)
+    accumulate(a, g, x)
+    accumulate_ref(b, g, x)
+    assert torch.equal(a, b)
+
+
+def test_dispatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.zeros(1)
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert select_backend("op", cpu, ("torch", "triton")) == "torch"
+    monkeypatch.setenv(BACKEND_ENV, "bogus")
+    with pytest.raises(ValueError, match=BACKEND_ENV):
+        select_backend("op", cpu, ("torch",))
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    with pytest.raises(RuntimeError, match="no Triton kernel for 'op'"):
+        select_backend("op", cpu, ("torch",))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        select_backend("op", cpu, ("torch", "triton"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backend("op", cpu, ("torch", "triton")) == "triton"
+    monkeypatch.setenv(BACKEND_ENV, "auto")
+    assert select_backend("op", cpu, ("torch", "triton")) == "triton"
+    assert select_backend("op", cpu, ("torch",)) == "torch"
