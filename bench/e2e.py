@@ -339,11 +339,29 @@ class MemoryProbe:
 # ------------------------------------------------------------------------------------------------ one case
 
 
+def _busy_cpu_s() -> float:
+    """System-wide non-idle CPU seconds so far, all cores (stolen time counts as busy)."""
+    t = psutil.cpu_times()
+    return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
 @dataclass
 class CallResult:
-    """Wall time of one preprocess call, and its memory reading when it was measured."""
+    """One preprocess call.
+
+    Attributes:
+        time_s: wall time.
+        cpu_s: CPU time of this process during the call, all threads (about ``time_s x threads`` when the
+            threads are busy).
+        other_cpu_s: CPU time the rest of the machine used during the call (system-wide busy time, hypervisor
+            steal included, minus ``cpu_s``). Far from 0 means other work competed for the cores and the timing
+            is unreliable.
+        memory: the extra peak memory, when it was measured.
+    """
 
     time_s: float
+    cpu_s: float
+    other_cpu_s: float
     memory: MemoryReading | None = None
 
 
@@ -407,10 +425,12 @@ class PreprocessCase:
         self._synchronize()
         probe = MemoryProbe(self.device) if measure_memory else None
         with probe if probe is not None else nullcontext():
-            start = time.perf_counter()
+            busy_start, cpu_start, start = _busy_cpu_s(), time.process_time(), time.perf_counter()
             self()
             elapsed = time.perf_counter() - start
-        return CallResult(time_s=elapsed, memory=probe.reading if probe is not None else None)
+            cpu, busy = time.process_time() - cpu_start, _busy_cpu_s() - busy_start
+        return CallResult(time_s=elapsed, cpu_s=cpu, other_cpu_s=max(busy - cpu, 0.0),
+                          memory=probe.reading if probe is not None else None)
 
     def attached_grads(self) -> dict[str, torch.Tensor]:
         """The ``_peft_loraga_grad`` tensors the last call attached, by module name."""
@@ -461,7 +481,9 @@ def measure_in_process(impl: str, dtype: str, preset: str | Preset, repeats: int
         "device": str(case.device),
         "repeats": repeats,
         "time_s": statistics.median(times) if times else None,
+        "time_min_s": min(times) if times else None,
         "times_s": times,
+        "cpu_times_s": [r.cpu_s for r in runs],
         "first_call_s": first.time_s,
         "peak_extra_bytes": memory.peak_extra_bytes,
         "memory": {**asdict(memory), "call": memory_call},
@@ -470,6 +492,7 @@ def measure_in_process(impl: str, dtype: str, preset: str | Preset, repeats: int
         "grad_dtype": str(next(iter(grads.values())).dtype) if grads else None,
         "grad_global_norm": grad_norm,
         "torch_threads": torch.get_num_threads(),
+        "other_cpu_s": [r.other_cpu_s for r in runs],
     }
 
 

@@ -100,8 +100,9 @@ class CaptureSession:
         self.store = store
         self.on_backward = on_backward
         self._undo: list[Callable[[], None]] = []
-        # requires grad, so capture outputs (and the loss) require grad even when no parameter does
-        self._anchor = torch.empty(0, requires_grad=True)
+        # zero-size tensors that require grad, so capture outputs (and the loss) require grad even when no
+        # parameter does; one per device, so backward never hops to another device's autograd thread
+        self._anchors: dict[torch.device, torch.Tensor] = {}
 
     def __enter__(self) -> CaptureSession:
         try:
@@ -133,7 +134,10 @@ class CaptureSession:
 
     def _route(self, module: nn.Module, slot: Slot) -> None:
         transposed = weight_layout_transposed(module)
-        anchor = self._anchor
+        device = module.weight.device
+        if device not in self._anchors:
+            self._anchors[device] = torch.empty(0, device=device, requires_grad=True)
+        anchor = self._anchors[device]
         on_backward = self.on_backward
 
         def captured_forward(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:

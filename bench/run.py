@@ -1,0 +1,149 @@
+"""End-to-end benchmark runner: loraga_fast vs peft ``preprocess_loraga``, one fresh process per measurement.
+
+    python bench/run.py                                   # 70m preset, fp32 + bf16, 3 repeats
+    python bench/run.py --preset tiny                     # quick smoke run
+    python bench/run.py --preset 70m --dtypes bf16 --repeats 5 --json /tmp/out.json
+
+Prints a table (time = median of the timed repeats, extra peak memory = see bench/README.md) with ratio rows
+``ours/peft``, and writes every measurement, the configuration and the environment as JSON
+(default: bench/results/e2e.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (python bench/run.py): make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.e2e import (  # noqa: E402
+    DTYPES,
+    IMPLS,
+    PRESETS,
+    REPO_ROOT,
+    TARGET_MODULES,
+    environment_info,
+    get_preset,
+    measure,
+    param_count,
+)
+
+OURS, BASELINE = IMPLS
+MIB = 2**20
+DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "e2e.json"
+
+
+def ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``ours/peft`` time and memory ratios for every (preset, dtype) that has both implementations."""
+    rows = []
+    by_key = {(r["preset"], r["dtype"], r["impl"]): r for r in results}
+    for (preset, dtype, impl), ours in by_key.items():
+        base = by_key.get((preset, dtype, BASELINE))
+        if impl != OURS or base is None:
+            continue
+        rows.append({
+            "preset": preset,
+            "dtype": dtype,
+            "time_ratio": _ratio(ours["time_s"], base["time_s"]),
+            "peak_extra_ratio": _ratio(ours["peak_extra_bytes"], base["peak_extra_bytes"]),
+        })
+    return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def format_table(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
+    """The results as a fixed-width table, each (preset, dtype) followed by its ``ours/peft`` row."""
+    header = ("preset", "dtype", "impl", "time (s)", "extra peak (MiB)", "ru_maxrss check (MiB)", "first call (s)")
+    lines: list[tuple[str, ...]] = []
+    for ratio in ratios or [None]:
+        for r in results:
+            if ratio is not None and (r["preset"], r["dtype"]) != (ratio["preset"], ratio["dtype"]):
+                continue
+            mem = r["memory"]
+            check = "-"
+            if mem.get("maxrss_extra_bytes") is not None:
+                check = f"{mem['maxrss_extra_bytes'] / MIB:.1f}" + ("" if mem["maxrss_valid"] else " (n/a)")
+            lines.append((r["preset"], r["dtype"], r["impl"], _num(r["time_s"], ".3f"),
+                          f"{r['peak_extra_bytes'] / MIB:.1f}", check, f"{r['first_call_s']:.3f}"))
+        if ratio is not None:
+            lines.append((ratio["preset"], ratio["dtype"], f"{OURS}/{BASELINE}", _num(ratio["time_ratio"], ".3f", "x"),
+                          _num(ratio["peak_extra_ratio"], ".3f", "x"), "", ""))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*header), "  ".join("-" * w for w in widths)]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
+
+
+def _num(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), default="70m")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up call (default 3)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure in this process instead of one fresh subprocess each (memory not isolated)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    preset = get_preset(args.preset)
+    results = []
+    for dtype in args.dtypes:
+        for impl in args.impls:
+            print(f"[bench] {preset.name} {dtype} {impl} ...", end=" ", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            result = measure(impl, dtype, preset.name, args.repeats, args.device, args.seed,
+                             isolated=not args.in_process)
+            print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+            results.append(result)
+    ratios = ratio_rows(results)
+
+    n_params = param_count(preset)
+    print(f"preset {preset.name}: LlamaForCausalLM, {n_params:,} parameters, {preset.num_batches} batches of "
+          f"{preset.batch_size}x{preset.seq_len} tokens, targets {','.join(TARGET_MODULES)}; device "
+          f"{results[0]['device']}, {results[0]['torch_threads']} torch threads; time = median of {args.repeats}")
+    print(format_table(results, ratios))
+
+    report = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "environment": environment_info(args.device),
+        "config": {
+            "preset": preset.name,
+            **{k: v for k, v in vars(preset).items() if k != "name"},
+            "param_count": n_params,
+            "target_modules": list(TARGET_MODULES),
+            "dtypes": args.dtypes,
+            "impls": args.impls,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "isolated": not args.in_process,
+        },
+        "results": results,
+        "ratios": ratios,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
