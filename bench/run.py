@@ -36,6 +36,8 @@ from bench.e2e import (  # noqa: E402
 
 OURS, BASELINE = IMPLS
 MIB = 2**20
+CONTENDED = 0.1
+"""A timing is flagged when other processes used more than this fraction of a core during the timed calls."""
 DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "e2e.json"
 
 
@@ -72,7 +74,8 @@ def format_table(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) ->
             check = "-"
             if mem.get("maxrss_extra_bytes") is not None:
                 check = f"{mem['maxrss_extra_bytes'] / MIB:.1f}" + ("" if mem["maxrss_valid"] else " (n/a)")
-            lines.append((r["preset"], r["dtype"], r["impl"], _num(r["time_s"], ".3f"),
+            flag = " *" if contended(r) else ""
+            lines.append((r["preset"], r["dtype"], r["impl"], _num(r["time_s"], ".3f") + flag,
                           f"{r['peak_extra_bytes'] / MIB:.1f}", check, f"{r['first_call_s']:.3f}"))
         if ratio is not None:
             lines.append((ratio["preset"], ratio["dtype"], f"{OURS}/{BASELINE}", _num(ratio["time_ratio"], ".3f", "x"),
@@ -82,6 +85,12 @@ def format_table(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) ->
     out = [fmt.format(*header), "  ".join("-" * w for w in widths)]
     out += [fmt.format(*line) for line in lines]
     return "\n".join(out)
+
+
+def contended(result: dict[str, Any]) -> bool:
+    """True when other processes competed for the CPU during the timed calls (see ``CONTENDED``)."""
+    times, others = result.get("times_s") or [], result.get("other_cpu_s") or []
+    return bool(times) and sum(others) > CONTENDED * sum(times)
 
 
 def _num(value: float | None, spec: str, suffix: str = "") -> str:
@@ -120,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{preset.batch_size}x{preset.seq_len} tokens, targets {','.join(TARGET_MODULES)}; device "
           f"{results[0]['device']}, {results[0]['torch_threads']} torch threads; time = median of {args.repeats}")
     print(format_table(results, ratios))
+    if any(contended(r) for r in results):
+        print(f"* other processes used more than {CONTENDED:.0%} of a core during these timed calls "
+              "(other_cpu_s in the JSON): the times are unreliable, rerun on an idle machine")
 
     report = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from peft import LoraConfig, LoraGAConfig
@@ -83,3 +85,23 @@ def reference_mean_grads(model: nn.Module, names: Sequence[str], batches: Sequen
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a64, b64 = a.double(), b.double()
     return ((a64 - b64).norm() / b64.norm()).item()
+
+
+BACKENDS = ["torch", "triton"]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force an accumulate backend; ``triton`` runs the kernel on CPU tensors through the Triton interpreter."""
+    saved = {k: os.environ.get(k) for k in ("LORAGA_FAST_BACKEND", "TRITON_INTERPRET")}
+    os.environ["LORAGA_FAST_BACKEND"] = name
+    if name == "triton":
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -30,7 +30,7 @@ from tests._helpers import (
 @pytest.mark.parametrize(
     "make,targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, GPT2_TARGETS)], ids=["llama", "gpt2-conv1d"]
 )
-def test_fp32_matches_float64_autograd(make: Callable[..., nn.Module], targets: list[str]) -> None:
+def test_fp32_matches_float64_autograd(backend: str, make: Callable[..., nn.Module], targets: list[str]) -> None:
     model = make()
     batches = token_batches()
     preprocess_loraga(model, lora_ga_config(targets), train_step_for(model, batches))
@@ -86,7 +86,7 @@ def _bf16_reference(model: nn.Module, names: list[str], batches: list[torch.Tens
     return {n: s / len(batches) for n, s in sums.items()}
 
 
-def test_bf16_more_accurate_than_peft() -> None:
+def test_bf16_more_accurate_than_peft(backend: str) -> None:
     batches = token_batches(n=6)
     base = tiny_llama(torch.bfloat16, hidden=64)
     ours_model, peft_model = copy.deepcopy(base), copy.deepcopy(base)
@@ -138,7 +138,7 @@ class SharedLayerModel(nn.Module):
         return self.head(torch.tanh(self.proj(torch.tanh(self.proj(x)))))
 
 
-def test_module_called_several_times_matches_peft() -> None:
+def test_module_called_several_times_matches_peft(backend: str) -> None:
     xs = [torch.randn(2, 5, 6) for _ in range(3)]
     loss = lambda m, x: m(x).square().mean()  # noqa: E731
     base = SharedLayerModel()

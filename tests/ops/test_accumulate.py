@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from loraga_fast.ops import accumulate, accumulate_ref
 from loraga_fast.ops._dispatch import BACKEND_ENV, select_backend
+from loraga_fast.ops.accumulate import accumulate_triton
+from tests._helpers import BACKENDS, use_backend
 
 # (dtype, rtol on the relative Frobenius error against float64 of the same low-precision inputs)
 DTYPES = [
@@ -34,7 +36,7 @@ def _inputs(t: int, m: int, n: int, dtype: torch.dtype, strided: bool) -> tuple[
 @pytest.mark.parametrize("t,m,n", SHAPES)
 @pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
-def test_matches_float64(dtype: torch.dtype, rtol: float, t: int, m: int, n: int, strided: bool, transposed: bool) -> None:
+def test_matches_float64(backend: str, dtype: torch.dtype, rtol: float, t: int, m: int, n: int, strided: bool, transposed: bool) -> None:
     start = torch.randn((n, m) if transposed else (m, n))
     acc = start.clone()
     expected = start.double()
@@ -47,7 +49,7 @@ def test_matches_float64(dtype: torch.dtype, rtol: float, t: int, m: int, n: int
     assert err < rtol, err
 
 
-def test_leading_dims_flattened() -> None:
+def test_leading_dims_flattened(backend: str) -> None:
     g = torch.randn(2, 3, 4, 5)
     x = torch.randn(2, 3, 4, 6)
     acc = torch.zeros(5, 6)
@@ -55,7 +57,7 @@ def test_leading_dims_flattened() -> None:
     torch.testing.assert_close(acc, g.reshape(-1, 5).t() @ x.reshape(-1, 6))
 
 
-def test_writes_through_strided_accumulator_view() -> None:
+def test_writes_through_strided_accumulator_view(backend: str) -> None:
     big = torch.zeros(3, 4, 5)
     g, x = torch.randn(7, 4), torch.randn(7, 5)
     accumulate(big[1], g, x)
@@ -63,12 +65,40 @@ def test_writes_through_strided_accumulator_view() -> None:
     assert big[0].abs().sum() == 0 and big[2].abs().sum() == 0
 
 
-def test_deterministic() -> None:
+def test_deterministic(backend: str) -> None:
     g, x = torch.randn(130, 33, dtype=torch.bfloat16), torch.randn(130, 17, dtype=torch.bfloat16)
     a, b = torch.zeros(33, 17), torch.zeros(33, 17)
     accumulate(a, g, x)
     accumulate(b, g, x)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("split_t", [1, 2, 5])
+def test_triton_token_splits(transposed: bool, split_t: int) -> None:
+    """Split-T partials reduce in a fixed order: exact against float64 and bit-identical across runs."""
+    with use_backend("triton"):
+        g, x = torch.randn(130, 40, dtype=torch.bfloat16), torch.randn(130, 3, 50, dtype=torch.bfloat16)[:, 1]
+        shape = (50, 40) if transposed else (40, 50)
+        start = torch.randn(shape)
+        a, b = start.clone(), start.clone()
+        accumulate_triton(a, g, x, transposed=transposed, split_t=split_t)
+        accumulate_triton(b, g, x, transposed=transposed, split_t=split_t)
+    prod = g.double().t() @ x.double()
+    expected = start.double() + (prod.t() if transposed else prod)
+    assert torch.equal(a, b)
+    assert ((a.double() - expected).norm() / expected.norm()).item() < 1e-6
+
+
+def test_triton_never_reads_outside_the_accumulator() -> None:
+    """A NaN-filled buffer around a zeroed accumulator view stays NaN: no read or write past the view."""
+    with use_backend("triton"):
+        buf = torch.full((3, 40, 50), float("nan"))
+        buf[1] = 0
+        g, x = torch.randn(63, 40), torch.randn(63, 50)
+        accumulate(buf[1], g, x)
+    torch.testing.assert_close(buf[1], g.t() @ x, rtol=1e-5, atol=1e-5)
+    assert buf[0].isnan().all() and buf[2].isnan().all()
 
 
 @pytest.mark.parametrize(
@@ -87,19 +117,21 @@ def test_rejects_bad_arguments(acc: torch.Tensor, g: torch.Tensor, x: torch.Tens
         accumulate(acc, g, x)
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@settings(max_examples=25, deadline=None)
 @given(
     t=st.integers(1, 40), m=st.integers(1, 20), n=st.integers(1, 20), transposed=st.booleans(),
     g_step=st.integers(1, 3), x_step=st.integers(1, 3),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
 )
-def test_property_random_shapes_and_strides(t: int, m: int, n: int, transposed: bool, g_step: int, x_step: int,
+def test_property_random_shapes_and_strides(backend_name: str, t: int, m: int, n: int, transposed: bool, g_step: int, x_step: int,
                                             dtype: torch.dtype) -> None:
     g = torch.randn(t, m * g_step, dtype=dtype)[:, ::g_step]
     x = torch.randn(t, n * x_step, dtype=dtype)[:, ::x_step]
     acc = torch.randn((n, m) if transposed else (m, n))
     expected = acc.double() + ((g.double().t() @ x.double()).t() if transposed else g.double().t() @ x.double())
-    accumulate(acc, g, x, transposed=transposed)
+    with use_backend(backend_name):
+        accumulate(acc, g, x, transposed=transposed)
     torch.testing.assert_close(acc.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -132,3 +164,13 @@ def test_dispatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(BACKEND_ENV, "auto")
     assert select_backend("op", cpu, ("torch", "triton")) == "triton"
     assert select_backend("op", cpu, ("torch",)) == "torch"
+
+
+def test_forced_triton_backend_runs_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraga_fast.ops import accumulate as module
+
+    calls = []
+    monkeypatch.setitem(module._IMPLS, "triton", lambda *a, **k: calls.append(1) or accumulate_triton(*a, **k))
+    with use_backend("triton"):
+        accumulate(torch.zeros(4, 3), torch.randn(5, 4), torch.randn(5, 3))
+    assert calls == [1]
