@@ -93,6 +93,17 @@ def contended(result: dict[str, Any]) -> bool:
     return bool(times) and sum(others) > CONTENDED * sum(times)
 
 
+def wait_for_idle(max_wait_s: float, busy_percent: float = 5.0, window_s: float = 2.0) -> float:
+    """Wait (at most ``max_wait_s``) until the machine's CPU use over ``window_s`` is below ``busy_percent``
+    of all cores; return the seconds waited. For shared machines, where other jobs come and go."""
+    import psutil
+
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait_s and psutil.cpu_percent(interval=window_s) >= busy_percent:
+        pass
+    return time.perf_counter() - start
+
+
 def _num(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
@@ -106,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each measurement, wait up to this long for the CPUs to be idle (default 0)")
     parser.add_argument("--in-process", action="store_true",
                         help="measure in this process instead of one fresh subprocess each (memory not isolated)")
     args = parser.parse_args(argv)
@@ -116,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for dtype in args.dtypes:
         for impl in args.impls:
+            if args.wait_idle > 0:
+                waited = wait_for_idle(args.wait_idle)
+                if waited > 3:
+                    print(f"[bench] waited {waited:.0f}s for idle CPUs", file=sys.stderr, flush=True)
             print(f"[bench] {preset.name} {dtype} {impl} ...", end=" ", file=sys.stderr, flush=True)
             start = time.perf_counter()
             result = measure(impl, dtype, preset.name, args.repeats, args.device, args.seed,
@@ -147,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "seed": args.seed,
             "isolated": not args.in_process,
+            "wait_idle_s": args.wait_idle,
         },
         "results": results,
         "ratios": ratios,
