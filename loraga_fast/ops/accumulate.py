@@ -11,7 +11,8 @@ Layers:
   ``C`` in the same kernel (no bf16 ``dW`` temporary, no second pass);
 * :func:`accumulate_triton` -- the launcher (autotuned on GPU; one config and fp32 operands under
   ``TRITON_INTERPRET=1``, whose ``tl.dot`` mishandles bf16);
-* :func:`accumulate_ref` -- the plain-torch reference (fp32 GEMM, ``beta=1``), also the CPU path;
+* :func:`accumulate_ref` -- the plain-torch reference (fp32 GEMM, ``beta=1``); the torch backend
+  (``_accumulate_torch``) runs it, through oneDNN's bf16 matrix engine for bf16 inputs on CPUs that have one;
 * :func:`accumulate` -- the public op: checks its arguments and dispatches through
   :func:`loraga_fast.ops._dispatch.select_backend`.
 
@@ -61,6 +62,33 @@ def accumulate_ref(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor,
     else:
         acc.addmm_(g.t(), x)
     return acc
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_bf16_usable() -> bool:
+    mkldnn = torch.backends.mkldnn
+    return (
+        mkldnn.is_available()
+        and hasattr(mkldnn, "matmul")
+        and hasattr(mkldnn.matmul, "fp32_precision")
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def _accumulate_torch(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
+    """The torch backend: :func:`accumulate_ref`, with bf16 inputs on a CPU with a bf16 matrix engine (AMX,
+    AVX512-BF16) run through oneDNN's bf16 mode for fp32 GEMMs. That mode rounds fp32 operands to bf16, which is
+    exact here because they were upcast from bf16, and accumulates and writes fp32: the same result, 2-3x faster.
+    """
+    if acc.device.type == "cpu" and grad_out.dtype == inp.dtype == torch.bfloat16 and _onednn_bf16_usable():
+        matmul = torch.backends.mkldnn.matmul
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "bf16"
+        try:
+            return accumulate_ref(acc, grad_out, inp, transposed=transposed)
+        finally:
+            matmul.fp32_precision = previous
+    return accumulate_ref(acc, grad_out, inp, transposed=transposed)
 
 
 if triton is not None:
@@ -186,7 +214,7 @@ def accumulate_triton(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tens
     return acc
 
 
-_IMPLS = {"torch": accumulate_ref, "triton": accumulate_triton}
+_IMPLS = {"torch": _accumulate_torch, "triton": accumulate_triton}
 
 
 def accumulate(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:

@@ -146,6 +146,22 @@ def test_reference_is_the_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(a, b)
 
 
+def test_cpu_bf16_path_is_exact_and_restores_the_matmul_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    mode = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+    g, x = torch.randn(200, 96, dtype=torch.bfloat16), torch.randn(200, 80, dtype=torch.bfloat16)
+    a, b = torch.zeros(96, 80), torch.zeros(96, 80)
+    accumulate(a, g, x)
+    accumulate_ref(b, g, x)
+    expected = g.double().t() @ x.double()
+    assert ((a.double() - expected).norm() / expected.norm()).item() < 1e-6
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    assert getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None) == mode
+    # and fp32 GEMMs outside the op keep full precision
+    p, q = torch.randn(64, 64), torch.randn(64, 64)
+    torch.testing.assert_close((p @ q).double(), p.double() @ q.double(), rtol=1e-5, atol=1e-5)
+
+
 def test_dispatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.zeros(1)
     monkeypatch.setenv(BACKEND_ENV, "torch")
