@@ -43,13 +43,16 @@ def requested_backend() -> str:
     return value
 
 
-def select_backend(op: str, tensor: torch.Tensor, available: Collection[str]) -> str:
+def select_backend(op: str, tensor: torch.Tensor, available: Collection[str],
+                   auto: Collection[str] | None = None) -> str:
     """Return the backend (``"torch"`` or ``"triton"``) that runs ``op`` on ``tensor``.
 
     Args:
         op: the op's name, used in error messages.
         tensor: a tensor the op writes (its device decides the automatic choice).
-        available: the backends this op implements.
+        available: the backends this op implements (any of them can be forced).
+        auto: the backends the automatic choice may pick for this call (default: ``available``), for cases
+            where a kernel exists but another backend is known to be better.
     """
     requested = requested_backend()
     if requested == "torch":
@@ -69,6 +72,6 @@ def select_backend(op: str, tensor: torch.Tensor, available: Collection[str]) ->
                 "CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 (slow, for tests)."
             )
         return "triton"
-    if "triton" in available and triton_possible and triton_importable():
+    if "triton" in (available if auto is None else auto) and triton_possible and triton_importable():
         return "triton"
     return "torch"

@@ -247,5 +247,8 @@ def accumulate(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, *, 
         raise ValueError(f"accumulate: accumulator shape {tuple(acc.shape)} does not match {expected} for grad_out {tuple(grad_out.shape)} and inp {tuple(inp.shape)}.")
     if not (grad_out.is_floating_point() and inp.is_floating_point()):
         raise TypeError(f"accumulate: grad_out and inp must be floating point, got {grad_out.dtype} and {inp.dtype}.")
-    backend = select_backend("accumulate", acc, _BACKENDS)
+    # fp32 operands: the kernel would multiply on CUDA cores (exact IEEE, no TF32); cuBLAS SGEMM does that
+    # better, so the automatic choice keeps the Triton kernel for 16-bit operands
+    low_precision = grad_out.dtype != torch.float32 or inp.dtype != torch.float32
+    backend = select_backend("accumulate", acc, _BACKENDS, auto=_BACKENDS if low_precision else ("torch",))
     return _IMPLS[backend](acc, grad_out, inp, transposed=transposed)

@@ -180,6 +180,9 @@ def test_dispatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(BACKEND_ENV, "auto")
     assert select_backend("op", cpu, ("torch", "triton")) == "triton"
     assert select_backend("op", cpu, ("torch",)) == "torch"
+    assert select_backend("op", cpu, ("torch", "triton"), auto=("torch",)) == "torch"
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    assert select_backend("op", cpu, ("torch", "triton"), auto=("torch",)) == "triton"  # forcing still works
 
 
 def test_forced_triton_backend_runs_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
