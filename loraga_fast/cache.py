@@ -15,6 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .store import AccumulatorStore
+
 __all__ = ["load_cache", "save_cache"]
 
 _SUFFIX = "._peft_loraga_grad"
@@ -40,20 +42,19 @@ def save_cache(path: str | os.PathLike[str], grads: Mapping[str, torch.Tensor], 
             os.remove(tmp)
 
 
-def load_cache(path: str | os.PathLike[str], targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Load and check a cache against the model's targets.
+def load_cache(path: str | os.PathLike[str], targets: Mapping[str, torch.Tensor], store: AccumulatorStore) -> None:
+    """Check a cache against the model's targets, then copy its gradients into ``store``.
 
     Args:
         path: the cache file.
-        targets: ``{module_name: weight}`` of the current targets; each loaded gradient goes to its weight's
-            device as fp32.
-
-    Returns:
-        ``{module_name: mean gradient}`` for the targets the cache holds a gradient for.
+        targets: ``{module_name: weight}`` of the current targets.
+        store: accumulators for those targets; each cached gradient is copied into its slot (one tensor at a
+            time, so no second full copy is held) and the slot counts as one pass, so ``store.means()`` returns
+            it unchanged. Targets the cache holds no gradient for keep a zero count.
 
     Raises:
         ValueError: the file is not a safetensors file, or its names or shapes do not match ``targets``
-            (the message names the first mismatching module).
+            (the message names the first mismatching module). Nothing is copied then.
     """
     path = os.fspath(path)
     try:
@@ -88,9 +89,9 @@ def load_cache(path: str | os.PathLike[str], targets: Mapping[str, torch.Tensor]
                 f"Cache file '{path}' does not match the model: it holds module '{extra[0]}', which is not a target "
                 "of this model and lora_config."
             )
-        out: dict[str, torch.Tensor] = {}
-        for name, weight in targets.items():
+        for name in targets:
             key = f"{name}{_SUFFIX}"
             if key in keys:
-                out[name] = handle.get_tensor(key).to(device=weight.device, dtype=torch.float32)
-        return out
+                slot = store[name]
+                slot.acc.copy_(handle.get_tensor(key))
+                slot.count = 1

@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -18,6 +21,7 @@ from torch import nn
 
 from .cache import load_cache, save_cache
 from .capture import CaptureSession, is_supported_layer
+from .init import LayerFactors, check_finite, factor_store, init_layer_from_factors, layer_ranks
 from .store import AccumulatorStore, Slot
 
 __all__ = ["find_targets", "preprocess_loraga"]
@@ -129,41 +133,62 @@ def preprocess_loraga(
             "Please ensure your model contains at least one of these layer types in target_modules."
         )
     names = [name for name, _ in targets]
+    modules = dict(targets)
     start = time.perf_counter()
-
-    if cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0:
-        grads = load_cache(cache_file, {name: module.weight for name, module in targets})
-        _attach(targets, grads)
-        logger.info(
-            "LoRA-GA: loaded %d mean gradients for %d targets from %s in %.2fs",
-            len(grads), len(targets), os.fspath(cache_file), time.perf_counter() - start,
-        )
-        return
-
     store = AccumulatorStore([(name, tuple(module.weight.shape), module.weight.device) for name, module in targets])
-    bar = _Progress(num_batches, progress)
-    try:
-        with CaptureSession(model, targets, store, on_backward=bar.on_backward if bar.bar is not None else None):
-            with torch.enable_grad():
-                train_step()
-    finally:
-        bar.close()
+    cached = cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0
+    if cached:
+        load_cache(cache_file, {name: module.weight for name, module in targets}, store)  # type: ignore[arg-type]
+    else:
+        bar = _Progress(num_batches, progress)
+        try:
+            with CaptureSession(model, targets, store, on_backward=bar.on_backward if bar.bar is not None else None):
+                with torch.enable_grad():
+                    train_step()
+        finally:
+            bar.close()
+    t_estimate = time.perf_counter() - start
     grads = store.means()
-    if cache_file is not None:
+    check_finite(store, list(grads))
+    ranks = layer_ranks(lora_config, list(grads))
+    for name, r in ranks.items():
+        if 2 * r > min(grads[name].shape):
+            raise ValueError(
+                f"LoRA-GA needs 2 * r <= min(out_features, in_features), but layer '{name}' has a weight of shape "
+                f"{tuple(grads[name].shape)} and r={r}: lower r (or set rank_pattern for it) or exclude the layer."
+            )
+    factors = factor_store(
+        store, modules, ranks, weight_svd=getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd",
+        progress=bool(progress),
+    )
+    if cache_file is not None and not cached:
         save_cache(cache_file, grads, names)
     _attach(targets, grads)
+    _register(modules, factors)
 
     missing = [name for name in names if name not in grads]
     if missing:
         logger.warning(
             "LoRA-GA: %d of %d target layers saw no backward pass in train_step and keep peft's default init: %s",
-            len(missing), len(names), ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""),
+            len(missing), len(names), _short(missing),
+        )
+    zero = [name for name, f in factors.items() if f.zero]
+    if zero:
+        logger.warning(
+            "LoRA-GA: the mean gradient of %d layer(s) is all zero (the loss never reached them); they get peft's "
+            "default LoRA init: %s", len(zero), _short(zero),
         )
     passes = max((slot.count for slot in store.slots.values()), default=0)
+    source = f"loaded from {os.fspath(cache_file)}" if cached else f"estimated over {passes} backward passes"  # type: ignore[arg-type]
     logger.info(
-        "LoRA-GA: estimated %d target layers over %d backward passes in %.2fs (fp32 accumulators: %.1f MiB in %d shape groups)",
-        len(targets), passes, time.perf_counter() - start, store.nbytes / 2**20, len(store.groups),
+        "LoRA-GA: %d target layers %s in %.2fs, factored in %.2fs (fp32 accumulators: %.1f MiB in %d shape groups)",
+        len(targets), source, t_estimate, time.perf_counter() - start - t_estimate, store.nbytes / 2**20,
+        len(store.groups),
     )
+
+
+def _short(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def _attach(targets: list[tuple[str, nn.Module]], grads: dict[str, torch.Tensor]) -> None:
@@ -173,3 +198,63 @@ def _attach(targets: list[tuple[str, nn.Module]], grads: dict[str, torch.Tensor]
             setattr(module, GRAD_ATTR, grads[name])
         elif hasattr(module, GRAD_ATTR):
             delattr(module, GRAD_ATTR)
+
+
+# ---- hand-off to peft.get_peft_model ---------------------------------------------------------------------
+#
+# peft initializes LoRA-GA in LoraLayer.lora_ga_init, one layer at a time, with one torch.svd_lowrank each.
+# While some base layer carries factors from preprocess_loraga, LoraLayer.lora_ga_init is wrapped: for such a
+# layer (recognised by identity of the attached gradient tensor, so a gradient the user replaced is respected)
+# it initializes from the precomputed factors; every other layer goes to peft's own method. The wrapper is
+# removed as soon as no prepared layer is left, and nothing is stored on the model besides _peft_loraga_grad.
+
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, LayerFactors] = weakref.WeakKeyDictionary()
+_peft_lora_ga_init: Callable[..., Any] | None = None
+
+
+def _lora_layer_class() -> type:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return LoraLayer
+
+
+def _register(modules: Mapping[str, nn.Module], factors: Mapping[str, LayerFactors]) -> None:
+    global _peft_lora_ga_init
+    for name, f in factors.items():
+        _PREPARED[modules[name]] = f
+    if factors and _peft_lora_ga_init is None:
+        layer_cls = _lora_layer_class()
+        _peft_lora_ga_init = layer_cls.lora_ga_init
+        layer_cls.lora_ga_init = functools.wraps(_peft_lora_ga_init)(_lora_ga_init_from_prepared)
+
+
+def _unregister(base: nn.Module) -> None:
+    global _peft_lora_ga_init
+    _PREPARED.pop(base, None)
+    if not _PREPARED and _peft_lora_ga_init is not None:
+        _lora_layer_class().lora_ga_init = _peft_lora_ga_init
+        _peft_lora_ga_init = None
+
+
+def _lora_ga_init_from_prepared(self: Any, adapter_name: str, lora_ga_config: Any) -> None:
+    original = _peft_lora_ga_init
+    assert original is not None
+    base = self.get_base_layer()
+    factors = _PREPARED.get(base)
+    if factors is None:
+        return original(self, adapter_name, lora_ga_config)
+    usable = (
+        lora_ga_config is not None
+        and getattr(base, GRAD_ATTR, None) is factors.grad
+        and factors.u.shape[1] >= 2 * self.r[adapter_name]
+    )
+    try:
+        if not usable:
+            return original(self, adapter_name, lora_ga_config)
+        if factors.zero:
+            self.reset_lora_parameters(adapter_name, init_lora_weights=True)
+        else:
+            init_layer_from_factors(self, adapter_name, lora_ga_config, factors)
+        delattr(base, GRAD_ATTR)
+    finally:
+        _unregister(base)

@@ -105,3 +105,10 @@ def use_backend(name: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def subspace_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of the largest principal angle between the column spaces of ``a`` and ``b`` (1 = same space)."""
+    qa = torch.linalg.qr(a.double()).Q
+    qb = torch.linalg.qr(b.double()).Q
+    return torch.linalg.svdvals(qa.T @ qb).min().item()
