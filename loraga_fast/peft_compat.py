@@ -24,7 +24,7 @@ from .capture import CaptureSession, is_supported_layer
 from .init import LayerFactors, check_finite, factor_store, init_layer_from_factors, layer_ranks
 from .store import AccumulatorStore, Slot
 
-__all__ = ["find_targets", "preprocess_loraga"]
+__all__ = ["find_targets", "finish", "preprocess_loraga"]
 
 logger = logging.getLogger("loraga_fast")
 
@@ -132,13 +132,12 @@ def preprocess_loraga(
             "LoRA-GA only supports nn.Linear and Conv1D layers. "
             "Please ensure your model contains at least one of these layer types in target_modules."
         )
-    names = [name for name, _ in targets]
-    modules = dict(targets)
     start = time.perf_counter()
     store = AccumulatorStore([(name, tuple(module.weight.shape), module.weight.device) for name, module in targets])
     cached = cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0
     if cached:
         load_cache(cache_file, {name: module.weight for name, module in targets}, store)  # type: ignore[arg-type]
+        source = f"loaded from {os.fspath(cache_file)}"  # type: ignore[arg-type]
     else:
         bar = _Progress(num_batches, progress)
         try:
@@ -147,7 +146,25 @@ def preprocess_loraga(
                     train_step()
         finally:
             bar.close()
+        passes = max((slot.count for slot in store.slots.values()), default=0)
+        source = f"estimated over {passes} backward passes"
     t_estimate = time.perf_counter() - start
+    finish(lora_config, targets, store, cache_file=None if cached else cache_file, progress=bool(progress))
+    logger.info(
+        "LoRA-GA: %d target layers %s in %.2fs, factored in %.2fs (fp32 accumulators: %.1f MiB in %d shape groups)",
+        len(targets), source, t_estimate, time.perf_counter() - start - t_estimate, store.nbytes / 2**20,
+        len(store.groups),
+    )
+
+
+def finish(lora_config: LoraConfig, targets: list[tuple[str, nn.Module]], store: AccumulatorStore, *,
+           cache_file: str | os.PathLike[str] | None = None, progress: bool = False) -> None:
+    """Everything after estimation: means, checks, batched factors, optional cache, attach, hand-off to peft.
+
+    ``store`` holds the summed gradients and pass counts of ``targets``. Nothing is attached and no weight is
+    touched unless every check passes.
+    """
+    names = [name for name, _ in targets]
     grads = store.means()
     check_finite(store, list(grads))
     ranks = layer_ranks(lora_config, list(grads))
@@ -157,11 +174,12 @@ def preprocess_loraga(
                 f"LoRA-GA needs 2 * r <= min(out_features, in_features), but layer '{name}' has a weight of shape "
                 f"{tuple(grads[name].shape)} and r={r}: lower r (or set rank_pattern for it) or exclude the layer."
             )
+    modules = dict(targets)
     factors = factor_store(
         store, modules, ranks, weight_svd=getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd",
-        progress=bool(progress),
+        progress=progress,
     )
-    if cache_file is not None and not cached:
+    if cache_file is not None:
         save_cache(cache_file, grads, names)
     _attach(targets, grads)
     _register(modules, factors)
@@ -178,13 +196,6 @@ def preprocess_loraga(
             "LoRA-GA: the mean gradient of %d layer(s) is all zero (the loss never reached them); they get peft's "
             "default LoRA init: %s", len(zero), _short(zero),
         )
-    passes = max((slot.count for slot in store.slots.values()), default=0)
-    source = f"loaded from {os.fspath(cache_file)}" if cached else f"estimated over {passes} backward passes"  # type: ignore[arg-type]
-    logger.info(
-        "LoRA-GA: %d target layers %s in %.2fs, factored in %.2fs (fp32 accumulators: %.1f MiB in %d shape groups)",
-        len(targets), source, t_estimate, time.perf_counter() - start - t_estimate, store.nbytes / 2**20,
-        len(store.groups),
-    )
 
 
 def _short(names: list[str]) -> str:

@@ -131,15 +131,15 @@ class SharedLayerModel(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.proj = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 1)
+        self.proj = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.proj(torch.tanh(self.proj(x)))))
 
 
 def test_module_called_several_times_matches_peft(backend: str) -> None:
-    xs = [torch.randn(2, 5, 6) for _ in range(3)]
+    xs = [torch.randn(2, 5, 12) for _ in range(3)]
     loss = lambda m, x: m(x).square().mean()  # noqa: E731
     base = SharedLayerModel()
     ours_model, peft_model = copy.deepcopy(base), copy.deepcopy(base)
@@ -312,5 +312,5 @@ def test_summary_log_and_progress(caplog: pytest.LogCaptureFixture, capsys: pyte
     model = tiny_llama()
     with caplog.at_level(logging.INFO, logger="loraga_fast"):
         preprocess_loraga(model, lora_ga_config(), train_step_for(model, token_batches(n=3)), num_batches=3)
-    assert "estimated 14 target layers over 3 backward passes" in caplog.text
+    assert "14 target layers estimated over 3 backward passes" in caplog.text
     assert "3/3" in capsys.readouterr().err  # tqdm bar reached its total
