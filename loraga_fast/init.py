@@ -60,8 +60,13 @@ def check_finite(store: AccumulatorStore, names: list[str]) -> None:
     """Raise ``ValueError`` naming the layers whose mean gradient has NaN or Inf entries."""
     bad: list[str] = []
     for group in store.groups:
-        finite = torch.isfinite(group.tensor).flatten(1).all(dim=1).tolist()
-        bad += [slot.name for slot, ok in zip(group.slots, finite) if not ok and slot.name in names]
+        # one pass, no full-size temporary: a NaN/Inf entry makes its matrix's sum non-finite; only matrices
+        # whose sum is not finite (which a finite sum can also be, by overflow) get the exact elementwise check
+        sums = group.tensor.sum(dim=(1, 2))
+        for i in (~torch.isfinite(sums)).nonzero().flatten().tolist():
+            slot = group.slots[i]
+            if slot.name in names and not bool(torch.isfinite(slot.acc).all()):
+                bad.append(slot.name)
     if bad:
         raise ValueError(
             f"LoRA-GA: the mean gradient of {len(bad)} layer(s) is not finite (NaN/Inf), e.g. from an overflowing "
@@ -97,7 +102,7 @@ def factor_store(store: AccumulatorStore, modules: Mapping[str, nn.Module], rank
         gen = generator_cache[group.device]
         batch = group.tensor if len(idx) == len(group.slots) else group.tensor[idx]
         u, s, v = batched_rsvd(batch, k, q, NITER, generator=gen)
-        zero = (batch.flatten(1).abs().amax(dim=1) == 0).tolist()
+        zero = (s[:, 0] == 0).tolist()  # A != 0 gives A @ Omega != 0 (almost surely), so sigma_1 > 0
         sigmas: list[float | None] = [None] * len(idx)
         if weight_svd:
             sigmas = _weight_top_sigma([modules[group.slots[i].name] for i in idx], [ranks[group.slots[i].name] for i in idx], gen)

@@ -24,7 +24,7 @@ from .capture import CaptureSession, is_supported_layer
 from .init import LayerFactors, check_finite, factor_store, init_layer_from_factors, layer_ranks
 from .store import AccumulatorStore, Slot
 
-__all__ = ["find_targets", "finish", "preprocess_loraga"]
+__all__ = ["estimate_into", "find_targets", "finish", "preprocess_loraga"]
 
 logger = logging.getLogger("loraga_fast")
 
@@ -139,13 +139,7 @@ def preprocess_loraga(
         load_cache(cache_file, {name: module.weight for name, module in targets}, store)  # type: ignore[arg-type]
         source = f"loaded from {os.fspath(cache_file)}"  # type: ignore[arg-type]
     else:
-        bar = _Progress(num_batches, progress)
-        try:
-            with CaptureSession(model, targets, store, on_backward=bar.on_backward if bar.bar is not None else None):
-                with torch.enable_grad():
-                    train_step()
-        finally:
-            bar.close()
+        estimate_into(store, model, targets, train_step, num_batches=num_batches, progress=progress)
         passes = max((slot.count for slot in store.slots.values()), default=0)
         source = f"estimated over {passes} backward passes"
     t_estimate = time.perf_counter() - start
@@ -155,6 +149,19 @@ def preprocess_loraga(
         len(targets), source, t_estimate, time.perf_counter() - start - t_estimate, store.nbytes / 2**20,
         len(store.groups),
     )
+
+
+def estimate_into(store: AccumulatorStore, model: nn.Module, targets: list[tuple[str, nn.Module]],
+                  train_step: Callable[[], None], *, num_batches: int | None = None,
+                  progress: bool | None = None) -> None:
+    """Run ``train_step`` with ``targets`` routed through the capture op, summing ``G^T X`` into ``store``."""
+    bar = _Progress(num_batches, progress)
+    try:
+        with CaptureSession(model, targets, store, on_backward=bar.on_backward if bar.bar is not None else None):
+            with torch.enable_grad():
+                train_step()
+    finally:
+        bar.close()
 
 
 def finish(lora_config: LoraConfig, targets: list[tuple[str, nn.Module]], store: AccumulatorStore, *,

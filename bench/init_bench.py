@@ -1,0 +1,191 @@
+"""Initialization benchmark: everything after estimation until ``peft.get_peft_model`` returns.
+
+* ours -- :func:`loraga_fast.peft_compat.finish` (means, checks, one batched randomized SVD per shape group)
+  followed by ``get_peft_model`` (which then only applies the LoRA-GA math to the precomputed factors);
+* peft -- ``get_peft_model`` after peft's own ``preprocess_loraga`` (one ``torch.svd_lowrank`` per layer inside).
+
+Both start from their own library's estimation result (ours: fp32 grouped accumulators; peft: gradients in
+the model's dtype), which is built before the measurement starts. Each measurement runs in a fresh process:
+time of the call, and extra peak memory (RSS on CPU, the CUDA allocator's peak on GPU; see bench/e2e.py).
+Also reported, to show where the time goes: ours' factorization vs ``get_peft_model`` time, and the time
+peft spends inside ``torch.svd_lowrank``.
+
+Presets:
+
+* ``70m`` -- the end-to-end benchmark's LLaMA config, gradients estimated on its 8 batches;
+* ``7b-groups`` -- LLaMA-7B layer shapes (per block: 4 x 4096x4096, 2 x 11008x4096, 1 x 4096x11008, no bias)
+  with synthetic gradients (rank-64 decaying spectrum plus noise); ``--layers`` blocks (32 is the full 7B;
+  the default is 32 on CUDA and 1 on CPU, where 32 would not fit in memory).
+
+    python bench/init_bench.py --preset 70m --dtypes fp32 bf16
+    python bench/init_bench.py --preset 7b-groups --ranks 8 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.e2e import MemoryProbe, build_model, environment_info, make_batches, make_train_step, resolve_device  # noqa: E402
+
+IMPLS = ("loraga_fast", "peft")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES_7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
+             "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+
+
+class Block7B(nn.Module):
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        for name, (out_f, in_f) in SHAPES_7B.items():
+            layer = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+            nn.init.normal_(layer.weight, std=0.02)
+            setattr(self, name, layer)
+
+
+def _synthetic_grad(shape: tuple[int, int], device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    m, n = shape
+    u = torch.randn(m, 64, device=device, generator=gen)
+    v = torch.randn(n, 64, device=device, generator=gen)
+    s = 0.9 ** torch.arange(64, device=device, dtype=torch.float32)
+    g = (u * s) @ v.T
+    return g.add_(torch.randn(m, n, device=device, generator=gen), alpha=0.01)
+
+
+def _lora_config(r: int) -> Any:
+    from peft import LoraConfig, LoraGAConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights="lora_ga",
+                      lora_ga_config=LoraGAConfig())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device: torch.device) -> dict[str, Any]:
+    """One measurement in this process."""
+    import peft
+
+    from loraga_fast.peft_compat import estimate_into, find_targets, finish
+    from loraga_fast.store import AccumulatorStore
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    cfg = _lora_config(r)
+    if preset == "70m":
+        model = build_model("70m", dtype_name, device)
+        step = make_train_step(model, make_batches("70m", device))
+    else:
+        torch.manual_seed(0)
+        model = nn.ModuleList([Block7B(dtype, device) for _ in range(layers)])
+        step = None
+    targets = find_targets(model, cfg)
+    store = None
+    if impl == "loraga_fast":
+        store = AccumulatorStore([(n, tuple(m.weight.shape), m.weight.device) for n, m in targets])
+        if step is not None:
+            estimate_into(store, model, targets, step)
+        else:
+            gen = torch.Generator(device=device).manual_seed(1)
+            for n, m in targets:
+                store[n].acc.copy_(_synthetic_grad(tuple(m.weight.shape), device, gen))
+                store[n].count = 1
+    elif step is not None:
+        peft.preprocess_loraga(model, cfg, step)
+    else:
+        gen = torch.Generator(device=device).manual_seed(1)
+        for _, m in targets:  # what peft's preprocess leaves: the mean gradient in the weight's dtype
+            m._peft_loraga_grad = _synthetic_grad(tuple(m.weight.shape), device, gen).to(dtype)
+    for p in model.parameters():
+        p.grad = None
+    gc.collect()
+
+    svd_time = [0.0]
+    real_svd = torch.svd_lowrank
+
+    def timed_svd(*a: Any, **k: Any) -> Any:
+        _sync(device)
+        t = time.perf_counter()
+        out = real_svd(*a, **k)
+        _sync(device)
+        svd_time[0] += time.perf_counter() - t
+        return out
+
+    torch.svd_lowrank = timed_svd
+    with MemoryProbe(device) as probe:
+        _sync(device)
+        start = time.perf_counter()
+        if store is not None:
+            finish(cfg, targets, store)
+        _sync(device)
+        t_factor = time.perf_counter() - start
+        peft.get_peft_model(model, cfg)
+        _sync(device)
+        total = time.perf_counter() - start
+    torch.svd_lowrank = real_svd
+    assert probe.reading is not None
+    params = sum(m.weight.numel() for _, m in targets)
+    return {"impl": impl, "preset": preset, "dtype": dtype_name, "r": r, "layers": len(targets),
+            "target_params": params, "time_s": total, "factor_s": t_factor, "get_peft_model_s": total - t_factor,
+            "peft_svd_lowrank_s": svd_time[0], "peak_extra_bytes": probe.reading.peak_extra_bytes}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["70m", "7b-groups"], default="70m")
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--ranks", nargs="+", type=int, default=None, help="LoRA ranks (default: 8)")
+    parser.add_argument("--layers", type=int, default=None, help="7b-groups: decoder blocks (default 32 on CUDA, 1 on CPU)")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "init.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    ranks = args.ranks or [8]
+    layers = args.layers or (32 if device.type == "cuda" else 1)
+    if args.worker:
+        print(json.dumps(worker(args.impls[0], args.preset, args.dtypes[0], ranks[0], layers, device)))
+        return
+    rows = []
+    for dtype in args.dtypes:
+        for r in ranks:
+            for impl in args.impls:
+                cmd = [sys.executable, __file__, "--worker", "--preset", args.preset, "--dtypes", dtype, "--ranks",
+                       str(r), "--layers", str(layers), "--impls", impl, "--device", str(device)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                rows.append(json.loads(out))
+                print(f"[init] {args.preset} {dtype} r={r} {impl}: {rows[-1]['time_s']:.3f}s", file=sys.stderr)
+    print(f"init benchmark, preset {args.preset} ({rows[0]['layers']} target layers, {rows[0]['target_params'] / 1e6:.1f}M "
+          f"target weights), device {device}")
+    print(f"{'dtype':<5} {'r':>3} {'impl':<12} {'time (s)':>9} {'factor (s)':>10} {'get_peft (s)':>12} "
+          f"{'svd_lowrank (s)':>15} {'extra peak (MiB)':>16}")
+    for row in rows:
+        print(f"{row['dtype']:<5} {row['r']:>3} {row['impl']:<12} {row['time_s']:>9.3f} {row['factor_s']:>10.3f} "
+              f"{row['get_peft_model_s']:>12.3f} {row['peft_svd_lowrank_s']:>15.3f} {row['peak_extra_bytes'] / 2**20:>16.1f}")
+    for dtype in args.dtypes:
+        for r in ranks:
+            pair = {row["impl"]: row for row in rows if row["dtype"] == dtype and row["r"] == r}
+            if len(pair) == 2:
+                o, p = pair["loraga_fast"], pair["peft"]
+                print(f"{dtype:<5} {r:>3} ours/peft    {o['time_s'] / p['time_s']:>8.3f}x "
+                      f"{'':>10} {'':>12} {'':>15} {o['peak_extra_bytes'] / max(p['peak_extra_bytes'], 1):>15.3f}x")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"environment": environment_info(device), "rows": rows}, indent=2))
+    print(f"results written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
