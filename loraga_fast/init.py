@@ -185,6 +185,7 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
     b_w = b_w.to(dtype).contiguous()
     layer.lora_A[adapter_name].weight.data = a_w  # type: ignore[index]
     layer.lora_B[adapter_name].weight.data = b_w  # type: ignore[index]
-    w32 = _transpose(weight.data.to(torch.float32), fan_in_fan_out)
-    w32 = w32 - scaling * (b_w.float() @ a_w.float())
+    # W -= scaling * B @ A in fp32 from the cast factors, as peft does; one fused GEMM into the fp32 copy
+    w32 = _transpose(weight.data.to(torch.float32, copy=True), fan_in_fan_out)
+    w32.addmm_(b_w.float(), a_w.float(), alpha=-scaling)
     base.weight.data = _transpose(w32.to(dtype), fan_in_fan_out)
