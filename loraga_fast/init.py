@@ -2,9 +2,10 @@
 
 Two halves:
 
-* :func:`factor_store` -- after estimation, for every shape group of the accumulator store, one batched
-  randomized SVD (:func:`loraga_fast.ops.batched_rsvd`) gives the top ``2r`` singular triplets of every layer's
-  mean gradient (and, for ``scale="weight_svd"``, one batched estimate of each weight's top singular value);
+* :class:`PreparedGroup` -- for every shape group of the accumulator store, one batched randomized SVD
+  (:func:`loraga_fast.ops.batched_rsvd`), run when ``get_peft_model`` initializes the group's first layer,
+  gives the top ``2r`` singular triplets of every layer's mean gradient (and, for ``scale="weight_svd"``, one
+  batched estimate of each weight's top singular value);
 * :func:`init_layer_from_factors` -- peft's per-layer LoRA-GA math (direction, scale, dtype cast, base-weight
   offset ``W -= scaling * B @ A`` in fp32 from the cast factors) applied to those factors, writing into a peft
   ``LoraLayer``. It reads ``r`` and ``scaling`` from the layer, so ``rank_pattern``, ``alpha_pattern`` and
@@ -14,6 +15,7 @@ Two halves:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,9 +23,9 @@ import torch
 from torch import nn
 
 from .ops.rsvd import batched_rsvd
-from .store import AccumulatorStore
+from .store import AccumulatorStore, Group
 
-__all__ = ["LayerFactors", "factor_store", "init_layer_from_factors", "layer_ranks"]
+__all__ = ["LayerFactors", "PreparedGroup", "init_layer_from_factors", "layer_ranks", "prepare_groups", "zero_gradients"]
 
 logger = logging.getLogger("loraga_fast")
 
@@ -75,44 +77,70 @@ def check_finite(store: AccumulatorStore, names: list[str]) -> None:
         )
 
 
-def factor_store(store: AccumulatorStore, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *,
-                 weight_svd: bool = False, seed: int = DEFAULT_SEED, progress: bool = False) -> dict[str, LayerFactors]:
-    """Factor every layer of ``store`` that is in ``ranks`` (top ``2r`` triplets), one batched rSVD per group.
+class PreparedGroup:
+    """Layers of one shape group whose mean gradients are attached, factored together on first use.
 
-    Layers in a group share one subspace size ``q = min(4 r_max, min(m, n))``, where ``r_max`` is the largest
-    rank in the group (peft's ``q`` for that rank; at least peft's for the others). Groups are processed one at
-    a time, so the workspace is one group's.
+    ``factors()`` runs one batched randomized SVD over the group's gradients (top ``2 r_max`` triplets with
+    ``q = min(4 r_max, min(m, n))``: peft's ``q`` for the largest rank, at least peft's for the others) the
+    first time a layer of the group is initialized, while no weight of the group has been offset yet; the
+    workspace is this group's alone.
     """
-    out: dict[str, LayerFactors] = {}
-    groups = [g for g in store.groups if any(s.name in ranks for s in g.slots)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(groups), desc="LoRA-GA batched SVD", unit="group")
-    generator_cache: dict[torch.device, torch.Generator] = {}
-    for group in groups:
-        idx = [i for i, s in enumerate(group.slots) if s.name in ranks]
-        rows, cols = group.shape
-        small = min(rows, cols)
-        k = 2 * max(ranks[group.slots[i].name] for i in idx)
+    def __init__(self, group: Group, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *,
+                 weight_svd: bool, seed: int = DEFAULT_SEED):
+        self.index = [i for i, slot in enumerate(group.slots) if slot.name in ranks]
+        self.group = group
+        names = [group.slots[i].name for i in self.index]
+        # weak: the registry maps modules to their group, so a strong reference here would keep them alive
+        self.modules = {name: weakref.ref(modules[name]) for name in names}
+        self.grads = {group.slots[i].name: group.slots[i].acc for i in self.index}  # the attached tensors
+        self.ranks = {name: ranks[name] for name in names}
+        self.weight_svd = weight_svd
+        self.seed = seed
+        self._factors: dict[str, LayerFactors] | None = None
+
+    def factors(self) -> dict[str, LayerFactors]:
+        if self._factors is None:
+            self._factors = self._compute()
+        return self._factors
+
+    def _compute(self) -> dict[str, LayerFactors]:
+        group = self.group
+        small = min(group.shape)
+        k = 2 * max(self.ranks.values())
         q = min(2 * k, small)
-        if group.device not in generator_cache:
-            generator_cache[group.device] = torch.Generator(device=group.device).manual_seed(seed)
-        gen = generator_cache[group.device]
-        batch = group.tensor if len(idx) == len(group.slots) else group.tensor[idx]
+        gen = torch.Generator(device=group.device).manual_seed(self.seed)
+        batch = group.tensor if len(self.index) == len(group.slots) else group.tensor[self.index]
         u, s, v = batched_rsvd(batch, k, q, NITER, generator=gen)
         zero = (s[:, 0] == 0).tolist()  # A != 0 gives A @ Omega != 0 (almost surely), so sigma_1 > 0
-        sigmas: list[float | None] = [None] * len(idx)
-        if weight_svd:
-            sigmas = _weight_top_sigma([modules[group.slots[i].name] for i in idx], [ranks[group.slots[i].name] for i in idx], gen)
-        for j, i in enumerate(idx):
-            slot = group.slots[i]
-            out[slot.name] = LayerFactors(u=u[j], s=s[j], v=v[j], grad=slot.acc, weight_sigma=sigmas[j], zero=zero[j])
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        names = list(self.modules)
+        sigmas: list[float | None] = [None] * len(names)
+        if self.weight_svd:
+            mods = [self.modules[n]() for n in names]
+            assert all(m is not None for m in mods), "a prepared layer was freed during initialization"
+            sigmas = _weight_top_sigma(mods, [self.ranks[n] for n in names], gen)  # type: ignore[arg-type]
+        return {
+            name: LayerFactors(u=u[j], s=s[j], v=v[j], grad=self.grads[name], weight_sigma=sigmas[j], zero=zero[j])
+            for j, name in enumerate(names)
+        }
+
+
+def prepare_groups(store: AccumulatorStore, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *,
+                   weight_svd: bool = False, seed: int = DEFAULT_SEED) -> list[PreparedGroup]:
+    """One :class:`PreparedGroup` per shape group holding at least one layer of ``ranks``."""
+    return [
+        PreparedGroup(g, modules, ranks, weight_svd=weight_svd, seed=seed)
+        for g in store.groups
+        if any(slot.name in ranks for slot in g.slots)
+    ]
+
+
+def zero_gradients(store: AccumulatorStore, names: list[str]) -> list[str]:
+    """Layers among ``names`` whose mean gradient is all zero (one reduction per group, no full temporary)."""
+    out = []
+    for group in store.groups:
+        norms = torch.linalg.vector_norm(group.tensor.flatten(1), ord=float("inf"), dim=1).tolist()
+        out += [slot.name for slot, norm in zip(group.slots, norms) if norm == 0 and slot.name in names]
     return out
 
 

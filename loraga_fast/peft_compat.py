@@ -21,7 +21,7 @@ from torch import nn
 
 from .cache import load_cache, save_cache
 from .capture import CaptureSession, is_supported_layer
-from .init import LayerFactors, check_finite, factor_store, init_layer_from_factors, layer_ranks
+from .init import PreparedGroup, check_finite, init_layer_from_factors, layer_ranks, prepare_groups, zero_gradients
 from .store import AccumulatorStore, Slot
 
 __all__ = ["estimate_into", "find_targets", "finish", "preprocess_loraga"]
@@ -142,12 +142,10 @@ def preprocess_loraga(
         estimate_into(store, model, targets, train_step, num_batches=num_batches, progress=progress)
         passes = max((slot.count for slot in store.slots.values()), default=0)
         source = f"estimated over {passes} backward passes"
-    t_estimate = time.perf_counter() - start
-    finish(lora_config, targets, store, cache_file=None if cached else cache_file, progress=bool(progress))
+    finish(lora_config, targets, store, cache_file=None if cached else cache_file)
     logger.info(
-        "LoRA-GA: %d target layers %s in %.2fs, factored in %.2fs (fp32 accumulators: %.1f MiB in %d shape groups)",
-        len(targets), source, t_estimate, time.perf_counter() - start - t_estimate, store.nbytes / 2**20,
-        len(store.groups),
+        "LoRA-GA: %d target layers %s in %.2fs (fp32 accumulators: %.1f MiB in %d shape groups)",
+        len(targets), source, time.perf_counter() - start, store.nbytes / 2**20, len(store.groups),
     )
 
 
@@ -165,8 +163,9 @@ def estimate_into(store: AccumulatorStore, model: nn.Module, targets: list[tuple
 
 
 def finish(lora_config: LoraConfig, targets: list[tuple[str, nn.Module]], store: AccumulatorStore, *,
-           cache_file: str | os.PathLike[str] | None = None, progress: bool = False) -> None:
-    """Everything after estimation: means, checks, batched factors, optional cache, attach, hand-off to peft.
+           cache_file: str | os.PathLike[str] | None = None) -> None:
+    """Everything after estimation: means, checks, optional cache, attach, and the hand-off to peft (each shape
+    group is factored, batched, when ``get_peft_model`` initializes its first layer).
 
     ``store`` holds the summed gradients and pass counts of ``targets``. Nothing is attached and no weight is
     touched unless every check passes.
@@ -182,14 +181,14 @@ def finish(lora_config: LoraConfig, targets: list[tuple[str, nn.Module]], store:
                 f"{tuple(grads[name].shape)} and r={r}: lower r (or set rank_pattern for it) or exclude the layer."
             )
     modules = dict(targets)
-    factors = factor_store(
+    groups = prepare_groups(
         store, modules, ranks, weight_svd=getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd",
-        progress=progress,
     )
+    zero = zero_gradients(store, list(grads))
     if cache_file is not None:
         save_cache(cache_file, grads, names)
     _attach(targets, grads)
-    _register(modules, factors)
+    _register(groups)
 
     missing = [name for name in names if name not in grads]
     if missing:
@@ -197,7 +196,6 @@ def finish(lora_config: LoraConfig, targets: list[tuple[str, nn.Module]], store:
             "LoRA-GA: %d of %d target layers saw no backward pass in train_step and keep peft's default init: %s",
             len(missing), len(names), _short(missing),
         )
-    zero = [name for name, f in factors.items() if f.zero]
     if zero:
         logger.warning(
             "LoRA-GA: the mean gradient of %d layer(s) is all zero (the loss never reached them); they get peft's "
@@ -226,7 +224,7 @@ def _attach(targets: list[tuple[str, nn.Module]], grads: dict[str, torch.Tensor]
 # it initializes from the precomputed factors; every other layer goes to peft's own method. The wrapper is
 # removed as soon as no prepared layer is left, and nothing is stored on the model besides _peft_loraga_grad.
 
-_PREPARED: weakref.WeakKeyDictionary[nn.Module, LayerFactors] = weakref.WeakKeyDictionary()
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[PreparedGroup, str]] = weakref.WeakKeyDictionary()
 _peft_lora_ga_init: Callable[..., Any] | None = None
 
 
@@ -236,20 +234,28 @@ def _lora_layer_class() -> type:
     return LoraLayer
 
 
-def _register(modules: Mapping[str, nn.Module], factors: Mapping[str, LayerFactors]) -> None:
+def _register(groups: list[PreparedGroup]) -> None:
     global _peft_lora_ga_init
-    for name, f in factors.items():
-        _PREPARED[modules[name]] = f
-    if factors and _peft_lora_ga_init is None:
+    for group in groups:
+        for name, ref in group.modules.items():
+            module = ref()
+            assert module is not None
+            _PREPARED[module] = (group, name)
+            weakref.finalize(module, _uninstall_if_idle)  # a prepared model dropped before get_peft_model
+    if groups and _peft_lora_ga_init is None:
         layer_cls = _lora_layer_class()
         _peft_lora_ga_init = layer_cls.lora_ga_init
         layer_cls.lora_ga_init = functools.wraps(_peft_lora_ga_init)(_lora_ga_init_from_prepared)
 
 
 def _unregister(base: nn.Module) -> None:
-    global _peft_lora_ga_init
     _PREPARED.pop(base, None)
-    if not _PREPARED and _peft_lora_ga_init is not None:
+    _uninstall_if_idle()
+
+
+def _uninstall_if_idle() -> None:
+    global _peft_lora_ga_init
+    if _peft_lora_ga_init is not None and not any(True for _ in _PREPARED.keys()):
         _lora_layer_class().lora_ga_init = _peft_lora_ga_init
         _peft_lora_ga_init = None
 
@@ -258,17 +264,16 @@ def _lora_ga_init_from_prepared(self: Any, adapter_name: str, lora_ga_config: An
     original = _peft_lora_ga_init
     assert original is not None
     base = self.get_base_layer()
-    factors = _PREPARED.get(base)
-    if factors is None:
+    entry = _PREPARED.get(base)
+    if entry is None:
         return original(self, adapter_name, lora_ga_config)
-    usable = (
-        lora_ga_config is not None
-        and getattr(base, GRAD_ATTR, None) is factors.grad
-        and factors.u.shape[1] >= 2 * self.r[adapter_name]
-    )
+    group, name = entry
     try:
-        if not usable:
+        # a gradient the user replaced, or a rank beyond what was prepared, goes to peft's own path
+        if (lora_ga_config is None or getattr(base, GRAD_ATTR, None) is not group.grads[name]
+                or self.r[adapter_name] > max(group.ranks.values())):
             return original(self, adapter_name, lora_ga_config)
+        factors = group.factors()[name]
         if factors.zero:
             self.reset_lora_parameters(adapter_name, init_lora_weights=True)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 
 import peft
@@ -109,6 +110,8 @@ def test_dora_magnitude_comes_from_the_offset_weight(monkeypatch: pytest.MonkeyP
 
 
 def test_non_finite_gradient_raises_before_anything_is_modified() -> None:
+    gc.collect()  # models prepared by earlier tests and dropped: their wrapper goes with them
+    assert LoraLayer.lora_ga_init is PEFT_LORA_GA_INIT
     model = tiny_llama()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -159,6 +162,8 @@ def test_rank_too_large_for_a_layer_raises() -> None:
 
 
 def test_hand_off_is_scoped_to_prepared_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    gc.collect()
+    assert LoraLayer.lora_ga_init is PEFT_LORA_GA_INIT
     ours = tiny_llama()
     cfg_ours = lora_ga_config(["q_proj"])
     preprocess_loraga(ours, cfg_ours, train_step_for(ours, token_batches()))
