@@ -16,16 +16,28 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "preprocess_loraga"]
+_EXPORTS = {
+    "preprocess_loraga": "peft_compat",
+    "estimate_gradient": "compat",
+    "LoraGAContext": "compat",
+    "save_loraga_model_init": "compat",
+    "save_loraga_model_final": "compat",
+    "train_step_from_dataloader": "steps",
+    "train_step_from_trainer": "steps",
+}
+
+__all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from .compat import LoraGAContext, estimate_gradient, save_loraga_model_final, save_loraga_model_init
     from .peft_compat import preprocess_loraga
+    from .steps import train_step_from_dataloader, train_step_from_trainer
 
 
 def __getattr__(name: str) -> Any:
     # peft and transformers are imported on first use, so `import loraga_fast` stays light
-    if name == "preprocess_loraga":
-        from .peft_compat import preprocess_loraga
+    if name in _EXPORTS:
+        import importlib
 
-        return preprocess_loraga
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'loraga_fast' has no attribute {name!r}")

@@ -78,8 +78,18 @@ def reference_mean_grads(model: nn.Module, names: Sequence[str], batches: Sequen
     for n in names:
         modules[n].weight.requires_grad_(True)
     for b in batches:
-        loss_fn(ref, b.to(dtype) if b.is_floating_point() else b).backward()
+        loss_fn(ref, _cast_floats(b, dtype)).backward()
     return {n: modules[n].weight.grad / len(batches) for n in names}
+
+
+def _cast_floats(batch: object, dtype: torch.dtype) -> object:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_cast_floats(v, dtype) for v in batch)
+    return batch
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

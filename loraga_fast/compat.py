@@ -1,0 +1,243 @@
+"""The original LoRA-GA utilities (github.com/Outsider565/LoRA-GA), on loraga_fast's capture, store and init.
+
+Code written for the original runs unchanged with these imports::
+
+    from loraga_fast import estimate_gradient, LoraGAContext, save_loraga_model_init, save_loraga_model_final
+
+    named_grad = estimate_gradient(model, dataloader, accelerator)
+    with LoraGAContext(model=model, named_grad=named_grad):
+        model = get_peft_model(model, LoraConfig(..., init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig()))
+    save_loraga_model_init(model, save_dir)
+    ...  # train (LoRA-GA wants a full-fine-tuning-sized learning rate, ~2e-5 on 7B models)
+    save_loraga_model_final(model, save_dir)  # a plain LoRA adapter for the unmodified base model
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import is_supported_layer
+from .init import check_finite
+from .peft_compat import GRAD_ATTR, _fill_default_target_modules, _unregister, estimate_into, find_targets, finish
+from .steps import LossFn, train_step_from_dataloader
+from .store import AccumulatorStore
+
+__all__ = ["INIT_CHECKPOINT", "LoraGAContext", "estimate_gradient", "save_loraga_model_final", "save_loraga_model_init"]
+
+logger = logging.getLogger("loraga_fast")
+
+INIT_CHECKPOINT = "init_lora_checkpoint"  # the original's sub-folder for the initial adapter
+
+
+def estimate_gradient(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    accelerator: Any = None,
+    quant_flag: bool = False,
+    origin_type: str = "bf16",
+    quant_type: str = "nf4",
+    no_split_module_classes: list[str] | None = None,
+    *,
+    num_batches: int | None = None,
+    lora_config: Any = None,
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Mean gradient of every target layer's weight over ``dataloader``: ``{module_name: fp32 gradient}``.
+
+    Computed with the capture op (no ``.grad``, fp32 accumulation). The positional order is the original's.
+
+    Args:
+        model: a floating-point model.
+        dataloader: batches as dicts (``model(**batch)``), tuples/lists (``model(*batch)``) or tensors.
+        accelerator: optional ``accelerate.Accelerator``: the model goes to its device, the dataloader through
+            ``accelerator.prepare``, and the means are reduced over its processes (one collective per shape group).
+        quant_flag: the original's offloaded estimation for quantized training; not supported yet (raises).
+        origin_type, quant_type, no_split_module_classes: only used with ``quant_flag=True`` in the original
+            (where they pick the float dtype, the quantization and the offload blocks); ignored otherwise, as there.
+        num_batches: use only the first ``num_batches`` batches.
+        lora_config: restrict the targets to those of this ``LoraConfig`` (peft's matching rules); default: every
+            ``nn.Linear`` and transformers ``Conv1D`` of the model.
+        loss_fn: ``loss_fn(outputs, batch) -> loss``; default ``outputs.loss``.
+        progress: show a progress bar.
+
+    Returns:
+        ``{module_name: mean gradient}``: fp32, the weight's layout, on the weight's device, for every target that
+        saw a backward pass (the tensors are views of shape-grouped buffers).
+
+    Raises:
+        ValueError: ``quant_flag=True``; no target layer; an empty dataloader; a batch without a loss; a non-finite
+            mean gradient. The model is left as it was.
+    """
+    if quant_flag:
+        raise ValueError(
+            "estimate_gradient(quant_flag=True) (the original's CPU-offloaded estimation for quantized training) is "
+            "not supported by loraga_fast yet: pass the floating-point model with quant_flag=False, then quantize it "
+            f"for training (origin_type={origin_type!r}, quant_type={quant_type!r} are not used)."
+        )
+    if lora_config is not None:
+        _fill_default_target_modules(model, lora_config)
+        targets = find_targets(model, lora_config)
+    else:
+        targets = [(name, module) for name, module in model.named_modules() if is_supported_layer(module)]
+    if not targets:
+        raise ValueError("estimate_gradient: the model has no nn.Linear or Conv1D target layer.")
+    device: Any = "auto"
+    if accelerator is not None:
+        model.to(accelerator.device)
+        dataloader = accelerator.prepare(dataloader)
+        device = None  # the prepared dataloader places the batches
+    store = AccumulatorStore([(name, tuple(m.weight.shape), m.weight.device) for name, m in targets])
+    step = train_step_from_dataloader(model, dataloader, num_batches=num_batches, device=device, loss_fn=loss_fn)
+    total = num_batches
+    if total is None and hasattr(dataloader, "__len__"):
+        total = len(dataloader)  # type: ignore[arg-type]
+    estimate_into(store, model, targets, step, num_batches=total, progress=progress)
+    if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+        _all_reduce(store)
+    grads = store.means()
+    check_finite(store, list(grads))
+    missing = [name for name, _ in targets if name not in grads]
+    if missing:
+        logger.warning("estimate_gradient: %d target layer(s) saw no backward pass and are left out: %s",
+                       len(missing), ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+    return grads
+
+
+def _all_reduce(store: AccumulatorStore) -> None:
+    """Sum the accumulators and counts over all processes: one collective per shape group, one for counts."""
+    import torch.distributed as dist
+
+    for group in store.groups:
+        dist.all_reduce(group.tensor)
+    slots = list(store.slots.values())
+    counts = torch.tensor([s.count for s in slots], dtype=torch.int64, device=store.groups[0].device)
+    dist.all_reduce(counts)
+    for slot, count in zip(slots, counts.tolist()):
+        slot.count = count
+
+
+class LoraGAContext:
+    """Inside the context, ``peft.get_peft_model(model, LoraConfig(..., init_lora_weights="lora_ga", ...))``
+    initializes LoRA-GA from ``named_grad`` through loraga_fast's batched path.
+
+    ``named_grad`` maps module names to mean weight gradients (as :func:`estimate_gradient` returns). Entries for
+    modules that are not ``nn.Linear``/``Conv1D`` are ignored (the original's estimate also returned those).
+    Checked on entry: every name is a module of ``model``, every shape is its weight's, every value is finite. When
+    ``get_peft_model`` starts injecting a LoRA-GA adapter into ``model``, every target must have a gradient:
+    otherwise a ``ValueError`` names the first missing one before anything is modified. On exit nothing of the
+    context remains (no attribute on the model, peft's classes as they were).
+    """
+
+    def __init__(self, model: nn.Module, named_grad: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.model = model
+        self.named_grad = dict(named_grad or {})
+        self._original: Any = None
+        self._prepared: list[nn.Module] = []
+
+    def __enter__(self) -> LoraGAContext:
+        modules = dict(self.model.named_modules())
+        for name, grad in self.named_grad.items():
+            module = modules.get(name)
+            if module is None:
+                raise ValueError(f"LoraGAContext: named_grad has an entry for '{name}', which is not a module of the model.")
+            if not is_supported_layer(module):
+                continue
+            if tuple(grad.shape) != tuple(module.weight.shape):
+                raise ValueError(
+                    f"LoraGAContext: the gradient for '{name}' has shape {tuple(grad.shape)}, but the module's weight "
+                    f"has shape {tuple(module.weight.shape)}."
+                )
+            if not bool(torch.isfinite(grad).all()):
+                raise ValueError(f"LoraGAContext: the gradient for '{name}' is not finite (NaN/Inf).")
+        from peft.tuners.lora.model import LoraModel
+
+        self._original = LoraModel.__dict__.get("inject_adapter")
+        context = self
+        inherited = LoraModel.inject_adapter
+
+        def inject_adapter(tuner: Any, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+            config = tuner.peft_config[adapter_name]
+            if model is context.model and str(getattr(config, "init_lora_weights", "")).lower() == "lora_ga":
+                context._prepare(config)
+            return inherited(tuner, model, adapter_name, *args, **kwargs)
+
+        LoraModel.inject_adapter = inject_adapter
+        return self
+
+    def _prepare(self, config: Any) -> None:
+        if config.lora_ga_config is None:
+            raise ValueError(
+                "If you want to use LoRA-GA, please initialize the LoraConfig with "
+                "init_lora_weights='lora_ga' and lora_ga_config=LoraGAConfig(...)."
+            )
+        _fill_default_target_modules(self.model, config)
+        targets = find_targets(self.model, config)
+        missing = [name for name, _ in targets if name not in self.named_grad]
+        if missing:
+            raise ValueError(
+                f"LoraGAContext: named_grad has no gradient for target module '{missing[0]}'"
+                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; estimate it with the same "
+                "target_modules, or exclude it from the LoraConfig."
+            )
+        store = AccumulatorStore([(name, tuple(m.weight.shape), m.weight.device) for name, m in targets])
+        for name, _ in targets:
+            slot = store[name]
+            slot.acc.copy_(self.named_grad[name])
+            slot.count = 1
+        finish(config, targets, store)
+        self._prepared += [m for _, m in targets]
+
+    def __exit__(self, *exc: object) -> None:
+        from peft.tuners.lora.model import LoraModel
+
+        if self._original is None:
+            del LoraModel.inject_adapter
+        else:
+            LoraModel.inject_adapter = self._original
+        for module in self._prepared:  # whatever get_peft_model did not consume (it failed, or was not called)
+            if hasattr(module, GRAD_ATTR):
+                delattr(module, GRAD_ATTR)
+            _unregister(module)
+        self._prepared = []
+
+
+def save_loraga_model_init(model: Any, save_dir: str | os.PathLike[str]) -> None:
+    """Save the freshly initialized adapter to ``save_dir/init_lora_checkpoint`` (call right after
+    ``get_peft_model``, before training). It is saved as a plain LoRA adapter (``init_lora_weights=True``), which
+    is what peft's conversion in :func:`save_loraga_model_final` needs."""
+    init_dir = os.path.join(os.fspath(save_dir), INIT_CHECKPOINT)
+    saved = {name: cfg.init_lora_weights for name, cfg in model.peft_config.items()}
+    try:
+        for cfg in model.peft_config.values():
+            cfg.init_lora_weights = True
+        model.save_pretrained(init_dir)
+    finally:
+        for name, value in saved.items():
+            model.peft_config[name].init_lora_weights = value
+
+
+def save_loraga_model_final(model: Any, save_dir: str | os.PathLike[str]) -> None:
+    """Save the trained adapter to ``save_dir`` converted to a plain LoRA adapter for the *unmodified* base model
+    (peft's ``path_initial_model_for_weight_conversion``: the result holds ``B_final A_final - B_init A_init`` as a
+    rank-``2r`` adapter), then remove the initial checkpoint.
+
+    Raises:
+        FileNotFoundError: :func:`save_loraga_model_init` was not called with this ``save_dir``.
+    """
+    save_dir = os.fspath(save_dir)
+    init_dir = os.path.join(save_dir, INIT_CHECKPOINT)
+    if not os.path.isdir(init_dir):
+        raise FileNotFoundError(
+            f"No initial adapter in '{init_dir}': call save_loraga_model_init(model, {save_dir!r}) right after "
+            "get_peft_model, before training."
+        )
+    model.save_pretrained(save_dir, path_initial_model_for_weight_conversion=init_dir)
+    shutil.rmtree(init_dir)
