@@ -136,6 +136,9 @@ PRESETS: dict[str, Preset] = {
     # ~70M parameters (70,001,664): 4 x 12.65M in the decoder layers + 2 x 9472 x 1024 in embed_tokens / lm_head
     "70m": Preset(name="70m", hidden_size=1024, num_layers=4, intermediate_size=2752, num_heads=16, vocab_size=9472,
                   batch_size=4, seq_len=128, num_batches=8),
+    # LLaMA-7B shapes (6.7B parameters): GPU only (fp32 accumulators alone are 27 GB)
+    "llama-7b": Preset(name="llama-7b", hidden_size=4096, num_layers=32, intermediate_size=11008, num_heads=32,
+                       vocab_size=32000, batch_size=4, seq_len=512, num_batches=8),
 }
 
 

@@ -22,6 +22,7 @@ _EXPORTS = {
     "LoraGAContext": "compat",
     "save_loraga_model_init": "compat",
     "save_loraga_model_final": "compat",
+    "load_initialized": "compat",
     "train_step_from_dataloader": "steps",
     "train_step_from_trainer": "steps",
 }
@@ -29,7 +30,13 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from .compat import LoraGAContext, estimate_gradient, save_loraga_model_final, save_loraga_model_init
+    from .compat import (
+        LoraGAContext,
+        estimate_gradient,
+        load_initialized,
+        save_loraga_model_final,
+        save_loraga_model_init,
+    )
     from .peft_compat import preprocess_loraga
     from .steps import train_step_from_dataloader, train_step_from_trainer
 

@@ -29,7 +29,8 @@ from .peft_compat import GRAD_ATTR, _fill_default_target_modules, _unregister, e
 from .steps import LossFn, train_step_from_dataloader
 from .store import AccumulatorStore
 
-__all__ = ["INIT_CHECKPOINT", "LoraGAContext", "estimate_gradient", "save_loraga_model_final", "save_loraga_model_init"]
+__all__ = ["INIT_CHECKPOINT", "LoraGAContext", "estimate_gradient", "load_initialized", "save_loraga_model_final",
+           "save_loraga_model_init"]
 
 logger = logging.getLogger("loraga_fast")
 
@@ -241,3 +242,32 @@ def save_loraga_model_final(model: Any, save_dir: str | os.PathLike[str]) -> Non
         )
     model.save_pretrained(save_dir, path_initial_model_for_weight_conversion=init_dir)
     shutil.rmtree(init_dir)
+
+
+def load_initialized(base_model: nn.Module, out_dir: str | os.PathLike[str]) -> Any:
+    """Rebuild the LoRA-GA-initialized model that ``loraga-fast init --out DIR`` saved: apply the offset target
+    weights (``DIR/base_offset.safetensors``) to ``base_model`` in place and load the initialized adapter
+    (``DIR/init_lora_checkpoint``) as a trainable ``PeftModel``. After training, ``save_loraga_model_final(model,
+    DIR)`` writes a plain LoRA adapter for the untouched base model.
+
+    Raises:
+        FileNotFoundError: a file is missing. ValueError: the offsets do not match ``base_model``.
+    """
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    out_dir = os.fspath(out_dir)
+    offsets_path = os.path.join(out_dir, "base_offset.safetensors")
+    init_dir = os.path.join(out_dir, INIT_CHECKPOINT)
+    for path in (offsets_path, init_dir):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"'{path}' not found: is '{out_dir}' the --out folder of loraga-fast init?")
+    params = dict(base_model.named_parameters())
+    offsets = load_file(offsets_path)
+    for key, value in offsets.items():
+        if key not in params or params[key].shape != value.shape:
+            raise ValueError(f"'{offsets_path}' does not match the model: no parameter '{key}' of shape {tuple(value.shape)}.")
+    with torch.no_grad():
+        for key, value in offsets.items():
+            params[key].copy_(value)
+    return PeftModel.from_pretrained(base_model, init_dir, is_trainable=True)

@@ -1,0 +1,316 @@
+"""The ``loraga-fast`` command (also ``python -m loraga_fast``).
+
+``loraga-fast init``  -- load a model and text data, estimate LoRA-GA gradients, initialize the adapter, save it.
+``loraga-fast bench`` -- run the benchmark suites of a source checkout against peft and print ratio tables.
+
+With no ``--model``/``--data``, ``init`` runs on an embedded default that works offline on a fresh machine: a
+small LLaMA-config model with random weights and a byte-level tokenizer, on Python standard-library source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+STDLIB_FILES = ["functools.py", "inspect.py", "argparse.py", "dataclasses.py", "typing.py", "pathlib.py"]
+
+
+class CliError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+class ByteTokenizer:
+    """The embedded default's tokenizer: UTF-8 bytes, ids 0..255."""
+
+    vocab_size = 256
+
+    def __call__(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def stdlib_text() -> str:
+    """A real text corpus that ships with Python: some standard-library modules' source."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join((root / name).read_text(encoding="utf-8") for name in STDLIB_FILES if (root / name).exists())
+
+
+def read_text(path: str, text_field: str) -> str:
+    """Text of a ``.txt`` file, or the ``text_field`` of every line of a ``.jsonl`` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"--data file not found: {path}")
+    if p.suffix in (".jsonl", ".json"):
+        texts = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if text_field not in record:
+                raise CliError(f"{path}, line {i}: no field {text_field!r} (fields: {', '.join(record)}); set --text-field")
+            texts.append(str(record[text_field]))
+        return "\n\n".join(texts)
+    return p.read_text(encoding="utf-8")
+
+
+def load_model(model: str | None, dtype: Any, device: Any, seed: int) -> tuple[Any, Any, str]:
+    """(model, tokenizer, description). ``model``: a folder, a ``.gguf`` file, a hub name, or None (default)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if model is None:
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=256, intermediate_size=688,
+                             num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=1024, use_cache=False)
+        return LlamaForCausalLM(config).to(device=device, dtype=dtype), ByteTokenizer(), "embedded default (LLaMA config, 256 hidden, 4 layers, random weights)"
+    path = Path(model)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CliError(f"--model GGUF file not found: {model}")
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.exists():
+        source = str(path)
+    elif os.sep in model or model.startswith("."):
+        raise CliError(f"--model folder not found: {model}")
+    else:
+        source = model  # a hub name
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise CliError(f"could not load --model {model!r}: {str(err).splitlines()[0]}") from err
+    return loaded.to(device), tok, f"{type(loaded).__name__} from {model}"
+
+
+def make_batches(text: str, tokenizer: Any, batches: int, batch_size: int, seq_len: int) -> list[Any]:
+    import torch
+
+    ids = tokenizer(text) if isinstance(tokenizer, ByteTokenizer) else tokenizer(text)["input_ids"]
+    need = batches * batch_size * seq_len
+    if len(ids) < need:
+        raise CliError(
+            f"the data has {len(ids)} tokens, but --batches {batches} x --batch-size {batch_size} x --seq-len {seq_len} "
+            f"needs {need}: use more data or lower one of them"
+        )
+    t = torch.tensor(ids[:need], dtype=torch.long).view(batches, batch_size, seq_len)
+    return [{"input_ids": b, "labels": b} for b in t]
+
+
+# ------------------------------------------------------------------------------------------------- init
+
+
+def _check_targets(model: Any, targets: list[str]) -> None:
+    from torch import nn
+
+    from .capture import is_supported_layer
+
+    names = [n for n, m in model.named_modules() if is_supported_layer(m)]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise CliError(f"unknown target(s) {', '.join(unknown)}: this model's linear layers are {', '.join(suffixes)}")
+    del nn
+
+
+def _peak_memory_bytes(device: Any) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+def run_init(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, LoraGAConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    from . import preprocess_loraga
+    from .compat import save_loraga_model_init
+    from .steps import train_step_from_dataloader
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    phases: dict[str, float] = {}
+
+    start = time.perf_counter()
+    with tqdm(total=2, desc="loading", unit="step") as bar:
+        model, tokenizer, description = load_model(args.model, dtype, device, args.seed)
+        bar.update(1)
+        text = read_text(args.data, args.text_field) if args.data else stdlib_text()
+        batches = make_batches(text, tokenizer, args.batches, args.batch_size, args.seq_len)
+        bar.update(1)
+    phases["load"] = time.perf_counter() - start
+
+    targets = DEFAULT_TARGETS if args.targets is None else [t for t in args.targets.split(",") if t]
+    _check_targets(model, targets)
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,
+                        target_modules=targets, init_lora_weights="lora_ga",
+                        lora_ga_config=LoraGAConfig(direction=args.direction, scale=args.scale, stable_gamma=args.gamma))
+    step = train_step_from_dataloader(model, batches, device=device)
+    start = time.perf_counter()
+    try:
+        preprocess_loraga(model, config, step, cache_file=args.cache, num_batches=args.batches, progress=True)
+    except torch.OutOfMemoryError as err:
+        raise CliError(
+            f"out of memory during gradient estimation ({str(err).splitlines()[0]}): lower --batch-size or --seq-len "
+            "(the fp32 accumulators take 4 bytes per target weight; fewer --targets lowers that)"
+        ) from err
+    phases["estimate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    try:
+        peft_model = get_peft_model(model, config)
+    except torch.OutOfMemoryError as err:
+        raise CliError(f"out of memory during initialization ({str(err).splitlines()[0]}): lower --rank or use fewer --targets") from err
+    phases["init"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    save_initialized(peft_model, out)
+    phases["save"] = time.perf_counter() - start
+
+    n_targets = sum(1 for m in peft_model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    summary = {
+        "model": description, "targets": n_targets, "tokens": args.batches * args.batch_size * args.seq_len,
+        "rank": args.rank, "phases_s": phases, "peak_memory_bytes": _peak_memory_bytes(device), "out": str(out),
+        "device": str(device), "dtype": args.dtype,
+    }
+    (out / "loraga_fast_init.json").write_text(json.dumps(summary, indent=2))
+    print(_summary_table(summary))
+    return summary
+
+
+def save_initialized(peft_model: Any, out: Path) -> None:
+    """``out/init_lora_checkpoint`` (the initialized adapter, as save_loraga_model_init writes it) and
+    ``out/base_offset.safetensors`` (the target layers' base weights after the LoRA-GA offset)."""
+    from safetensors.torch import save_file
+
+    from .compat import save_loraga_model_init
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_loraga_model_init(peft_model, out)
+    offsets = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            offsets[f"{name}.weight"] = module.get_base_layer().weight.detach().contiguous().cpu()
+    save_file(offsets, str(out / "base_offset.safetensors"), metadata={"format": "pt"})
+
+
+def _summary_table(s: dict[str, Any]) -> str:
+    rows = [("model", s["model"]), ("device / dtype", f"{s['device']} / {s['dtype']}"),
+            ("targets", str(s["targets"])), ("tokens", str(s["tokens"])), ("rank", str(s["rank"]))]
+    rows += [(f"time: {k}", f"{v:.2f} s") for k, v in s["phases_s"].items()]
+    rows += [("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"), ("saved to", s["out"])]
+    width = max(len(k) for k, _ in rows)
+    lines = ["LoRA-GA initialization"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines.append(f"  next: loraga_fast.load_initialized(base_model, {s['out']!r}) -> trainable PeftModel; after training, "
+                 f"save_loraga_model_final(model, {s['out']!r}) writes a LoRA adapter for the untouched base")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def _bench_dir() -> Path:
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if not (bench / "run.py").is_file():
+        raise CliError("loraga-fast bench needs the bench/ folder of a source checkout (pip install -e . from it)")
+    return bench
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    bench = _bench_dir()
+    cuda = torch.cuda.is_available()
+    preset = args.preset or ("llama-7b" if cuda else "70m")
+    if preset == "llama-7b" and not cuda:
+        raise CliError("the llama-7b preset needs a CUDA GPU (its fp32 accumulators alone are 27 GB); use --preset 70m")
+    results = Path(args.out)
+    results.mkdir(parents=True, exist_ok=True)
+    suites = ["kernels", "init", "e2e"] if args.suite == "all" else [args.suite]
+    py = sys.executable
+    commands = {
+        "kernels": [py, str(bench / "kernels.py"), "--preset", "llama-7b" if preset == "llama-7b" else "cpu",
+                    "--json", str(results / "kernels.json")],
+        "init": [py, str(bench / "init_bench.py"), "--preset", "7b-groups" if preset == "llama-7b" else "70m",
+                 "--json", str(results / "init.json")],
+        "e2e": [py, str(bench / "run.py"), "--preset", preset, "--json", str(results / "e2e.json")]
+               + (["--dtypes", "bf16"] if preset == "llama-7b" else []),
+    }
+    for suite in suites:
+        print(f"== loraga-fast bench {suite} ({preset})", flush=True)
+        subprocess.run(commands[suite], check=True)
+    if args.plot:
+        from .plots import plot_results
+
+        for path in plot_results(results):
+            print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraga-fast", description="Fast LoRA-GA initialization for peft.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="estimate gradients and initialize a LoRA-GA adapter",
+                          description=run_init.__doc__ or __doc__)
+    init.add_argument("--model", help="model folder, .gguf file or hub name (default: embedded small LLaMA config)")
+    init.add_argument("--data", help=".txt file, or .jsonl with a text field (default: Python stdlib source)")
+    init.add_argument("--text-field", default="text")
+    init.add_argument("--rank", type=int, default=8)
+    init.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    init.add_argument("--targets", default=None, help=f"comma-separated module names (default {','.join(DEFAULT_TARGETS)})")
+    init.add_argument("--batches", type=int, default=8)
+    init.add_argument("--batch-size", type=int, default=4)
+    init.add_argument("--seq-len", type=int, default=128)
+    init.add_argument("--direction", choices=["ArBr", "A2rBr", "ArB2r", "random"], default="ArB2r")
+    init.add_argument("--scale", choices=["stable", "weight_svd", "gd_scale", "unit"], default="stable")
+    init.add_argument("--gamma", type=int, default=16, help="stable_gamma")
+    init.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    init.add_argument("--device", default="auto")
+    init.add_argument("--cache", default=None, help="safetensors gradient cache (reused when it exists)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", default="loraga_init")
+    bench = sub.add_parser("bench", help="benchmark against peft (needs a source checkout)")
+    bench.add_argument("suite", nargs="?", choices=["all", "kernels", "init", "e2e"], default="all")
+    bench.add_argument("--preset", choices=["70m", "llama-7b"], default=None,
+                       help="default: llama-7b with a GPU, 70m otherwise")
+    bench.add_argument("--out", default="bench/results")
+    bench.add_argument("--plot", action="store_true", help="also write PNG charts next to the JSON results")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            run_init(args)
+        else:
+            run_bench(args)
+    except (CliError, ValueError, FileNotFoundError) as err:
+        print(f"loraga-fast: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The loraga-fast command: the embedded default end to end, reloading what it saved, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraga_fast import load_initialized, save_loraga_model_final
+from loraga_fast.cli import load_model, main
+
+SMALL = ["--batches", "2", "--batch-size", "2", "--seq-len", "48", "--rank", "4"]
+
+
+def test_default_init_saves_an_initialized_model_that_reloads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["init", "--out", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "LoRA-GA initialization" in printed and "targets         28" in printed
+    summary = json.loads((out / "loraga_fast_init.json").read_text())
+    assert summary["targets"] == 28 and summary["tokens"] == 2 * 2 * 48 and set(summary["phases_s"]) == {"load", "estimate", "init", "save"}
+
+    # the saved offset base + adapter is the initialized model, whose function equals the original's
+    original, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
+    x = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        before = original(x).logits
+    base, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
+    model = load_initialized(base, out)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_B["default"].weight.abs().sum() > 0 and layer.lora_B["default"].weight.requires_grad
+    assert not torch.equal(layer.get_base_layer().weight, original.model.layers[0].self_attn.q_proj.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, rtol=1e-4, atol=1e-4)
+    # and it finishes into a plain adapter for the untouched base
+    save_loraga_model_final(model, out)
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "init_lora_checkpoint").exists()
+
+
+def test_jsonl_data_and_targets(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"body": "def f(x):\n    return x * 2\n" * 8}) for _ in range(20)))
+    out = tmp_path / "out"
+    assert main(["init", "--data", str(data), "--text-field", "body", "--targets", "q_proj,v_proj", "--out", str(out), *SMALL]) == 0
+    assert json.loads((out / "loraga_fast_init.json").read_text())["targets"] == 8
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "/nonexistent/file.txt"], "--data file not found: /nonexistent/file.txt"),
+        (["--model", "/nonexistent/model.gguf"], "--model GGUF file not found"),
+        (["--model", "./no/such/folder"], "--model folder not found"),
+        (["--targets", "q_proj,qkv"], "unknown target(s) qkv: this model's linear layers are down_proj, gate_proj, k_proj, lm_head"),
+        (["--rank", "200"], "2 * r <= min"),
+        (["--batches", "100000"], "the data has"),
+    ],
+    ids=["missing-data", "missing-gguf", "missing-folder", "unknown-target", "rank-too-large", "too-little-data"],
+)
+def test_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    small = [a for a in SMALL]
+    if "--rank" in args:
+        small = small[:-2]
+    if "--batches" in args:
+        small = small[2:]
+    assert main(["init", "--out", str(tmp_path / "o"), *small, *args]) == 2
+    err = capsys.readouterr().err
+    assert "loraga-fast: error:" in err and message in err and "Traceback" not in err
+
+
+def test_bench_7b_preset_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the preset runs")
+    assert main(["bench", "--preset", "llama-7b"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_module_entry_point() -> None:
+    out = subprocess.run([sys.executable, "-m", "loraga_fast", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "init" in out and "bench" in out
