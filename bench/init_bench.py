@@ -77,6 +77,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _time_calls:
+    """Replace ``owner.name`` by a wrapper adding each call's (synchronized) duration to ``seconds``."""
+
+    def __init__(self, owner: Any, name: str, device: torch.device):
+        self.owner, self.name, self.seconds = owner, name, 0.0
+        self.real = real = getattr(owner, name)
+
+        def timed(*a: Any, **k: Any) -> Any:
+            _sync(device)
+            t = time.perf_counter()
+            out = real(*a, **k)
+            _sync(device)
+            self.seconds += time.perf_counter() - t
+            return out
+
+        setattr(owner, name, timed)
+
+    def restore(self) -> None:
+        setattr(self.owner, self.name, self.real)
+
+
 def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device: torch.device) -> dict[str, Any]:
     """One measurement in this process."""
     import peft
@@ -114,32 +135,10 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
         p.grad = None
     gc.collect()
 
-    svd_time = [0.0]
-    real_svd = torch.svd_lowrank
-
-    def timed_svd(*a: Any, **k: Any) -> Any:
-        _sync(device)
-        t = time.perf_counter()
-        out = real_svd(*a, **k)
-        _sync(device)
-        svd_time[0] += time.perf_counter() - t
-        return out
-
-    torch.svd_lowrank = timed_svd
     from loraga_fast import init as ours_init
 
-    rsvd_time = [0.0]
-    real_rsvd = ours_init.batched_rsvd
-
-    def timed_rsvd(*a: Any, **k: Any) -> Any:
-        _sync(device)
-        t = time.perf_counter()
-        out = real_rsvd(*a, **k)
-        _sync(device)
-        rsvd_time[0] += time.perf_counter() - t
-        return out
-
-    ours_init.batched_rsvd = timed_rsvd
+    svd_time = _time_calls(torch, "svd_lowrank", device)  # peft's per-layer SVDs
+    rsvd_time = _time_calls(ours_init, "batched_rsvd", device)  # ours, per group
     with MemoryProbe(device) as probe:
         _sync(device)
         start = time.perf_counter()
@@ -150,13 +149,13 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
         peft.get_peft_model(model, cfg)
         _sync(device)
         total = time.perf_counter() - start
-    torch.svd_lowrank = real_svd
-    ours_init.batched_rsvd = real_rsvd
+    svd_time.restore()
+    rsvd_time.restore()
     assert probe.reading is not None
     params = sum(m.weight.numel() for _, m in targets)
     return {"impl": impl, "preset": preset, "dtype": dtype_name, "r": r, "layers": len(targets),
             "target_params": params, "time_s": total, "finish_s": t_factor, "get_peft_model_s": total - t_factor,
-            "batched_rsvd_s": rsvd_time[0], "peft_svd_lowrank_s": svd_time[0], "peak_extra_bytes": probe.reading.peak_extra_bytes}
+            "batched_rsvd_s": rsvd_time.seconds, "peft_svd_lowrank_s": svd_time.seconds, "peak_extra_bytes": probe.reading.peak_extra_bytes}
 
 
 def main(argv: list[str] | None = None) -> None:
