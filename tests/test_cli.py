@@ -82,3 +82,17 @@ def test_bench_7b_preset_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None
 def test_module_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "loraga_fast", "--help"], capture_output=True, text=True, check=True).stdout
     assert "init" in out and "bench" in out
+
+
+def test_plots_from_result_files(tmp_path: Path) -> None:
+    from loraga_fast.plots import plot_results
+
+    (tmp_path / "e2e.json").write_text(json.dumps({"ratios": [
+        {"preset": "70m", "dtype": "fp32", "time_ratio": 0.9, "peak_extra_ratio": 0.8}]}))
+    (tmp_path / "init.json").write_text(json.dumps({"rows": [
+        {"impl": impl, "dtype": "bf16", "r": 8, "time_s": t, "peak_extra_bytes": 100} for impl, t in (("loraga_fast", 1.0), ("peft", 2.0))]}))
+    (tmp_path / "kernels.json").write_text(json.dumps({"results": [
+        {"impl": "loraga_fast", "t": 64, "m": 8, "n": 8, "tflops": 1.0}, {"impl": "autograd", "t": 64, "m": 8, "n": 8, "tflops": None}]}))
+    written = plot_results(tmp_path)
+    assert [p.name for p in written] == ["e2e.png", "init.png", "kernels.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
