@@ -175,8 +175,12 @@ def _split_count(acc: torch.Tensor, t: int, m: int, n: int) -> int:
     if acc.device.type != "cuda":
         return 1
     tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
-    sms = torch.cuda.get_device_properties(acc.device).multi_processor_count
-    return max(1, min((2 * sms) // max(tiles, 1), t // 512, 16))
+    return max(1, min((2 * _sm_count(acc.device.index)) // max(tiles, 1), t // 512, 16))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
 
 
 def accumulate_triton(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, *, transposed: bool = False,
