@@ -142,7 +142,7 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from . import preprocess_loraga
-    from .compat import save_loraga_model_init
+    from .peft_compat import init_progress
     from .steps import train_step_from_dataloader
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -175,8 +175,10 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
     phases["estimate"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    n_targets = sum(1 for m in model.modules() if hasattr(m, "_peft_loraga_grad"))
     try:
-        peft_model = get_peft_model(model, config)
+        with init_progress(n_targets):
+            peft_model = get_peft_model(model, config)
     except torch.OutOfMemoryError as err:
         raise CliError(f"out of memory during initialization ({str(err).splitlines()[0]}): lower --rank or use fewer --targets") from err
     phases["init"] = time.perf_counter() - start

@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from .capture import CaptureSession, is_supported_layer
 from .init import PreparedGroup, check_finite, init_layer_from_factors, layer_ranks, prepare_groups, zero_gradients
 from .store import AccumulatorStore, Slot
 
-__all__ = ["estimate_into", "find_targets", "finish", "preprocess_loraga"]
+__all__ = ["estimate_into", "find_targets", "finish", "init_progress", "preprocess_loraga"]
 
 logger = logging.getLogger("loraga_fast")
 
@@ -226,6 +227,21 @@ def _attach(targets: list[tuple[str, nn.Module]], grads: dict[str, torch.Tensor]
 
 _PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[PreparedGroup, str]] = weakref.WeakKeyDictionary()
 _peft_lora_ga_init: Callable[..., Any] | None = None
+_init_bar: Any = None
+
+
+@contextlib.contextmanager
+def init_progress(total: int) -> Iterator[None]:
+    """Show a progress bar over the prepared layers that ``get_peft_model`` initializes inside this block."""
+    global _init_bar
+    from tqdm.auto import tqdm
+
+    _init_bar = tqdm(total=total, desc="LoRA-GA initialization", unit="layer")
+    try:
+        yield
+    finally:
+        _init_bar.close()
+        _init_bar = None
 
 
 def _lora_layer_class() -> type:
@@ -279,5 +295,7 @@ def _lora_ga_init_from_prepared(self: Any, adapter_name: str, lora_ga_config: An
         else:
             init_layer_from_factors(self, adapter_name, lora_ga_config, factors)
         delattr(base, GRAD_ATTR)
+        if _init_bar is not None:
+            _init_bar.update(1)
     finally:
         _unregister(base)
