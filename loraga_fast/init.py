@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,15 +37,14 @@ NITER = 4  # peft's power iterations
 class LayerFactors:
     """Top singular triplets of one layer's mean gradient, in the gradient's stored (weight) layout.
 
-    ``grad ~= u diag(s) v^T`` with ``u (rows, k)``, ``s (k,)`` descending, ``v (cols, k)``; ``grad`` is the tensor
-    attached as ``_peft_loraga_grad`` (to recognise it later); ``weight_sigma`` is the top singular value of the
-    base weight when ``scale="weight_svd"`` was requested; ``zero`` marks an all-zero gradient.
+    ``grad ~= u diag(s) v^T`` with ``u (rows, k)``, ``s (k,)`` descending, ``v (cols, k)``; ``weight_sigma`` is the
+    top singular value of the base weight when ``scale="weight_svd"`` was requested; ``zero`` marks an all-zero
+    gradient.
     """
 
     u: torch.Tensor
     s: torch.Tensor
     v: torch.Tensor
-    grad: torch.Tensor
     weight_sigma: float | None = None
     zero: bool = False
 
@@ -87,7 +86,7 @@ class PreparedGroup:
     """
 
     def __init__(self, group: Group, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *,
-                 weight_svd: bool, seed: int = DEFAULT_SEED):
+                 weight_svd: bool, zero: Collection[str] = (), seed: int = DEFAULT_SEED):
         self.index = [i for i, slot in enumerate(group.slots) if slot.name in ranks]
         self.group = group
         names = [group.slots[i].name for i in self.index]
@@ -96,6 +95,7 @@ class PreparedGroup:
         self.grads = {group.slots[i].name: group.slots[i].acc for i in self.index}  # the attached tensors
         self.ranks = {name: ranks[name] for name in names}
         self.weight_svd = weight_svd
+        self.zero = {name for name in names if name in zero}
         self.seed = seed
         self._factors: dict[str, LayerFactors] | None = None
 
@@ -112,7 +112,6 @@ class PreparedGroup:
         gen = torch.Generator(device=group.device).manual_seed(self.seed)
         batch = group.tensor if len(self.index) == len(group.slots) else group.tensor[self.index]
         u, s, v = batched_rsvd(batch, k, q, NITER, generator=gen)
-        zero = (s[:, 0] == 0).tolist()  # A != 0 gives A @ Omega != 0 (almost surely), so sigma_1 > 0
         names = list(self.modules)
         sigmas: list[float | None] = [None] * len(names)
         if self.weight_svd:
@@ -120,16 +119,17 @@ class PreparedGroup:
             assert all(m is not None for m in mods), "a prepared layer was freed during initialization"
             sigmas = _weight_top_sigma(mods, [self.ranks[n] for n in names], gen)  # type: ignore[arg-type]
         return {
-            name: LayerFactors(u=u[j], s=s[j], v=v[j], grad=self.grads[name], weight_sigma=sigmas[j], zero=zero[j])
+            name: LayerFactors(u=u[j], s=s[j], v=v[j], weight_sigma=sigmas[j], zero=name in self.zero)
             for j, name in enumerate(names)
         }
 
 
 def prepare_groups(store: AccumulatorStore, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *,
-                   weight_svd: bool = False, seed: int = DEFAULT_SEED) -> list[PreparedGroup]:
-    """One :class:`PreparedGroup` per shape group holding at least one layer of ``ranks``."""
+                   weight_svd: bool = False, zero: Collection[str] = (), seed: int = DEFAULT_SEED) -> list[PreparedGroup]:
+    """One :class:`PreparedGroup` per shape group holding at least one layer of ``ranks``; layers in ``zero``
+    (all-zero gradients) will get peft's default init."""
     return [
-        PreparedGroup(g, modules, ranks, weight_svd=weight_svd, seed=seed)
+        PreparedGroup(g, modules, ranks, weight_svd=weight_svd, zero=zero, seed=seed)
         for g in store.groups
         if any(slot.name in ranks for slot in g.slots)
     ]

@@ -182,10 +182,11 @@ def finish(lora_config: LoraConfig, targets: list[tuple[str, nn.Module]], store:
                 f"{tuple(grads[name].shape)} and r={r}: lower r (or set rank_pattern for it) or exclude the layer."
             )
     modules = dict(targets)
+    zero = zero_gradients(store, list(grads))
     groups = prepare_groups(
         store, modules, ranks, weight_svd=getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd",
+        zero=zero,
     )
-    zero = zero_gradients(store, list(grads))
     if cache_file is not None:
         save_cache(cache_file, grads, names)
     _attach(targets, grads)
