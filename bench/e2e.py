@@ -189,8 +189,10 @@ def build_model(preset: str | Preset, dtype: str, device: str | torch.device = "
     if get_preset(preset).name == "smollm2":
         return _smollm2().to(device=resolve_device(device), dtype=_dtype(dtype)).eval()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(get_preset(preset).llama_config())
-    return model.to(device=resolve_device(device), dtype=_dtype(dtype)).eval()
+    target = resolve_device(device)
+    with torch.device(target):  # built where it runs: a 7B model initializes in seconds on a GPU
+        model = LlamaForCausalLM(get_preset(preset).llama_config())
+    return model.to(dtype=_dtype(dtype)).eval()
 
 
 def _smollm2() -> nn.Module:
