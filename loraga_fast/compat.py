@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .capture import is_supported_layer
-from .init import check_finite
+from .init import check_finite, max_abs
 from .peft_compat import GRAD_ATTR, _fill_default_target_modules, _unregister, estimate_into, find_targets, finish
 from .steps import LossFn, train_step_from_dataloader
 from .store import AccumulatorStore
@@ -104,7 +104,7 @@ def estimate_gradient(
     if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
         _all_reduce(store)
     grads = store.means()
-    check_finite(store, list(grads))
+    check_finite(max_abs(store), grads)
     missing = [name for name, _ in targets if name not in grads]
     if missing:
         logger.warning("estimate_gradient: %d target layer(s) saw no backward pass and are left out: %s",

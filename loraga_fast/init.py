@@ -15,6 +15,7 @@ Two halves:
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from torch import nn
 from .ops.rsvd import batched_rsvd
 from .store import AccumulatorStore, Group
 
-__all__ = ["LayerFactors", "PreparedGroup", "init_layer_from_factors", "layer_ranks", "prepare_groups", "zero_gradients"]
+__all__ = ["LayerFactors", "PreparedGroup", "check_finite", "init_layer_from_factors", "layer_ranks", "max_abs",
+           "prepare_groups"]
 
 logger = logging.getLogger("loraga_fast")
 
@@ -57,17 +59,21 @@ def layer_ranks(lora_config: object, names: list[str]) -> dict[str, int]:
     return {name: pattern.get(get_pattern_key(pattern.keys(), name), lora_config.r) for name in names}  # type: ignore[attr-defined]
 
 
-def check_finite(store: AccumulatorStore, names: list[str]) -> None:
-    """Raise ``ValueError`` naming the layers whose mean gradient has NaN or Inf entries."""
-    bad: list[str] = []
+def max_abs(store: AccumulatorStore) -> dict[str, float]:
+    """Each layer's largest absolute gradient entry: one reduction per shape group, no full-size temporary.
+
+    NaN and Inf propagate through it, so a non-finite value marks a non-finite gradient and 0 an all-zero one.
+    """
+    out: dict[str, float] = {}
     for group in store.groups:
-        # one pass, no full-size temporary: a NaN/Inf entry makes its matrix's sum non-finite; only matrices
-        # whose sum is not finite (which a finite sum can also be, by overflow) get the exact elementwise check
-        sums = group.tensor.sum(dim=(1, 2))
-        for i in (~torch.isfinite(sums)).nonzero().flatten().tolist():
-            slot = group.slots[i]
-            if slot.name in names and not bool(torch.isfinite(slot.acc).all()):
-                bad.append(slot.name)
+        norms = torch.linalg.vector_norm(group.tensor.flatten(1), ord=float("inf"), dim=1).tolist()
+        out.update({slot.name: norm for slot, norm in zip(group.slots, norms)})
+    return out
+
+
+def check_finite(maxabs: Mapping[str, float], names: Collection[str]) -> None:
+    """Raise ``ValueError`` naming the layers among ``names`` whose mean gradient has NaN or Inf entries."""
+    bad = [name for name in names if not math.isfinite(maxabs[name])]
     if bad:
         raise ValueError(
             f"LoRA-GA: the mean gradient of {len(bad)} layer(s) is not finite (NaN/Inf), e.g. from an overflowing "
@@ -133,15 +139,6 @@ def prepare_groups(store: AccumulatorStore, modules: Mapping[str, nn.Module], ra
         for g in store.groups
         if any(slot.name in ranks for slot in g.slots)
     ]
-
-
-def zero_gradients(store: AccumulatorStore, names: list[str]) -> list[str]:
-    """Layers among ``names`` whose mean gradient is all zero (one reduction per group, no full temporary)."""
-    out = []
-    for group in store.groups:
-        norms = torch.linalg.vector_norm(group.tensor.flatten(1), ord=float("inf"), dim=1).tolist()
-        out += [slot.name for slot, norm in zip(group.slots, norms) if norm == 0 and slot.name in names]
-    return out
 
 
 def _weight_top_sigma(modules: list[nn.Module], ranks: list[int], gen: torch.Generator, chunk: int = 8) -> list[float | None]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .cache import load_cache, save_cache
 from .capture import CaptureSession, is_supported_layer
-from .init import PreparedGroup, check_finite, init_layer_from_factors, layer_ranks, prepare_groups, zero_gradients
+from .init import PreparedGroup, check_finite, init_layer_from_factors, layer_ranks, max_abs, prepare_groups
 from .store import AccumulatorStore, Slot
 
 __all__ = ["estimate_into", "find_targets", "finish", "init_progress", "preprocess_loraga"]
@@ -173,7 +173,8 @@ def finish(lora_config: LoraConfig, targets: list[tuple[str, nn.Module]], store:
     """
     names = [name for name, _ in targets]
     grads = store.means()
-    check_finite(store, list(grads))
+    maxabs = max_abs(store)
+    check_finite(maxabs, grads)
     ranks = layer_ranks(lora_config, list(grads))
     for name, r in ranks.items():
         if 2 * r > min(grads[name].shape):
@@ -182,7 +183,7 @@ def finish(lora_config: LoraConfig, targets: list[tuple[str, nn.Module]], store:
                 f"{tuple(grads[name].shape)} and r={r}: lower r (or set rank_pattern for it) or exclude the layer."
             )
     modules = dict(targets)
-    zero = zero_gradients(store, list(grads))
+    zero = [name for name in grads if maxabs[name] == 0]
     groups = prepare_groups(
         store, modules, ranks, weight_svd=getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd",
         zero=zero,
