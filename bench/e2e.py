@@ -70,6 +70,7 @@ __all__ = [
     "make_train_step",
     "measure",
     "measure_in_process",
+    "time_interleaved",
     "param_count",
     "resolve_device",
 ]
@@ -470,6 +471,24 @@ class PreprocessCase:
 
 
 # ---------------------------------------------------------------------------------------------- measurement
+
+
+def time_interleaved(dtype: str, preset: str | Preset, rounds: int = 3, device: str | torch.device = "auto",
+                     seed: int = 0, impls: tuple[str, ...] = IMPLS) -> dict[str, list[float]]:
+    """Call times of every implementation measured in one process, alternating implementations (ABBA order) for
+    ``rounds`` rounds after one untimed call each, so the slow drifts of a shared machine hit all of them alike.
+    Memory is not measured here (see :func:`measure` for isolated memory)."""
+    cases = {impl: PreprocessCase.build(impl, dtype, preset, device, seed) for impl in impls}
+    for case in cases.values():
+        case.warmup()
+        case.timed_call(measure_memory=False)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for r in range(rounds):
+        for impl in (impls if r % 2 == 0 else tuple(reversed(impls))):
+            times[impl].append(cases[impl].timed_call(measure_memory=False).time_s)
+    for case in cases.values():
+        case.reset()
+    return times
 
 
 def measure_in_process(impl: str, dtype: str, preset: str | Preset, repeats: int = 3,

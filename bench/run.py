@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -32,6 +33,7 @@ from bench.e2e import (  # noqa: E402
     get_preset,
     measure,
     param_count,
+    time_interleaved,
 )
 
 OURS, BASELINE = IMPLS
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each measurement, wait up to this long for the CPUs to be idle (default 0)")
+    parser.add_argument("--interleave", type=int, default=3, metavar="ROUNDS",
+                        help="also time the implementations alternately in one process for ROUNDS rounds and report "
+                             "that ratio too, which drifts of a shared machine affect less (0: off; default 3)")
     parser.add_argument("--in-process", action="store_true",
                         help="measure in this process instead of one fresh subprocess each (memory not isolated)")
     args = parser.parse_args(argv)
@@ -140,12 +145,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
             results.append(result)
     ratios = ratio_rows(results)
+    interleaved: dict[str, dict[str, list[float]]] = {}
+    if args.interleave > 0 and len(args.impls) > 1:
+        for dtype in args.dtypes:
+            print(f"[bench] {preset.name} {dtype} interleaved x{args.interleave} ...", end=" ", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            interleaved[dtype] = time_interleaved(dtype, preset.name, args.interleave, args.device, args.seed,
+                                                  tuple(args.impls))
+            print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        for row in ratios:
+            times = interleaved.get(row["dtype"])
+            if times and BASELINE in times and OURS in times:
+                row["time_ratio_interleaved"] = statistics.median(times[OURS]) / statistics.median(times[BASELINE])
 
     n_params = param_count(preset)
     print(f"preset {preset.name}: LlamaForCausalLM, {n_params:,} parameters, {preset.num_batches} batches of "
           f"{preset.batch_size}x{preset.seq_len} tokens, targets {','.join(TARGET_MODULES)}; device "
           f"{results[0]['device']}, {results[0]['torch_threads']} torch threads; time = median of {args.repeats}")
     print(format_table(results, ratios))
+    for dtype, times in interleaved.items():
+        medians = "  ".join(f"{impl} {statistics.median(t):.3f}s" for impl, t in times.items())
+        ratio = next((r.get("time_ratio_interleaved") for r in ratios if r["dtype"] == dtype), None)
+        print(f"interleaved in one process, {dtype}, median of {args.interleave}: {medians}"
+              + (f"  -> ours/peft {ratio:.3f}x" if ratio is not None else ""))
     if any(contended(r) for r in results):
         print(f"* other processes used more than {CONTENDED:.0%} of a core during these timed calls "
               "(other_cpu_s in the JSON): the times are unreliable, rerun on an idle machine")
@@ -164,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "seed": args.seed,
             "isolated": not args.in_process,
+            "interleave_rounds": args.interleave,
             "wait_idle_s": args.wait_idle,
         },
         "results": results,
         "ratios": ratios,
+        "interleaved_times_s": interleaved,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -24,9 +24,11 @@ def plot_results(results: Path) -> list[Path]:
         ratios = json.loads(e2e.read_text()).get("ratios", [])
         if ratios:
             labels = [f"{r['preset']} {r['dtype']}" for r in ratios]
-            written.append(_bars(plt, results / "e2e.png", "end to end: loraga_fast / peft", labels,
-                                 {"time": [r.get("time_ratio") for r in ratios],
-                                  "extra peak memory": [r.get("peak_extra_ratio") for r in ratios]}))
+            series = {"time": [r.get("time_ratio") for r in ratios]}
+            if any("time_ratio_interleaved" in r for r in ratios):
+                series["time (interleaved)"] = [r.get("time_ratio_interleaved") for r in ratios]
+            series["extra peak memory"] = [r.get("peak_extra_ratio") for r in ratios]
+            written.append(_bars(plt, results / "e2e.png", "end to end: loraga_fast / peft", labels, series))
     init = results / "init.json"
     if init.is_file():
         rows = json.loads(init.read_text())["rows"]
