@@ -25,7 +25,15 @@ from torch import nn
 
 from .capture import is_supported_layer
 from .init import check_finite, max_abs
-from .peft_compat import GRAD_ATTR, _fill_default_target_modules, _unregister, estimate_into, find_targets, finish
+from .peft_compat import (
+    GRAD_ATTR,
+    _distributed,
+    _fill_default_target_modules,
+    _unregister,
+    estimate_into,
+    find_targets,
+    finish,
+)
 from .steps import LossFn, train_step_from_dataloader
 from .store import AccumulatorStore
 
@@ -58,8 +66,9 @@ def estimate_gradient(
     Args:
         model: a floating-point model.
         dataloader: batches as dicts (``model(**batch)``), tuples/lists (``model(*batch)``) or tensors.
-        accelerator: optional ``accelerate.Accelerator``: the model goes to its device, the dataloader through
-            ``accelerator.prepare``, and the means are reduced over its processes (one collective per shape group).
+        accelerator: optional ``accelerate.Accelerator``: the model goes to its device and the dataloader through
+            ``accelerator.prepare``. Whenever ``torch.distributed`` is initialized (torchrun, ``accelerate launch``),
+            the sums and counts are reduced over all processes (one collective per shape group).
         quant_flag: the original's offloaded estimation for quantized training; not supported yet (raises).
         origin_type, quant_type, no_split_module_classes: only used with ``quant_flag=True`` in the original
             (where they pick the float dtype, the quantization and the offload blocks); ignored otherwise, as there.
@@ -101,8 +110,8 @@ def estimate_gradient(
     if total is None and hasattr(dataloader, "__len__"):
         total = len(dataloader)  # type: ignore[arg-type]
     estimate_into(store, model, targets, step, num_batches=total, progress=progress)
-    if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
-        _all_reduce(store)
+    if _distributed():  # torchrun, or accelerate launch (which initializes torch.distributed)
+        store.all_reduce()
     grads = store.means()
     check_finite(max_abs(store), grads)
     missing = [name for name, _ in targets if name not in grads]
@@ -110,19 +119,6 @@ def estimate_gradient(
         logger.warning("estimate_gradient: %d target layer(s) saw no backward pass and are left out: %s",
                        len(missing), ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
     return grads
-
-
-def _all_reduce(store: AccumulatorStore) -> None:
-    """Sum the accumulators and counts over all processes: one collective per shape group, one for counts."""
-    import torch.distributed as dist
-
-    for group in store.groups:
-        dist.all_reduce(group.tensor)
-    slots = list(store.slots.values())
-    counts = torch.tensor([s.count for s in slots], dtype=torch.int64, device=store.groups[0].device)
-    dist.all_reduce(counts)
-    for slot, count in zip(slots, counts.tolist()):
-        slot.count = count
 
 
 class LoraGAContext:

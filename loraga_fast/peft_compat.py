@@ -92,6 +92,7 @@ def preprocess_loraga(
     *,
     num_batches: int | None = None,
     progress: bool | None = None,
+    process_group: Any = None,
 ) -> None:
     """Estimate the mean gradient of every LoRA-GA target layer and attach it for ``peft.get_peft_model``.
 
@@ -109,6 +110,10 @@ def preprocess_loraga(
             ``train_step`` is not called; otherwise they are estimated and saved there.
         num_batches: optional number of backward passes ``train_step`` will run, for the progress bar.
         progress: show a progress bar (default: only when ``num_batches`` is given).
+        process_group: data parallel. When ``torch.distributed`` is initialized, every rank runs ``train_step`` on
+            its own batches and the sums and pass counts are reduced over this group (default: the world) with one
+            collective per shape group, so every rank ends with the mean over all ranks' backward passes (ranks may
+            run different numbers of batches). Only rank 0 writes ``cache_file``.
 
     Effects:
         Each target module gets ``module._peft_loraga_grad``: fp32, the weight's shape and layout, on the
@@ -141,13 +146,22 @@ def preprocess_loraga(
         source = f"loaded from {os.fspath(cache_file)}"  # type: ignore[arg-type]
     else:
         estimate_into(store, model, targets, train_step, num_batches=num_batches, progress=progress)
+        if _distributed(process_group):
+            store.all_reduce(process_group)
         passes = max((slot.count for slot in store.slots.values()), default=0)
         source = f"estimated over {passes} backward passes"
-    finish(lora_config, targets, store, cache_file=None if cached else cache_file)
+    writer = not _distributed(process_group) or torch.distributed.get_rank(process_group) == 0
+    finish(lora_config, targets, store, cache_file=cache_file if not cached and writer else None)
     logger.info(
         "LoRA-GA: %d target layers %s in %.2fs (fp32 accumulators: %.1f MiB in %d shape groups)",
         len(targets), source, time.perf_counter() - start, store.nbytes / 2**20, len(store.groups),
     )
+
+
+def _distributed(group: Any = None) -> bool:
+    """True when torch.distributed is initialized and ``group`` (default: the world) has more than one rank."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def estimate_into(store: AccumulatorStore, model: nn.Module, targets: list[tuple[str, nn.Module]],

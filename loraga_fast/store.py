@@ -66,6 +66,21 @@ class AccumulatorStore:
         """Bytes held by all accumulators."""
         return sum(g.tensor.numel() * g.tensor.element_size() for g in self.groups)
 
+    def all_reduce(self, group: object = None) -> None:
+        """Sum the accumulators and the pass counts over the ranks of ``group`` (``torch.distributed``; default:
+        the world), in place: one collective per shape group and one for all the counts. Every rank must hold the
+        same layers in the same order (the same model and targets), whatever the number of batches it ran."""
+        import torch.distributed as dist
+
+        for g in self.groups:
+            dist.all_reduce(g.tensor, group=group)
+        slots = list(self.slots.values())
+        device = self.groups[0].device if self.groups else torch.device("cpu")
+        counts = torch.tensor([s.count for s in slots], dtype=torch.int64, device=device)
+        dist.all_reduce(counts, group=group)
+        for slot, count in zip(slots, counts.tolist()):
+            slot.count = count
+
     def means(self) -> dict[str, torch.Tensor]:
         """Turn each accumulated sum into a mean over its backward passes, in place.
 
