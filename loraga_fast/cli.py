@@ -115,8 +115,6 @@ def make_batches(text: str, tokenizer: Any, batches: int, batch_size: int, seq_l
 
 
 def _check_targets(model: Any, targets: list[str]) -> None:
-    from torch import nn
-
     from .capture import is_supported_layer
 
     names = [n for n, m in model.named_modules() if is_supported_layer(m)]
@@ -124,7 +122,6 @@ def _check_targets(model: Any, targets: list[str]) -> None:
     if unknown:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise CliError(f"unknown target(s) {', '.join(unknown)}: this model's linear layers are {', '.join(suffixes)}")
-    del nn
 
 
 def _peak_memory_bytes(device: Any) -> int:
