@@ -43,6 +43,20 @@ def _fill_default_target_modules(model: nn.Module, lora_config: LoraConfig) -> N
     lora_config.target_modules = target_modules if isinstance(target_modules, str) else set(target_modules)
 
 
+def _check_not_sharded(model: nn.Module) -> None:
+    """Raise ``ValueError`` for FSDP-sharded models, which the capture does not support yet."""
+    import torch.distributed.fsdp as fsdp
+
+    kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if k)
+    for name, module in model.named_modules():
+        if kinds and isinstance(module, kinds):
+            raise ValueError(
+                f"Module '{name or type(module).__name__}' is sharded by FSDP, which loraga_fast does not support yet: "
+                "run the estimation on the unsharded model (data parallel with torchrun works: every rank holds the "
+                "full model and the results are reduced across ranks)."
+            )
+
+
 def find_targets(model: nn.Module, lora_config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs LoRA-GA initializes: modules peft's own rules match whose type is
     ``nn.Linear`` or transformers ``Conv1D`` (other matched types are skipped, as in peft).
@@ -130,6 +144,7 @@ def preprocess_loraga(
             "If you want to use LoRA-GA, please initialize the LoraConfig with "
             "init_lora_weights='lora_ga' and lora_ga_config=LoraGAConfig(...)."
         )
+    _check_not_sharded(model)
     _fill_default_target_modules(model, lora_config)
     targets = find_targets(model, lora_config)
     if not targets:
