@@ -45,6 +45,8 @@ def _fill_default_target_modules(model: nn.Module, lora_config: LoraConfig) -> N
 
 def _check_not_sharded(model: nn.Module) -> None:
     """Raise ``ValueError`` for FSDP-sharded models, which the capture does not support yet."""
+    if not torch.distributed.is_available():
+        return
     import torch.distributed.fsdp as fsdp
 
     kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if k)
