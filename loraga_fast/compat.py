@@ -127,9 +127,9 @@ class LoraGAContext:
 
     ``named_grad`` maps module names to mean weight gradients (as :func:`estimate_gradient` returns). Entries for
     modules that are not ``nn.Linear``/``Conv1D`` are ignored (the original's estimate also returned those).
-    Checked on entry: every name is a module of ``model``, every shape is its weight's, every value is finite. When
-    ``get_peft_model`` starts injecting a LoRA-GA adapter into ``model``, every target must have a gradient:
-    otherwise a ``ValueError`` names the first missing one before anything is modified. On exit nothing of the
+    Checked on entry: every name is a module of ``model`` and every shape is its weight's. When ``get_peft_model``
+    starts injecting a LoRA-GA adapter into ``model``, every target must have a finite gradient: otherwise a
+    ``ValueError`` names the first missing (or the non-finite) ones before anything is modified. On exit nothing of the
     context remains (no attribute on the model, peft's classes as they were).
     """
 
@@ -152,8 +152,6 @@ class LoraGAContext:
                     f"LoraGAContext: the gradient for '{name}' has shape {tuple(grad.shape)}, but the module's weight "
                     f"has shape {tuple(module.weight.shape)}."
                 )
-            if not bool(torch.isfinite(grad).all()):
-                raise ValueError(f"LoraGAContext: the gradient for '{name}' is not finite (NaN/Inf).")
         from peft.tuners.lora.model import LoraModel
 
         self._original = LoraModel.__dict__.get("inject_adapter")

@@ -190,3 +190,13 @@ def test_train_step_from_trainer_drives_a_real_trainer(tmp_path: Path) -> None:
     peft_model = get_peft_model(model, cfg)
     result = Trainer(model=peft_model, args=args, train_dataset=dataset).train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_context_with_a_non_finite_gradient_raises_before_touching_the_model() -> None:
+    model = tiny_llama()
+    named_grad = estimate_gradient(model, _dict_loader(1), progress=False)
+    named_grad["model.layers.0.mlp.down_proj"] = named_grad["model.layers.0.mlp.down_proj"].clone().fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"not finite \(NaN/Inf\).*model.layers.0.mlp.down_proj"):
+        with LoraGAContext(model, named_grad):
+            get_peft_model(model, _lora_ga_config())
+    assert not any(hasattr(m, "lora_A") for m in model.modules()) and not attached(model)
