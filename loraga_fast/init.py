@@ -40,15 +40,13 @@ class LayerFactors:
     """Top singular triplets of one layer's mean gradient, in the gradient's stored (weight) layout.
 
     ``grad ~= u diag(s) v^T`` with ``u (rows, k)``, ``s (k,)`` descending, ``v (cols, k)``; ``weight_sigma`` is the
-    top singular value of the base weight when ``scale="weight_svd"`` was requested; ``zero`` marks an all-zero
-    gradient.
+    top singular value of the base weight when ``scale="weight_svd"`` was requested.
     """
 
     u: torch.Tensor
     s: torch.Tensor
     v: torch.Tensor
     weight_sigma: float | None = None
-    zero: bool = False
 
 
 def layer_ranks(lora_config: object, names: list[str]) -> dict[str, int]:
@@ -125,7 +123,7 @@ class PreparedGroup:
             assert all(m is not None for m in mods), "a prepared layer was freed during initialization"
             sigmas = _weight_top_sigma(mods, [self.ranks[n] for n in names], gen)  # type: ignore[arg-type]
         return {
-            name: LayerFactors(u=u[j], s=s[j], v=v[j], weight_sigma=sigmas[j], zero=name in self.zero)
+            name: LayerFactors(u=u[j], s=s[j], v=v[j], weight_sigma=sigmas[j])
             for j, name in enumerate(names)
         }
 

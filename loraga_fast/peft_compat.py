@@ -322,11 +322,10 @@ def _lora_ga_init_from_prepared(self: Any, adapter_name: str, lora_ga_config: An
         if (lora_ga_config is None or getattr(base, GRAD_ATTR, None) is not group.grads[name]
                 or self.r[adapter_name] > max(group.ranks.values())):
             return original(self, adapter_name, lora_ga_config)
-        factors = group.factors()[name]
-        if factors.zero:
+        if name in group.zero:  # the loss never reached it: peft's default init (no factorization needed)
             self.reset_lora_parameters(adapter_name, init_lora_weights=True)
         else:
-            init_layer_from_factors(self, adapter_name, lora_ga_config, factors)
+            init_layer_from_factors(self, adapter_name, lora_ga_config, group.factors()[name])
         delattr(base, GRAD_ATTR)
         if _init_bar is not None:
             _init_bar.update(1)
