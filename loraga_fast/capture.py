@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ops import accumulate
 from .store import AccumulatorStore, Slot
 
 __all__ = ["CaptureSession", "conv1d_class", "is_supported_layer", "weight_layout_transposed"]
@@ -70,7 +69,7 @@ class _CaptureLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
         x, weight = ctx.saved_tensors
         slot: Slot = ctx.slot
-        accumulate(slot.acc, grad_out, x, transposed=ctx.transposed)
+        slot.add(grad_out, x, ctx.transposed)
         slot.count += 1
         if ctx.on_backward is not None:
             ctx.on_backward(slot)

@@ -12,16 +12,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .ops import accumulate
+
 __all__ = ["AccumulatorStore", "Group", "Slot"]
 
 
 @dataclass(eq=False)
 class Slot:
-    """One layer's accumulator: a view into its group's tensor, and its backward-pass count."""
+    """One layer's accumulator: a view into its group's tensor, and its backward-pass count.
+
+    The capture op calls :meth:`add` once per backward pass through the layer; other accumulation schemes
+    (sharded, sketched) subclass it and override :meth:`add`.
+    """
 
     name: str
     acc: torch.Tensor
     count: int = 0
+
+    def add(self, grad_out: torch.Tensor, x: torch.Tensor, transposed: bool) -> None:
+        """Add this pass's ``G^T X`` (``X^T G`` in the ``(in, out)`` layout when ``transposed``) into ``acc``."""
+        accumulate(self.acc, grad_out, x, transposed=transposed)
 
 
 @dataclass(eq=False)
