@@ -33,9 +33,10 @@ from .peft_compat import (
     estimate_into,
     find_targets,
     finish,
+    new_store,
 )
+from .sharding import check_no_fsdp1, shard_layout
 from .steps import LossFn, train_step_from_dataloader
-from .store import AccumulatorStore
 
 __all__ = ["INIT_CHECKPOINT", "LoraGAContext", "estimate_gradient", "load_initialized", "save_loraga_model_final",
            "save_loraga_model_init"]
@@ -104,16 +105,19 @@ def estimate_gradient(
         model.to(accelerator.device)
         dataloader = accelerator.prepare(dataloader)
         device = None  # the prepared dataloader places the batches
-    store = AccumulatorStore([(name, tuple(m.weight.shape), m.weight.device) for name, m in targets])
+    check_no_fsdp1(model)
+    layout = shard_layout(targets)
+    store = new_store(targets, layout)
     step = train_step_from_dataloader(model, dataloader, num_batches=num_batches, device=device, loss_fn=loss_fn)
     total = num_batches
     if total is None and hasattr(dataloader, "__len__"):
         total = len(dataloader)  # type: ignore[arg-type]
     estimate_into(store, model, targets, step, num_batches=total, progress=progress)
-    if _distributed():  # torchrun, or accelerate launch (which initializes torch.distributed)
-        store.all_reduce()
+    if layout is not None or _distributed():  # torchrun, or accelerate launch (which initializes torch.distributed)
+        store.all_reduce()  # sharded stores were reduce-scattered at every backward pass: only the counts
     grads = store.means()
     check_finite(max_abs(store), grads)
+    grads = store.shaped_for_user(grads, {name: m.weight for name, m in targets if name in grads})
     missing = [name for name, _ in targets if name not in grads]
     if missing:
         logger.warning("estimate_gradient: %d target layer(s) saw no backward pass and are left out: %s",
@@ -182,10 +186,18 @@ class LoraGAContext:
                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; estimate it with the same "
                 "target_modules, or exclude it from the LoraConfig."
             )
-        store = AccumulatorStore([(name, tuple(m.weight.shape), m.weight.device) for name, m in targets])
+        layout = shard_layout(targets)
+        store = new_store(targets, layout)
         for name, _ in targets:
-            slot = store[name]
-            slot.acc.copy_(self.named_grad[name])
+            slot, grad = store[name], self.named_grad[name]
+            if layout is not None:  # FSDP2: each rank fills its rows from a gradient sharded like the weight
+                if not hasattr(grad, "to_local"):
+                    raise ValueError(
+                        f"LoraGAContext: the model is FSDP-sharded but the gradient for '{name}' is a plain tensor; "
+                        "pass the DTensors estimate_gradient returns for the sharded model."
+                    )
+                grad = grad.to_local()
+            slot.acc[: grad.shape[0]].copy_(grad)
             slot.count = 1
         finish(config, targets, store)
         self._prepared += [m for _, m in targets]

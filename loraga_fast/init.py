@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .ops.rsvd import batched_rsvd
-from .store import AccumulatorStore, Group
+from .ops.rsvd import batched_rsvd, gather_rows, sharded_rsvd
+from .store import AccumulatorStore, Group, ShardedStore
 
-__all__ = ["LayerFactors", "PreparedGroup", "check_finite", "init_layer_from_factors", "layer_ranks", "max_abs",
+__all__ = ["LayerFactors", "PreparedGroup", "ShardedPreparedGroup", "check_finite", "init_layer_from_factors", "layer_ranks", "max_abs",
            "prepare_groups"]
 
 logger = logging.getLogger("loraga_fast")
@@ -64,7 +64,7 @@ def max_abs(store: AccumulatorStore) -> dict[str, float]:
     """
     out: dict[str, float] = {}
     for group in store.groups:
-        norms = torch.linalg.vector_norm(group.tensor.flatten(1), ord=float("inf"), dim=1).tolist()
+        norms = store.global_max(torch.linalg.vector_norm(group.tensor.flatten(1), ord=float("inf"), dim=1)).tolist()
         out.update({slot.name: norm for slot, norm in zip(group.slots, norms)})
     return out
 
@@ -90,13 +90,16 @@ class PreparedGroup:
     """
 
     def __init__(self, group: Group, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *,
-                 weight_svd: bool, zero: Collection[str] = (), seed: int = DEFAULT_SEED):
+                 weight_svd: bool, zero: Collection[str] = (), seed: int = DEFAULT_SEED,
+                 attached: Mapping[str, torch.Tensor] | None = None):
         self.index = [i for i, slot in enumerate(group.slots) if slot.name in ranks]
         self.group = group
         names = [group.slots[i].name for i in self.index]
         # weak: the registry maps modules to their group, so a strong reference here would keep them alive
         self.modules = {name: weakref.ref(modules[name]) for name in names}
-        self.grads = {group.slots[i].name: group.slots[i].acc for i in self.index}  # the attached tensors
+        # the tensors attached as _peft_loraga_grad (identity tells a user-replaced gradient apart)
+        self.grads = {name: attached[name] if attached is not None else group.slots[i].acc
+                      for i, name in zip(self.index, names)}
         self.ranks = {name: ranks[name] for name in names}
         self.weight_svd = weight_svd
         self.zero = {name for name in names if name in zero}
@@ -128,12 +131,61 @@ class PreparedGroup:
         }
 
 
+class ShardedPreparedGroup(PreparedGroup):
+    """A :class:`PreparedGroup` whose accumulators are row shards (:class:`~loraga_fast.store.ShardedStore`): the
+    randomized SVD runs on the shards (:func:`~loraga_fast.ops.rsvd.sharded_rsvd`: only ``q``-wide products are
+    all-reduced), then the ``2r``-wide left factors are gathered (small), so every rank holds the same factors
+    and writes its own rows of the base-weight offset."""
+
+    def __init__(self, group: Group, store: ShardedStore, *args: object, **kwargs: object):
+        super().__init__(group, *args, **kwargs)  # type: ignore[arg-type]
+        self.store = store
+
+    def _compute(self) -> dict[str, LayerFactors]:
+        group, store = self.group, self.store
+        rows = group.shape[0]
+        k = 2 * max(self.ranks.values())
+        q = min(2 * k, min(group.shape))
+        gen = torch.Generator(device=group.device).manual_seed(self.seed)
+        batch = group.tensor if len(self.index) == len(group.slots) else group.tensor[self.index]
+        u, s, v = sharded_rsvd(batch, rows, k, q, NITER, group=store.group, generator=gen)
+        u = gather_rows(u, store.group)[:, :rows]
+        names = list(self.modules)
+        sigmas: list[float | None] = [None] * len(names)
+        if self.weight_svd:
+            sigmas = self._weight_sigmas(names, gen)
+        return {name: LayerFactors(u=u[j], s=s[j], v=v[j], weight_sigma=sigmas[j]) for j, name in enumerate(names)}
+
+    def _weight_sigmas(self, names: list[str], gen: torch.Generator) -> list[float | None]:
+        rows, cols = self.group.shape
+        c = self.store.rows_per_rank(rows)
+        blocks = torch.zeros(len(names), c, cols, dtype=torch.float32, device=self.group.device)
+        for j, name in enumerate(names):
+            module = self.modules[name]()
+            assert module is not None, "a prepared layer was freed during initialization"
+            local = _local_weight(module.weight)
+            blocks[j, : local.shape[0]] = local
+        q = min(min(rows, cols), max(4 * max(self.ranks.values()), 16))
+        _, s, _ = sharded_rsvd(blocks, rows, 1, q, 2 * NITER, group=self.store.group, generator=gen)
+        return s[:, 0].tolist()
+
+
+def _local_weight(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a weight: the local shard of an FSDP2 ``DTensor``, else the weight itself."""
+    to_local = getattr(weight, "to_local", None)
+    return to_local() if to_local is not None else weight
+
+
 def prepare_groups(store: AccumulatorStore, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *,
-                   weight_svd: bool = False, zero: Collection[str] = (), seed: int = DEFAULT_SEED) -> list[PreparedGroup]:
+                   weight_svd: bool = False, zero: Collection[str] = (), seed: int = DEFAULT_SEED,
+                   attached: Mapping[str, torch.Tensor] | None = None) -> list[PreparedGroup]:
     """One :class:`PreparedGroup` per shape group holding at least one layer of ``ranks``; layers in ``zero``
-    (all-zero gradients) will get peft's default init."""
+    (all-zero gradients) will get peft's default init. ``attached``: the tensors attached as ``_peft_loraga_grad``
+    when they are not the store's own views (sharded stores attach DTensors)."""
+    kwargs = {"weight_svd": weight_svd, "zero": zero, "seed": seed, "attached": attached}
     return [
-        PreparedGroup(g, modules, ranks, weight_svd=weight_svd, zero=zero, seed=seed)
+        ShardedPreparedGroup(g, store, modules, ranks, **kwargs) if isinstance(store, ShardedStore)
+        else PreparedGroup(g, modules, ranks, **kwargs)  # type: ignore[arg-type]
         for g in store.groups
         if any(slot.name in ranks for slot in g.slots)
     ]
@@ -209,6 +261,31 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
     layer.lora_A[adapter_name].weight.data = a_w  # type: ignore[index]
     layer.lora_B[adapter_name].weight.data = b_w  # type: ignore[index]
     # W -= scaling * B @ A in fp32 from the cast factors, as peft does; one fused GEMM into the fp32 copy
+    if hasattr(weight, "to_local"):  # an FSDP2 DTensor (Shard(0)): offset this rank's rows in place
+        _offset_shard(weight, b_w.float(), a_w.float(), scaling, fan_in_fan_out)
+        return
     w32 = _transpose(weight.data.to(torch.float32, copy=True), fan_in_fan_out)
     w32.addmm_(b_w.float(), a_w.float(), alpha=-scaling)
     base.weight.data = _transpose(w32.to(dtype), fan_in_fan_out)
+
+
+def _offset_shard(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> None:
+    """``W -= scaling * B @ A`` on this rank's rows of a ``Shard(0)`` DTensor weight, in place (FSDP2 keeps
+    views of the local shard's storage, so it must not be replaced)."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(weight.placements) != (Shard(0),):  # type: ignore[attr-defined]
+        raise ValueError(f"LoRA-GA: cannot offset a weight with placements {weight.placements}; only FSDP2's "  # type: ignore[attr-defined]
+                         "Shard(0) on a 1-D mesh is supported.")
+    local = weight.to_local()  # type: ignore[attr-defined]
+    rows, world = weight.shape[0], weight.device_mesh.size()  # type: ignore[attr-defined]
+    c = -(-rows // world)
+    start = min(weight.device_mesh.get_local_rank() * c, rows)  # type: ignore[attr-defined]
+    if local.shape[0] == 0:
+        return
+    stop = start + local.shape[0]
+    # weight rows are B's rows (out features), or A's columns (in features) for a transposed (Conv1D) layout
+    delta = b[start:stop] @ a if not fan_in_fan_out else (b @ a[:, start:stop]).T
+    w32 = local.to(torch.float32, copy=True)
+    w32.sub_(delta, alpha=scaling)
+    local.copy_(w32)

@@ -23,7 +23,8 @@ from torch import nn
 from .cache import load_cache, save_cache
 from .capture import CaptureSession, is_supported_layer
 from .init import PreparedGroup, check_finite, init_layer_from_factors, layer_ranks, max_abs, prepare_groups
-from .store import AccumulatorStore, Slot
+from .sharding import ShardLayout, StepGuard, check_no_fsdp1, shard_layout
+from .store import AccumulatorStore, ShardedStore, Slot
 
 __all__ = ["estimate_into", "find_targets", "finish", "init_progress", "preprocess_loraga"]
 
@@ -41,22 +42,6 @@ def _fill_default_target_modules(model: nn.Module, lora_config: LoraConfig) -> N
     if target_modules is None:
         raise ValueError("Please specify `target_modules` in `peft_config`")
     lora_config.target_modules = target_modules if isinstance(target_modules, str) else set(target_modules)
-
-
-def _check_not_sharded(model: nn.Module) -> None:
-    """Raise ``ValueError`` for FSDP-sharded models, which the capture does not support yet."""
-    if not torch.distributed.is_available():
-        return
-    import torch.distributed.fsdp as fsdp
-
-    kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if k)
-    for name, module in model.named_modules():
-        if kinds and isinstance(module, kinds):
-            raise ValueError(
-                f"Module '{name or type(module).__name__}' is sharded by FSDP, which loraga_fast does not support yet: "
-                "run the estimation on the unsharded model (data parallel with torchrun works: every rank holds the "
-                "full model and the results are reduced across ranks)."
-            )
 
 
 def find_targets(model: nn.Module, lora_config: LoraConfig) -> list[tuple[str, nn.Module]]:
@@ -146,7 +131,7 @@ def preprocess_loraga(
             "If you want to use LoRA-GA, please initialize the LoraConfig with "
             "init_lora_weights='lora_ga' and lora_ga_config=LoraGAConfig(...)."
         )
-    _check_not_sharded(model)
+    check_no_fsdp1(model)
     _fill_default_target_modules(model, lora_config)
     targets = find_targets(model, lora_config)
     if not targets:
@@ -156,14 +141,19 @@ def preprocess_loraga(
             "Please ensure your model contains at least one of these layer types in target_modules."
         )
     start = time.perf_counter()
-    store = AccumulatorStore([(name, tuple(module.weight.shape), module.weight.device) for name, module in targets])
+    layout = shard_layout(targets)
+    if layout is not None:
+        _check_sharded_call(layout, cache_file, process_group)
+    store = new_store(targets, layout)
     cached = cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0
     if cached:
         load_cache(cache_file, {name: module.weight for name, module in targets}, store)  # type: ignore[arg-type]
         source = f"loaded from {os.fspath(cache_file)}"  # type: ignore[arg-type]
     else:
         estimate_into(store, model, targets, train_step, num_batches=num_batches, progress=progress)
-        if _distributed(process_group):
+        if layout is not None:
+            store.all_reduce()  # the sums were reduce-scattered at every backward pass: only the counts remain
+        elif _distributed(process_group):
             store.all_reduce(process_group)
         passes = max((slot.count for slot in store.slots.values()), default=0)
         source = f"estimated over {passes} backward passes"
@@ -173,6 +163,30 @@ def preprocess_loraga(
         "LoRA-GA: %d target layers %s in %.2fs (fp32 accumulators: %.1f MiB in %d shape groups)",
         len(targets), source, time.perf_counter() - start, store.nbytes / 2**20, len(store.groups),
     )
+
+
+def new_store(targets: list[tuple[str, nn.Module]], layout: ShardLayout | None) -> AccumulatorStore:
+    """Accumulators for ``targets``: whole fp32 matrices, or row shards when the weights are FSDP2-sharded."""
+    specs = [(name, tuple(m.weight.shape), _local_device(m.weight)) for name, m in targets]
+    return AccumulatorStore(specs) if layout is None else ShardedStore(specs, layout.group)  # type: ignore[arg-type]
+
+
+def _local_device(weight: torch.Tensor) -> torch.device:
+    to_local = getattr(weight, "to_local", None)
+    return to_local().device if to_local is not None else weight.device
+
+
+def _check_sharded_call(layout: ShardLayout, cache_file: Any, process_group: Any) -> None:
+    if cache_file is not None:
+        raise ValueError(
+            "cache_file is not supported for FSDP-sharded models yet (each rank holds only its rows of the gradients): "
+            "call preprocess_loraga without cache_file."
+        )
+    if process_group is not None and process_group is not layout.group:
+        raise ValueError(
+            "process_group differs from the process group the model is sharded over (FSDP2's device mesh): the "
+            "gradients are reduced over the mesh's group; leave process_group unset for sharded models."
+        )
 
 
 def _distributed(group: Any = None) -> bool:
@@ -186,11 +200,20 @@ def estimate_into(store: AccumulatorStore, model: nn.Module, targets: list[tuple
                   progress: bool | None = None) -> None:
     """Run ``train_step`` with ``targets`` routed through the capture op, summing ``G^T X`` into ``store``."""
     bar = _Progress(num_batches, progress)
+    guard = None
+    if isinstance(store, ShardedStore):  # one reduce-scatter per backward: every rank must run the same steps
+        guard = StepGuard(model, store.group, store.groups[0].device)
     try:
         with CaptureSession(model, targets, store, on_backward=bar.on_backward if bar.bar is not None else None):
             with torch.enable_grad():
                 train_step()
+        if guard is not None:
+            guard.finish()
     finally:
+        if guard is not None:
+            guard.remove()
+        if isinstance(store, ShardedStore):
+            store.release_workspace()
         bar.close()
 
 
@@ -203,25 +226,27 @@ def finish(lora_config: LoraConfig, targets: list[tuple[str, nn.Module]], store:
     touched unless every check passes.
     """
     names = [name for name, _ in targets]
+    modules = dict(targets)
     grads = store.means()
     maxabs = max_abs(store)
     check_finite(maxabs, grads)
     ranks = layer_ranks(lora_config, list(grads))
     for name, r in ranks.items():
-        if 2 * r > min(grads[name].shape):
+        shape = tuple(modules[name].weight.shape)
+        if 2 * r > min(shape):
             raise ValueError(
                 f"LoRA-GA needs 2 * r <= min(out_features, in_features), but layer '{name}' has a weight of shape "
-                f"{tuple(grads[name].shape)} and r={r}: lower r (or set rank_pattern for it) or exclude the layer."
+                f"{shape} and r={r}: lower r (or set rank_pattern for it) or exclude the layer."
             )
-    modules = dict(targets)
     zero = [name for name in grads if maxabs[name] == 0]
+    shown = store.shaped_for_user(grads, {name: modules[name].weight for name in grads})
     groups = prepare_groups(
         store, modules, ranks, weight_svd=getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd",
-        zero=zero,
+        zero=zero, attached=shown,
     )
     if cache_file is not None:
         save_cache(cache_file, grads, names)
-    _attach(targets, grads)
+    _attach(targets, shown)
     _register(groups)
 
     missing = [name for name in names if name not in grads]

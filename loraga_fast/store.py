@@ -14,7 +14,7 @@ import torch
 
 from .ops import accumulate
 
-__all__ = ["AccumulatorStore", "Group", "Slot"]
+__all__ = ["AccumulatorStore", "Group", "ShardedSlot", "ShardedStore", "Slot"]
 
 
 @dataclass(eq=False)
@@ -58,18 +58,32 @@ class AccumulatorStore:
         self.groups: list[Group] = []
         slots: dict[str, Slot] = {}
         for (shape, device), names in members.items():
-            tensor = torch.zeros((len(names), *shape), dtype=torch.float32, device=device)
+            tensor = torch.zeros((len(names), *self._local_shape(shape)), dtype=torch.float32, device=device)
             group = Group(shape=shape, device=device, tensor=tensor)
             self.groups.append(group)
             for i, name in enumerate(names):
-                slot = Slot(name=name, acc=tensor[i])
+                slot = self._make_slot(name, tensor[i], shape)
                 group.slots.append(slot)
                 slots[name] = slot
         # report in the caller's order, not in group order
         self.slots: dict[str, Slot] = {name: slots[name] for name, _, _ in specs}
 
+    def _local_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        return shape
+
+    def _make_slot(self, name: str, acc: torch.Tensor, shape: tuple[int, int]) -> Slot:
+        return Slot(name=name, acc=acc)
+
     def __getitem__(self, name: str) -> Slot:
         return self.slots[name]
+
+    def global_max(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-layer maxima over the whole gradients (this store holds them whole: ``values`` as is)."""
+        return values
+
+    def shaped_for_user(self, grads: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The mean gradients as handed to users (``_peft_loraga_grad``, ``estimate_gradient``): here, as is."""
+        return grads
 
     @property
     def nbytes(self) -> int:
@@ -102,4 +116,108 @@ class AccumulatorStore:
             if slot.count > 0:
                 slot.acc.div_(slot.count)
                 out[name] = slot.acc
+        return out
+
+
+class ShardedSlot(Slot):
+    """A row shard of one layer's accumulator: each backward pass's local ``G^T X`` is computed whole in a
+    shared workspace and reduce-scattered over the ranks, so this rank only ever keeps its own rows."""
+
+    def __init__(self, name: str, acc: torch.Tensor, rows: int, store: ShardedStore):
+        super().__init__(name=name, acc=acc)
+        self.rows = rows
+        self.store = store
+
+    def add(self, grad_out: torch.Tensor, x: torch.Tensor, transposed: bool) -> None:
+        import torch.distributed as dist
+
+        c, n = self.acc.shape
+        world = self.store.world
+        full = self.store.workspace(world * c * n, self.acc.device).view(world * c, n)
+        full.zero_()
+        accumulate(full[: self.rows], grad_out, x, transposed=transposed)
+        mine = self.store.workspace(c * n, self.acc.device, second=True).view(c, n)
+        dist.reduce_scatter_tensor(mine, full, group=self.store.group)
+        self.acc.add_(mine)
+
+
+class ShardedStore(AccumulatorStore):
+    """Accumulators sharded by rows over the ranks of ``group``, the way FSDP2 shards weights (``torch.chunk`` on
+    dim 0: rank ``i`` owns rows ``[i*c, (i+1)*c)`` with ``c = ceil(m / N)``; past ``m`` the rows are zero padding).
+
+    Every rank holds ``(B, c, n)`` per shape group (about ``1/N`` of the exact store) plus one workspace the
+    size of the largest layer's full gradient. Every backward pass through a target costs one reduce-scatter,
+    so every rank must run the same backward passes in the same order (FSDP requires that anyway).
+    """
+
+    def __init__(self, specs: Sequence[tuple[str, tuple[int, int], torch.device]], group: object = None):
+        import torch.distributed as dist
+
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self._workspaces: dict[tuple[torch.device, bool], torch.Tensor] = {}
+        super().__init__(specs)
+
+    def rows_per_rank(self, rows: int) -> int:
+        return -(-rows // self.world)
+
+    def local_rows(self, rows: int) -> range:
+        """The global rows this rank owns of a ``rows``-row matrix (possibly empty)."""
+        c = self.rows_per_rank(rows)
+        return range(min(self.rank * c, rows), min((self.rank + 1) * c, rows))
+
+    def _local_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        return (self.rows_per_rank(shape[0]), shape[1])
+
+    def _make_slot(self, name: str, acc: torch.Tensor, shape: tuple[int, int]) -> Slot:
+        return ShardedSlot(name, acc, shape[0], self)
+
+    def workspace(self, numel: int, device: torch.device, second: bool = False) -> torch.Tensor:
+        key = (torch.device(device), second)
+        buf = self._workspaces.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=torch.float32, device=device)
+            self._workspaces[key] = buf
+        return buf[:numel]
+
+    def release_workspace(self) -> None:
+        """Free the reduce-scatter workspaces (after the estimation)."""
+        self._workspaces.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this rank's accumulator shards."""
+        return super().nbytes
+
+    def all_reduce(self, group: object = None) -> None:
+        """Sum the pass counts over the ranks (the sums were reduce-scattered at every backward pass)."""
+        import torch.distributed as dist
+
+        slots = list(self.slots.values())
+        device = self.groups[0].device if self.groups else torch.device("cpu")
+        counts = torch.tensor([s.count for s in slots], dtype=torch.int64, device=device)
+        dist.all_reduce(counts, group=self.group)
+        for slot, count in zip(slots, counts.tolist()):
+            slot.count = count
+
+    def global_max(self, values: torch.Tensor) -> torch.Tensor:
+        """Maxima over all ranks' shards; a NaN anywhere becomes +inf (still non-finite) so MAX carries it."""
+        import torch.distributed as dist
+
+        values = torch.nan_to_num(values.clone(), nan=float("inf"))
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        return values
+
+    def shaped_for_user(self, grads: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each mean gradient as a ``DTensor`` sharded like its weight (``Shard(0)`` on the weight's mesh), over this
+        rank's shard (no copy); ``.full_tensor()`` gathers it."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        out: dict[str, torch.Tensor] = {}
+        for name, grad in grads.items():
+            weight = weights[name]
+            rows = self.local_rows(weight.shape[0])
+            out[name] = DTensor.from_local(grad[: len(rows)], weight.device_mesh, [Shard(0)], run_check=False,
+                                           shape=weight.shape, stride=weight.stride())
         return out

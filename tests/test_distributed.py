@@ -59,16 +59,15 @@ def test_data_parallel_equals_single_process(world: int, tmp_path: Path) -> None
     assert (tmp_path / "cache.safetensors").is_file()  # written once, by rank 0
 
 
-def test_fsdp_sharded_model_is_refused_clearly(tmp_path: Path) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+def test_fsdp1_model_is_refused_clearly(tmp_path: Path) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         model = tiny_llama()
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
-        with pytest.raises(ValueError, match="'model.layers.0' is sharded by FSDP"):
+        model.model.layers[0] = FullyShardedDataParallel(model.model.layers[0], device_id=torch.device("cpu"),
+                                                         use_orig_params=True)
+        with pytest.raises(ValueError, match="'model.layers.0' is wrapped by FSDP1.*fully_shard"):
             preprocess_loraga(model, lora_ga_config(), lambda: None)
         assert not attached(model)
     finally:

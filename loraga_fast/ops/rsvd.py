@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["batched_rsvd", "orthonormalize", "rsvd_ref"]
+__all__ = ["batched_rsvd", "orthonormalize", "orthonormalize_sharded", "rsvd_ref", "sharded_rsvd"]
 
 
 def orthonormalize(y: torch.Tensor) -> torch.Tensor:
@@ -48,6 +48,117 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         x[idx] = torch.linalg.qr(y[idx]).Q
     return x
+
+
+# ---- row-sharded variants (torch.distributed) ------------------------------------------------------------
+#
+# A matrix is "row-sharded" over the ranks of a process group when rank i holds rows [i*c, (i+1)*c) of it as a
+# local (B, c, n) block (the last ranks' blocks may be padded with zero rows, as FSDP2 pads its shards). Only
+# small products travel: q x q Gram matrices, n x q sketches and the q x n projection.
+
+
+def _allsum(t: torch.Tensor, group: object) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def gather_rows(local: torch.Tensor, group: object) -> torch.Tensor:
+    """All ranks' ``(B, c, k)`` row blocks stacked into the full ``(B, N*c, k)`` matrix (on every rank)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    b, c, k = local.shape
+    out = torch.empty(world * c, b, k, dtype=local.dtype, device=local.device)
+    dist.all_gather_into_tensor(out, local.permute(1, 0, 2).contiguous(), group=group)
+    return out.permute(1, 0, 2)
+
+
+def orthonormalize_sharded(y: torch.Tensor, group: object) -> torch.Tensor:
+    """:func:`orthonormalize` for a row-sharded ``y`` (local ``(B, c, q)`` blocks of ``(B, N*c, q)``, ``N*c >= q``).
+
+    Shifted CholeskyQR2 with all-reduced ``q x q`` Gram matrices (three small all-reduces); matrices that fail
+    the orthonormality check are gathered and redone with Householder QR (rare: zero or rank-deficient input).
+    Every rank gets its own rows of the same ``Q``.
+    """
+    import torch.distributed as dist
+
+    b, c, q = y.shape
+    m = c * dist.get_world_size(group)
+    eps = torch.finfo(y.dtype).eps
+    eye = torch.eye(q, dtype=y.dtype, device=y.device)
+    x = y
+    failed = torch.zeros(b, dtype=torch.bool, device=y.device)
+    for first in (True, False):
+        gram = _allsum(x.mT @ x, group)
+        if first:
+            norm2 = gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+            gram = gram + 11.0 * (m * q + q * (q + 1)) * eps * norm2 * eye
+        chol, info = torch.linalg.cholesky_ex(gram)
+        failed |= info != 0
+        x = torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False)
+    err = (_allsum(x.mT @ x, group) - eye).abs().amax(dim=(1, 2))
+    failed |= ~torch.isfinite(err) | (err > 1e3 * eps * max(m, 1) ** 0.5)
+    if bool(failed.any()):  # the same decision on every rank: all inputs of it were all-reduced
+        idx = failed.nonzero().squeeze(1)
+        full = gather_rows(y[idx], group)
+        start = dist.get_rank(group) * c
+        x = x.clone()
+        x[idx] = torch.linalg.qr(full).Q[:, start : start + c]
+    return x
+
+
+def sharded_rsvd(a: torch.Tensor, rows: int, k: int, q: int | None = None, niter: int = 4, *, group: object = None,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batched_rsvd` of row-sharded matrices, without gathering them.
+
+    Args:
+        a: this rank's ``(B, c, n)`` row blocks; the global matrices are ``(B, rows, n)`` (blocks past ``rows``
+            are zero padding). Not modified.
+        rows: the global number of rows ``m`` (it decides the orientation, as in :func:`batched_rsvd`).
+        k, q, niter, generator: as in :func:`batched_rsvd`; the generator must be seeded identically on every rank.
+        group: the process group the rows are sharded over (default: the world).
+
+    Returns:
+        ``U`` (this rank's ``(B, c, k)`` rows), ``S (B, k)`` and ``V (B, n, k)`` (the same on every rank). In exact
+        arithmetic the result equals :func:`batched_rsvd` of the gathered matrices with the same generator state.
+    """
+    import torch.distributed as dist
+
+    if a.dim() != 3:
+        raise ValueError(f"sharded_rsvd expects a (B, c, n) batch, got shape {tuple(a.shape)}.")
+    _, c, n = a.shape
+    small = min(rows, n)
+    if not 1 <= k <= small:
+        raise ValueError(f"sharded_rsvd: k={k} must be between 1 and min(m, n)={small}.")
+    q = min(2 * k, small) if q is None else q
+    if not k <= q <= small:
+        raise ValueError(f"sharded_rsvd: q={q} must be between k={k} and min(m, n)={small}.")
+    start = dist.get_rank(group) * c
+    if rows >= n:  # tall: the sharded side is the long one
+        omega = torch.randn(n, q, dtype=a.dtype, device=a.device, generator=generator)
+        basis = orthonormalize_sharded(a @ omega, group)
+        for _ in range(niter):
+            z = orthonormalize(_allsum(a.mT @ basis, group))
+            basis = orthonormalize_sharded(a @ z, group)
+        u_small, s, vh = torch.linalg.svd(_allsum(basis.mT @ a, group), full_matrices=False)
+        return _canonical_signs(basis @ u_small[..., :k], s[:, :k], vh[:, :k].mT)
+    # wide: batched_rsvd factors A^T, whose columns are sharded here
+    omega = torch.randn(rows, q, dtype=a.dtype, device=a.device, generator=generator)
+    omega_local = torch.zeros(c, q, dtype=a.dtype, device=a.device)
+    mine = omega[start : start + c]
+    omega_local[: mine.shape[0]] = mine
+    basis = orthonormalize(_allsum(a.mT @ omega_local, group))
+    for _ in range(niter):
+        w = orthonormalize_sharded(a @ basis, group)
+        basis = orthonormalize(_allsum(a.mT @ w, group))
+    # SVD of basis^T A^T = (A basis)^T: A basis = Qw R (sharded CholeskyQR), then the SVD of the small R^T
+    w = a @ basis
+    qw = orthonormalize_sharded(w, group)
+    r = _allsum(qw.mT @ w, group)
+    u_small, s, vh = torch.linalg.svd(r.mT, full_matrices=False)
+    return _canonical_signs(qw @ vh[:, :k].mT, s[:, :k], basis @ u_small[..., :k])
 
 
 def batched_rsvd(a: torch.Tensor, k: int, q: int | None = None, niter: int = 4, *,
@@ -86,7 +197,20 @@ def batched_rsvd(a: torch.Tensor, k: int, q: int | None = None, niter: int = 4, 
     u = basis @ u_small[..., :k]
     v = vh[:, :k].mT
     s = s[:, :k]
-    return (v, s, u) if wide else (u, s, v)
+    return _canonical_signs(v, s, u) if wide else _canonical_signs(u, s, v)
+
+
+def _canonical_signs(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flip each singular pair ``(u_j, v_j)`` so that the largest-magnitude entry of ``v_j`` is positive.
+
+    An SVD fixes each pair only up to a joint sign; this convention makes the factors independent of how they
+    were computed (single process or sharded over any number of ranks), up to rounding. ``v`` is the factor every
+    rank holds whole.
+    """
+    idx = v.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(torch.gather(v, 1, idx))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return u * sign, s, v * sign
 
 
 def rsvd_ref(a: torch.Tensor, k: int, q: int | None = None, niter: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
