@@ -1,11 +1,19 @@
-"""Data-parallel estimation on torch.distributed (gloo, CPU): wall time and bytes communicated per rank.
+"""Distributed estimation on torch.distributed (gloo, CPU): wall time, memory and bytes communicated per rank.
 
-For N in ``--ranks`` (default 1 2 3), N processes each run ``preprocess_loraga`` on their share of the preset's
-batches (round-robin); the sums and counts are reduced once at the end (one all_reduce per shape group + one for
-the counts). Reported per N: the wall time of the call on rank 0 (median of ``--repeats``), the all_reduce payload
-per rank (every accumulator once, fp32) and the bytes a ring all_reduce sends per rank (2 (N-1)/N x payload).
-Also printed: projected payloads for LLaMA-7B and LLaMA-2-70B with all seven projections targeted, for one
-reduction at the end (ours) vs a per-step reduce-scatter of the gradients (what sharded estimation would send).
+Two modes (``--modes``, default both):
+
+* ``dp`` -- data parallel, every rank holds the whole model: N processes each run ``preprocess_loraga`` on their
+  share of the preset's batches (round-robin); the sums and counts are reduced once at the end (one all_reduce
+  per shape group + one for the counts). Bytes: the all_reduce payload per rank (every accumulator once, fp32)
+  and what a ring all_reduce sends per rank (2 (N-1)/N x payload).
+* ``fsdp2`` -- every decoder layer and the root ``fully_shard``-ed on a CPU mesh; each rank keeps only its rows of
+  the fp32 accumulators, filled by one reduce-scatter per backward pass per layer. Every rank gets the same
+  number of batches (the preset's batches cut to a multiple of N). Bytes: the reduce-scatter inputs counted by
+  wrapping ``dist.reduce_scatter_tensor``, and what a ring reduce-scatter sends per rank ((N-1)/N x that).
+
+Per N: the wall time of the call on rank 0 (median of ``--repeats``, after a warm-up), the accumulator bytes per
+rank (the storages behind the attached gradients). Also printed: projected volumes for LLaMA-7B and LLaMA-2-70B
+with all seven projections targeted: one reduction at the end (dp) vs a reduce-scatter every step (fsdp2).
 
     python bench/distributed.py --preset 70m --ranks 1 2 3
 """
@@ -38,28 +46,50 @@ def target_params(hidden: int, layers: int, intermediate: int, kv_dim: int) -> i
     return layers * (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * intermediate)
 
 
-def _worker(rank: int, world: int, init: str, preset: str, dtype: str, repeats: int, out: str) -> None:
+def _worker(rank: int, world: int, init: str, preset: str, dtype: str, repeats: int, out: str, mode: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         from loraga_fast import preprocess_loraga
 
         model = build_model(preset, dtype, "cpu")
-        batches = make_batches(preset, "cpu")[rank::world]
+        batches = make_batches(preset, "cpu")
+        if mode == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            batches = batches[: len(batches) // world * world]
+        batches = batches[rank::world]
         step = make_train_step(model, batches)
-        times, payload = [], 0
+        scattered = [0]
+        reduce_scatter = dist.reduce_scatter_tensor
+
+        def counting(output: torch.Tensor, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            scattered[0] += input.numel() * input.element_size()
+            return reduce_scatter(output, input, *args, **kwargs)
+
+        dist.reduce_scatter_tensor = counting  # type: ignore[assignment]
+        times, payload, acc_bytes = [], 0, 0
         for _ in range(repeats + 1):  # the first call is a warm-up
             for m in model.modules():
                 if hasattr(m, "_peft_loraga_grad"):
                     del m._peft_loraga_grad
+            scattered[0] = 0
             dist.barrier()
             start = time.perf_counter()
             preprocess_loraga(model, make_lora_config(preset), step)
             dist.barrier()
             times.append(time.perf_counter() - start)
             grads = [m._peft_loraga_grad for m in model.modules() if hasattr(m, "_peft_loraga_grad")]
+            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            acc_bytes = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local}.values())
             payload = sum(g.numel() * 4 for g in grads) + 8 * len(grads)
         if rank == 0:
-            Path(out).write_text(json.dumps({"times_s": times[1:], "payload_bytes": payload}))
+            Path(out).write_text(json.dumps({"times_s": times[1:], "payload_bytes": payload, "acc_bytes": acc_bytes,
+                                             "scattered_bytes": scattered[0], "batches_per_rank": len(batches)}))
     finally:
         dist.destroy_process_group()
 
@@ -69,24 +99,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="70m")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--modes", nargs="+", choices=["dp", "fsdp2"], default=["dp", "fsdp2"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "distributed.json")
     args = parser.parse_args(argv)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.ranks:
-            out = os.path.join(tmp, f"r{n}.json")
-            mp.spawn(_worker, args=(n, os.path.join(tmp, f"init{n}"), args.preset, args.dtype, args.repeats, out),
-                     nprocs=n, join=True)
-            res = json.loads(Path(out).read_text())
-            payload = res["payload_bytes"]
-            rows.append({"ranks": n, "time_s": statistics.median(res["times_s"]), "payload_bytes": payload,
-                         "ring_bytes_sent_per_rank": int(2 * (n - 1) / n * payload)})
-    print(f"data-parallel preprocess_loraga, preset {args.preset} {args.dtype}, gloo on CPU "
+        for mode in args.modes:
+            for n in args.ranks:
+                out = os.path.join(tmp, f"{mode}{n}.json")
+                mp.spawn(_worker, args=(n, os.path.join(tmp, f"init-{mode}{n}"), args.preset, args.dtype, args.repeats,
+                                        out, mode), nprocs=n, join=True)
+                res = json.loads(Path(out).read_text())
+                payload = res["payload_bytes"]
+                # dp: one ring all_reduce of every accumulator; fsdp2: a ring reduce-scatter per backward per layer
+                sent = 2 * (n - 1) / n * payload if mode == "dp" else (n - 1) / n * res["scattered_bytes"]
+                rows.append({"mode": mode, "ranks": n, "time_s": statistics.median(res["times_s"]),
+                             "batches_per_rank": res["batches_per_rank"], "acc_bytes_per_rank": res["acc_bytes"],
+                             "payload_bytes": payload, "reduce_scatter_input_bytes": res["scattered_bytes"],
+                             "ring_bytes_sent_per_rank": int(sent)})
+    print(f"distributed preprocess_loraga, preset {args.preset} {args.dtype}, gloo on CPU "
           f"({os.cpu_count()} cores shared by all ranks)")
-    print(f"{'ranks':>5} {'time (s)':>9} {'payload/rank (MiB)':>19} {'ring sent/rank (MiB)':>21}")
+    print(f"{'mode':>5} {'ranks':>5} {'batches/rank':>12} {'time (s)':>9} {'accumulators/rank (MiB)':>24} "
+          f"{'ring sent/rank (MiB)':>21}")
     for r in rows:
-        print(f"{r['ranks']:>5} {r['time_s']:>9.3f} {r['payload_bytes'] / 2**20:>19.1f} {r['ring_bytes_sent_per_rank'] / 2**20:>21.1f}")
+        print(f"{r['mode']:>5} {r['ranks']:>5} {r['batches_per_rank']:>12} {r['time_s']:>9.3f} "
+              f"{r['acc_bytes_per_rank'] / 2**20:>24.1f} {r['ring_bytes_sent_per_rank'] / 2**20:>21.1f}")
     print("projected fp32 payload (all 7 projections): one reduction at the end vs a reduce-scatter every step")
     for name, shape in PROJECTIONS.items():
         p = target_params(*shape) * 4

@@ -133,6 +133,9 @@ class ShardedSlot(Slot):
 
         c, n = self.acc.shape
         world = self.store.world
+        if world == 1:  # nothing to scatter
+            accumulate(self.acc, grad_out, x, transposed=transposed)
+            return
         full = self.store.workspace(world * c * n, self.acc.device).view(world * c, n)
         full.zero_()
         accumulate(full[: self.rows], grad_out, x, transposed=transposed)
