@@ -30,8 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import MemoryProbe, build_model, get_preset, make_batches, make_lora_config, make_train_step  # noqa: E402
-from loraga_fast.lowmem import DEFAULT_PASSES, accumulator_bytes  # noqa: E402
+from bench.e2e import (
+    MemoryProbe,
+    build_model,
+    get_preset,
+    make_batches,
+    make_lora_config,
+    make_train_step,
+)
+from loraga_fast.lowmem import DEFAULT_PASSES, accumulator_bytes
 
 IMPLS = ("floor", "lowmem", "exact", "peft")
 
