@@ -25,6 +25,7 @@ _EXPORTS = {
     "load_initialized": "compat",
     "train_step_from_dataloader": "steps",
     "train_step_from_trainer": "steps",
+    "memory_estimate": "memory",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
         save_loraga_model_final,
         save_loraga_model_init,
     )
+    from .memory import memory_estimate
     from .peft_compat import preprocess_loraga
     from .steps import train_step_from_dataloader, train_step_from_trainer
 

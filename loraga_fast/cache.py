@@ -67,6 +67,11 @@ def load_cache(path: str | os.PathLike[str], targets: Mapping[str, torch.Tensor]
     with handle:
         keys = set(handle.keys())
         metadata = handle.metadata() or {}
+        if metadata.get("loraga_fast.mode", "exact") != "exact":  # written by loraga_fast.lowmem.save_factors
+            raise ValueError(
+                f"Cache file '{path}' holds low-memory factors (written by preprocess_loraga(mode='lowmem')), not mean "
+                "gradients: pass mode='lowmem' to use it, or another cache_file for mode='exact'."
+            )
         cached_names = (
             json.loads(metadata[_TARGETS_KEY])
             if _TARGETS_KEY in metadata

@@ -23,6 +23,7 @@ from torch import nn
 from .cache import load_cache, save_cache
 from .capture import CaptureSession, is_supported_layer
 from .init import PreparedGroup, check_finite, init_layer_from_factors, layer_ranks, max_abs, prepare_groups
+from .lowmem import estimate_bytes, preprocess_lowmem
 from .sharding import ShardLayout, StepGuard, check_no_fsdp1, shard_layout
 from .store import AccumulatorStore, ShardedStore, Slot
 
@@ -94,6 +95,9 @@ def preprocess_loraga(
     num_batches: int | None = None,
     progress: bool | None = None,
     process_group: Any = None,
+    mode: str = "exact",
+    sketch_size: int | None = None,
+    passes: int | None = None,
 ) -> None:
     """Estimate the mean gradient of every LoRA-GA target layer and attach it for ``peft.get_peft_model``.
 
@@ -114,13 +118,27 @@ def preprocess_loraga(
         process_group: data parallel. When ``torch.distributed`` is initialized, every rank runs ``train_step`` on
             its own batches and the sums and pass counts are reduced over this group (default: the world) with one
             collective per shape group, so every rank ends with the mean over all ranks' backward passes (ranks may
-            run different numbers of batches). Only rank 0 writes ``cache_file``.
+            run different numbers of batches). Only rank 0 writes ``cache_file``. FSDP2-sharded models
+            (``fully_shard``, ``Shard(0)`` on a 1-D mesh) are handled too: the accumulators are row-sharded like the
+            weights over the mesh's group (``process_group`` must be left unset) and every rank must run the same
+            number of forward passes (a mismatch raises on every rank instead of hanging).
+        mode: ``"exact"`` (default): one fp32 accumulator per target (4 bytes per weight), ``train_step`` runs once.
+            ``"lowmem"``: only skinny sketches of each gradient (``4 (m + n) k`` bytes per layer, ``k = 16 r``), from
+            which the top ``2r`` singular triplets are reconstructed; ``train_step`` runs ``passes`` times and must be
+            re-runnable and see the same batches each time (checked; the global random state is reset before each
+            pass). ``_peft_loraga_grad`` is then a placeholder, not a tensor, and ``cache_file`` holds the factors.
+            See :mod:`loraga_fast.lowmem`.
+        sketch_size: low-memory mode only: sketch columns ``k`` per layer (default ``16 r``, capped at
+            ``min(m, n)``); must be at least ``2 r``.
+        passes: low-memory mode only: calls of ``train_step`` (default 3, at least 2); more passes are more
+            accurate (each is one power iteration).
 
     Effects:
         Each target module gets ``module._peft_loraga_grad``: fp32, the weight's shape and layout, on the
         weight's device, equal to the sum of the weight gradients over the backward passes through the module
-        divided by their number. Targets that saw no backward pass get none (peft then falls back to its
-        default init for them). If anything fails, the model is left as it was.
+        divided by their number (for an FSDP2-sharded model: a ``DTensor`` sharded like the weight). Targets that
+        saw no backward pass get none (peft then falls back to its default init for them). If anything fails, the
+        model is left as it was.
 
     Raises:
         ValueError: ``lora_config.lora_ga_config`` is missing, a target is quantized, no supported layer matches,
@@ -140,8 +158,28 @@ def preprocess_loraga(
             "LoRA-GA only supports nn.Linear and Conv1D layers. "
             "Please ensure your model contains at least one of these layer types in target_modules."
         )
-    start = time.perf_counter()
+    if mode not in ("exact", "lowmem"):
+        raise ValueError(f"mode must be 'exact' or 'lowmem', got {mode!r}.")
+    if mode == "exact" and (sketch_size is not None or passes is not None):
+        raise ValueError("sketch_size and passes apply to mode='lowmem' only.")
+    logger.info("%s", estimate_bytes(targets, layer_ranks(lora_config, [n for n, _ in targets]), sketch_size))
     layout = shard_layout(targets)
+    if mode == "lowmem":
+        if layout is not None:
+            raise ValueError(
+                "mode='lowmem' on an FSDP-sharded model is not supported yet: use the default exact mode, whose "
+                "accumulators are sharded over the ranks (about 1/N of the gradients' fp32 size per rank)."
+            )
+        writer = not _distributed(process_group) or torch.distributed.get_rank(process_group) == 0
+        groups, placeholders = preprocess_lowmem(
+            model, lora_config, targets, train_step, cache_file, sketch_size=sketch_size, passes=passes,
+            num_batches=num_batches, progress=progress, process_group=process_group,
+            distributed=_distributed(process_group), writer=writer,
+        )
+        _attach(targets, placeholders)  # type: ignore[arg-type]
+        _register(groups)  # type: ignore[arg-type]
+        return
+    start = time.perf_counter()
     if layout is not None:
         _check_sharded_call(layout, cache_file, process_group)
     store = new_store(targets, layout)

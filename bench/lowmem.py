@@ -1,0 +1,161 @@
+"""Low-memory mode benchmark: time per pass vs the fwd+bwd floor, total time and peak memory vs exact mode and
+peft, and projected accumulator memory for LLaMA 7B-70B shapes.
+
+``python bench/lowmem.py [--preset 70m] [--dtype fp32] [--batches N]``
+
+Each implementation runs in a fresh subprocess (``--one IMPL``) on the preset's seeded random LLaMA
+(:mod:`bench.e2e` builders), after one untimed no-grad forward; memory is :class:`bench.e2e.MemoryProbe`'s extra
+peak (RSS on CPU, allocated bytes on CUDA). Implementations:
+
+* ``floor``: one forward + backward over the batches with every target routed through the capture op but
+  accumulating nothing (input gradients only) -- what any method must at least pay per pass;
+* ``lowmem``: ``loraga_fast.preprocess_loraga(mode="lowmem")`` (3 passes by default);
+* ``exact``: ``loraga_fast.preprocess_loraga`` (exact mode);
+* ``peft``: ``peft.preprocess_loraga``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.e2e import (
+    MemoryProbe,
+    build_model,
+    get_preset,
+    make_batches,
+    make_lora_config,
+    make_train_step,
+)
+from loraga_fast.lowmem import DEFAULT_PASSES, accumulator_bytes
+
+IMPLS = ("floor", "lowmem", "exact", "peft")
+
+# (hidden, intermediate, layers, kv_out) of LLaMA-2 7B/13B/70B and Code Llama 34B (GQA: k/v project to kv_out)
+LLAMA_SHAPES = {
+    "7B": (4096, 11008, 32, 4096),
+    "13B": (5120, 13824, 40, 5120),
+    "34B": (8192, 22016, 48, 1024),
+    "70B": (8192, 28672, 80, 1024),
+}
+
+
+def layer_shapes(hidden: int, inter: int, layers: int, kv_out: int) -> list[tuple[int, int]]:
+    """``(out, in)`` of the seven projections of every block."""
+    block = [(hidden, hidden), (kv_out, hidden), (kv_out, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
+             (hidden, inter)]
+    return block * layers
+
+
+class _NullStore:
+    """Capture slots that accumulate nothing: the capture op then only computes input gradients."""
+
+    def __init__(self, names: list[str]):
+        from loraga_fast.store import Slot
+
+        class NullSlot(Slot):
+            def add(self, grad_out: torch.Tensor, x: torch.Tensor, transposed: bool) -> None:
+                pass
+
+        self.slots = {n: NullSlot(name=n, acc=torch.empty(0)) for n in names}
+
+    def __getitem__(self, name: str) -> Any:
+        return self.slots[name]
+
+
+def run_one(impl: str, preset: str, dtype: str, batches: int | None) -> dict[str, Any]:
+    p = get_preset(preset)
+    if batches is not None:
+        p = dataclasses.replace(p, num_batches=batches)
+    model = build_model(p, dtype)
+    data = make_batches(p, "auto")
+    cfg = make_lora_config(p)
+    step = make_train_step(model, data)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(input_ids=data[0])
+    gc.collect()
+    if impl == "floor":
+        from loraga_fast.capture import CaptureSession
+        from loraga_fast.peft_compat import find_targets
+
+        targets = find_targets(model, cfg)
+
+        def call() -> None:
+            with CaptureSession(model, targets, _NullStore([n for n, _ in targets])), torch.enable_grad():  # type: ignore[arg-type]
+                step()
+    elif impl == "peft":
+        import peft
+
+        def call() -> None:
+            peft.preprocess_loraga(model, cfg, step)
+    else:
+        from loraga_fast import preprocess_loraga
+
+        def call() -> None:
+            preprocess_loraga(model, cfg, step, mode=impl)
+    with MemoryProbe(device) as probe:
+        start = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    assert probe.reading is not None
+    return {"impl": impl, "time_s": elapsed, "peak_extra_bytes": probe.reading.peak_extra_bytes,
+            "device": str(device), "num_batches": p.num_batches, "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="70m")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--batches", type=int, default=None)
+    parser.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one, args.preset, args.dtype, args.batches)))
+        return 0
+
+    results = {}
+    for impl in IMPLS:
+        cmd = [sys.executable, __file__, "--one", impl, "--preset", args.preset, "--dtype", args.dtype]
+        if args.batches is not None:
+            cmd += ["--batches", str(args.batches)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+    floor = results["floor"]["time_s"]
+    print(f"preset {args.preset} ({args.dtype}, {results['floor']['num_batches']} batches, {results['floor']['device']}, "
+          f"{results['floor']['threads']} threads); lowmem passes = {DEFAULT_PASSES}")
+    print(f"{'impl':8} {'time s':>8} {'x floor':>8} {'per pass x floor':>17} {'extra peak MiB':>15}")
+    for impl, res in results.items():
+        per_pass = res["time_s"] / (DEFAULT_PASSES if impl == "lowmem" else 1) / floor
+        print(f"{impl:8} {res['time_s']:8.2f} {res['time_s'] / floor:8.2f} {per_pass:17.2f} "
+              f"{res['peak_extra_bytes'] / 2**20:15.1f}")
+
+    print("\nprojected accumulator memory (fp32, all 7 projections of every block), exact vs low-memory (k = 16 r):")
+    print(f"{'model':6} {'r':>3} {'exact GiB':>10} {'lowmem GiB':>11} {'ratio':>7}")
+    projections = []
+    for model_name, dims in LLAMA_SHAPES.items():
+        for r in (8, 16, 64):
+            exact, low = accumulator_bytes(layer_shapes(*dims), r)
+            projections.append({"model": model_name, "r": r, "exact_bytes": exact, "lowmem_bytes": low})
+            print(f"{model_name:6} {r:3d} {exact / 2**30:10.2f} {low / 2**30:11.2f} {exact / low:7.1f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"runs": results, "projections": projections}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
