@@ -81,7 +81,9 @@ def estimate_gradient(
 
     Returns:
         ``{module_name: mean gradient}``: fp32, the weight's layout, on the weight's device, for every target that
-        saw a backward pass (the tensors are views of shape-grouped buffers).
+        saw a backward pass (the tensors are views of shape-grouped buffers). Names are those of the bare model,
+        also for a ``DistributedDataParallel`` one. For an FSDP2-sharded model, each is a ``DTensor`` sharded like
+        the weight (every rank must then run the same number of batches).
 
     Raises:
         ValueError: ``quant_flag=True``; no target layer; an empty dataloader; a batch without a loss; a non-finite
@@ -93,11 +95,14 @@ def estimate_gradient(
             "not supported by loraga_fast yet: pass the floating-point model with quant_flag=False, then quantize it "
             f"for training (origin_type={origin_type!r}, quant_type={quant_type!r} are not used)."
         )
+    # a DistributedDataParallel model (accelerator.prepare) runs as is, but is named like the bare model, so the
+    # result matches LoraGAContext(bare_model, ...) and peft's module names
+    named = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     if lora_config is not None:
-        _fill_default_target_modules(model, lora_config)
-        targets = find_targets(model, lora_config)
+        _fill_default_target_modules(named, lora_config)
+        targets = find_targets(named, lora_config)
     else:
-        targets = [(name, module) for name, module in model.named_modules() if is_supported_layer(module)]
+        targets = [(name, module) for name, module in named.named_modules() if is_supported_layer(module)]
     if not targets:
         raise ValueError("estimate_gradient: the model has no nn.Linear or Conv1D target layer.")
     device: Any = "auto"

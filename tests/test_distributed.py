@@ -72,3 +72,26 @@ def test_fsdp1_model_is_refused_clearly(tmp_path: Path) -> None:
         assert not attached(model)
     finally:
         dist.destroy_process_group()
+
+
+def test_accelerate_ddp_launch(tmp_path: Path) -> None:
+    """estimate_gradient with an Accelerator and train_step_from_trainer under a real 2-process launch."""
+    import subprocess
+
+    script = Path(__file__).parent / "launched" / "accelerate_ddp.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    rows = results[0]["rows"]
+    batches = [torch.stack(rows[i : i + 2]) for i in range(0, len(rows), 2)]  # the union of both ranks' batches
+    reference = reference_mean_grads(tiny_llama(), list(results[0]["trainer"]), batches)
+    for r, res in enumerate(results):
+        assert res["world"] == 2 and res["ddp"] == "DistributedDataParallel"
+        assert len(res["trainer"]) == 14 and set(res["trainer"]) <= set(res["estimate"])
+        for n, ref in reference.items():
+            assert rel_err(res["estimate"][n], ref) < 1e-5, (r, n)  # all 4 batches, split over the ranks
+            assert rel_err(res["trainer"][n], ref) < 1e-5, (r, n)
