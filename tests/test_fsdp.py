@@ -101,6 +101,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str, kind: str,
                 pm2 = get_peft_model(model2, lora_ga_config())
             result["context_factors"] = _factors(pm2)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -163,6 +164,7 @@ def _uneven_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             message = str(e)
         restored = flags == [p.requires_grad for p in model.parameters()] and not attached(model)
         Path(out_dir, f"rank{rank}.txt").write_text(f"{restored}\n{message}")
+        dist.barrier()  # both ranks leave the error path before the process group is torn down
     finally:
         dist.destroy_process_group()
 
@@ -191,6 +193,7 @@ def _rsvd_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             u, s, v = sharded_rsvd(local, m, 4, 8, 4, generator=gen)
             out[name] = (gather_rows(u, None)[:, :m], s, v)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
