@@ -153,21 +153,10 @@ class ShardedPreparedGroup(PreparedGroup):
         names = list(self.modules)
         sigmas: list[float | None] = [None] * len(names)
         if self.weight_svd:
-            sigmas = self._weight_sigmas(names, gen)
+            mods = [self.modules[n]() for n in names]
+            assert all(m is not None for m in mods), "a prepared layer was freed during initialization"
+            sigmas = _weight_top_sigma(mods, [self.ranks[n] for n in names], gen)  # type: ignore[arg-type]
         return {name: LayerFactors(u=u[j], s=s[j], v=v[j], weight_sigma=sigmas[j]) for j, name in enumerate(names)}
-
-    def _weight_sigmas(self, names: list[str], gen: torch.Generator) -> list[float | None]:
-        rows, cols = self.group.shape
-        c = self.store.rows_per_rank(rows)
-        blocks = torch.zeros(len(names), c, cols, dtype=torch.float32, device=self.group.device)
-        for j, name in enumerate(names):
-            module = self.modules[name]()
-            assert module is not None, "a prepared layer was freed during initialization"
-            local = _local_weight(module.weight)
-            blocks[j, : local.shape[0]] = local
-        q = min(min(rows, cols), max(4 * max(self.ranks.values()), 16))
-        _, s, _ = sharded_rsvd(blocks, rows, 1, q, 2 * NITER, group=self.store.group, generator=gen)
-        return s[:, 0].tolist()
 
 
 def _local_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -198,6 +187,8 @@ def _weight_top_sigma(modules: list[nn.Module], ranks: list[int], gen: torch.Gen
     or freshly initialized weights) by up to a few percent; a wider subspace and twice the power iterations
     make ours accurate to about 1e-3 there, at a cost that is small next to the gradient factorization.
     """
+    if hasattr(modules[0].weight, "to_local"):
+        return _sharded_weight_top_sigma(modules, ranks, gen)
     out: list[float | None] = []
     for start in range(0, len(modules), chunk):
         part = modules[start : start + chunk]
@@ -207,6 +198,23 @@ def _weight_top_sigma(modules: list[nn.Module], ranks: list[int], gen: torch.Gen
         _, s, _ = batched_rsvd(weights, 1, q, 2 * NITER, generator=gen)
         out += s[:, 0].tolist()
     return out
+
+
+def _sharded_weight_top_sigma(modules: list[nn.Module], ranks: list[int], gen: torch.Generator) -> list[float | None]:
+    """:func:`_weight_top_sigma` for same-shape FSDP2 ``Shard(0)`` weights: the sharded randomized SVD of the local
+    row shards (only ``q``-wide products travel), the same value on every rank."""
+    weight = modules[0].weight
+    rows, cols = weight.shape
+    mesh = weight.device_mesh  # type: ignore[attr-defined]
+    c = -(-rows // mesh.size())
+    local = _local_weight(weight)
+    blocks = torch.zeros(len(modules), c, cols, dtype=torch.float32, device=local.device)
+    for j, module in enumerate(modules):
+        shard = _local_weight(module.weight)
+        blocks[j, : shard.shape[0]] = shard
+    q = min(min(rows, cols), max(4 * max(ranks), 16))
+    _, s, _ = sharded_rsvd(blocks, rows, 1, q, 2 * NITER, group=mesh.get_group(), generator=gen)
+    return s[:, 0].tolist()
 
 
 def _transpose(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:

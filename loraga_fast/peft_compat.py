@@ -165,16 +165,17 @@ def preprocess_loraga(
     logger.info("%s", estimate_bytes(targets, layer_ranks(lora_config, [n for n, _ in targets]), sketch_size))
     layout = shard_layout(targets)
     if mode == "lowmem":
-        if layout is not None:
-            raise ValueError(
-                "mode='lowmem' on an FSDP-sharded model is not supported yet: use the default exact mode, whose "
-                "accumulators are sharded over the ranks (about 1/N of the gradients' fp32 size per rank)."
-            )
-        writer = not _distributed(process_group) or torch.distributed.get_rank(process_group) == 0
+        if layout is not None:  # FSDP2: the sketches are replicated (small); sum them over the mesh's group
+            if process_group is not None and process_group is not layout.group:
+                _check_sharded_call(layout, None, process_group)
+            process_group = layout.group
+            train_step = _guarded(model, train_step, layout)
+        distributed = _distributed(process_group)
+        writer = not distributed or torch.distributed.get_rank(process_group) == 0
         groups, placeholders = preprocess_lowmem(
             model, lora_config, targets, train_step, cache_file, sketch_size=sketch_size, passes=passes,
             num_batches=num_batches, progress=progress, process_group=process_group,
-            distributed=_distributed(process_group), writer=writer,
+            distributed=distributed, writer=writer,
         )
         _attach(targets, placeholders)  # type: ignore[arg-type]
         _register(groups)  # type: ignore[arg-type]
@@ -212,6 +213,20 @@ def new_store(targets: list[tuple[str, nn.Module]], layout: ShardLayout | None) 
 def _local_device(weight: torch.Tensor) -> torch.device:
     to_local = getattr(weight, "to_local", None)
     return to_local().device if to_local is not None else weight.device
+
+
+def _guarded(model: nn.Module, train_step: Callable[[], None], layout: ShardLayout) -> Callable[[], None]:
+    """``train_step`` with a :class:`StepGuard` around each call (uneven step counts raise instead of hanging)."""
+
+    def step() -> None:
+        guard = StepGuard(model, layout.group, _local_device(next(iter(model.parameters()))))
+        try:
+            train_step()
+            guard.finish()
+        finally:
+            guard.remove()
+
+    return step
 
 
 def _check_sharded_call(layout: ShardLayout, cache_file: Any, process_group: Any) -> None:

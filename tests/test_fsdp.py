@@ -67,7 +67,7 @@ def _factors(peft_model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch
             for n, m in peft_model.named_modules() if hasattr(m, "lora_B") and "default" in m.lora_B}
 
 
-def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str, kind: str, scale: str) -> None:
+def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str, kind: str, scale: str, mode: str) -> None:
     mesh = _init(rank, world, init_file)
     try:
         from peft import get_peft_model
@@ -80,7 +80,16 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str, kind: str,
         with torch.no_grad():
             before = model(input_ids=probe).logits
         cfg = lora_ga_config(targets, scale=scale)
-        preprocess_loraga(model, cfg, train_step_for(model, batches))
+        preprocess_loraga(model, cfg, train_step_for(model, batches), mode=mode)
+        if mode == "lowmem":  # placeholders, no gradients: only the initialization is compared
+            pm = get_peft_model(model, cfg)
+            with torch.no_grad():
+                after = pm(input_ids=probe).logits
+            torch.save({"factors": _factors(pm), "out_diff": (after - before).abs().max().item(),
+                        "out_scale": before.abs().max().item(), "left": attached(model)},
+                       os.path.join(out_dir, f"rank{rank}.pt"))
+            dist.barrier()
+            return
         grads = attached(model)
         storages = {t.to_local().untyped_storage().data_ptr(): t.to_local().untyped_storage().nbytes()
                     for t in grads.values()}
@@ -106,25 +115,36 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str, kind: str,
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("world", "kind", "scale"), [
-    (2, "llama", "stable"), (3, "llama", "stable"), (3, "llama", "weight_svd"), (2, "gpt2", "stable"),
+@pytest.mark.parametrize(("world", "kind", "scale", "mode"), [
+    (2, "llama", "stable", "exact"), (3, "llama", "stable", "exact"), (3, "llama", "weight_svd", "exact"),
+    (2, "gpt2", "stable", "exact"), (2, "llama", "weight_svd", "lowmem"),
 ])
-def test_fsdp2_equals_single_process(world: int, kind: str, scale: str, tmp_path: Path) -> None:
+def test_fsdp2_equals_single_process(world: int, kind: str, scale: str, mode: str, tmp_path: Path) -> None:
+    from peft import get_peft_model
+
     make, targets = MODELS[kind]
     batches = token_batches(n=NUM_BATCHES)
     single = make()
     cfg = lora_ga_config(targets, scale=scale)
-    preprocess_loraga(single, cfg, train_step_for(single, batches))
-    expected = {n: g.clone() for n, g in attached(single).items()}
-    reference = reference_mean_grads(make(), list(expected), batches)
-    from peft import get_peft_model
-
+    preprocess_loraga(single, cfg, train_step_for(single, batches), mode=mode)
+    expected = {n: g.clone() for n, g in attached(single).items()} if mode == "exact" else {}
+    reference = reference_mean_grads(make(), list(expected), batches) if mode == "exact" else {}
     expected_factors = _factors(get_peft_model(single, cfg))
     full_bytes = 4 * sum(g.numel() for g in expected.values())
 
-    _spawn(_fsdp_worker, world, tmp_path, kind, scale)
+    _spawn(_fsdp_worker, world, tmp_path, kind, scale, mode)
     for r in range(world):
         res = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert not res["left"]  # get_peft_model consumed every attached gradient
+        assert res["out_diff"] <= 1e-5 * res["out_scale"], r  # W - s B A + s B A = W
+        assert res["factors"].keys() == expected_factors.keys() and expected_factors
+        for n, (a, b) in res["factors"].items():
+            a0, b0 = expected_factors[n]
+            assert subspace_cos(a.T, a0.T) > 0.9999 and subspace_cos(b, b0) > 0.9999, (r, n)
+            torch.testing.assert_close(b.norm(dim=0), b0.norm(dim=0), rtol=1e-4, atol=1e-7)  # singular values
+            assert rel_err(b @ a, b0 @ a0) < 1e-4, (r, n)
+        if mode == "lowmem":
+            continue
         assert res["grads"].keys() == expected.keys() and expected
         for n, g in res["grads"].items():
             assert rel_err(g, expected[n]) <= 1e-6, (r, n)
@@ -134,14 +154,6 @@ def test_fsdp2_equals_single_process(world: int, kind: str, scale: str, tmp_path
         padded = 4 * sum(math.ceil(g.shape[0] / world) * g.shape[1] for g in expected.values())
         assert res["acc_bytes"] == padded, r
         assert full_bytes / world <= res["acc_bytes"] <= full_bytes / world * 1.2, r
-        assert not res["left"]  # get_peft_model consumed every attached gradient
-        assert res["out_diff"] <= 1e-5 * res["out_scale"], r  # W - s B A + s B A = W
-        assert res["factors"].keys() == expected_factors.keys()
-        for n, (a, b) in res["factors"].items():
-            a0, b0 = expected_factors[n]
-            assert subspace_cos(a.T, a0.T) > 0.9999 and subspace_cos(b, b0) > 0.9999, (r, n)
-            torch.testing.assert_close(b.norm(dim=0), b0.norm(dim=0), rtol=1e-4, atol=1e-7)  # singular values
-            assert rel_err(b @ a, b0 @ a0) < 1e-4, (r, n)
         if "estimate" in res:
             assert set(expected) <= set(res["estimate"])  # estimate_gradient: every linear layer
             for n in expected:
