@@ -156,8 +156,8 @@ def test_fsdp2_equals_single_process(world: int, kind: str, scale: str, mode: st
         assert full_bytes / world <= res["acc_bytes"] <= full_bytes / world * 1.2, r
         if "estimate" in res:
             assert set(expected) <= set(res["estimate"])  # estimate_gradient: every linear layer
-            for n in expected:
-                assert rel_err(res["estimate"][n], expected[n]) <= 1e-6, (r, n)
+            for n, g in expected.items():
+                assert rel_err(res["estimate"][n], g) <= 1e-6, (r, n)
             for n, (a, b) in res["context_factors"].items():
                 assert rel_err(b @ a, expected_factors[n][1] @ expected_factors[n][0]) < 1e-4, (r, n)
 

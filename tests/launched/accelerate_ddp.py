@@ -11,10 +11,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from accelerate import Accelerator  # noqa: E402
+from accelerate import Accelerator
 
-from loraga_fast import estimate_gradient, preprocess_loraga, train_step_from_trainer  # noqa: E402
-from tests._helpers import VOCAB, attached, lora_ga_config, tiny_llama  # noqa: E402
+from loraga_fast import estimate_gradient, preprocess_loraga, train_step_from_trainer
+from tests._helpers import VOCAB, attached, lora_ga_config, tiny_llama
 
 
 def main(out: str) -> None:
