@@ -138,7 +138,7 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig, LoraGAConfig, get_peft_model
     from tqdm.auto import tqdm
 
-    from . import preprocess_loraga
+    from . import memory_estimate, preprocess_loraga
     from .peft_compat import init_progress
     from .steps import train_step_from_dataloader
 
@@ -161,14 +161,18 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
                         target_modules=targets, init_lora_weights="lora_ga",
                         lora_ga_config=LoraGAConfig(direction=args.direction, scale=args.scale, stable_gamma=args.gamma))
     step = train_step_from_dataloader(model, batches, device=device)
+    estimate = memory_estimate(model, config)
+    print(f"{estimate} -> mode {args.mode}", flush=True)  # before starting, so users can pick the mode
     start = time.perf_counter()
+    lowmem = {"passes": args.passes} if args.mode == "lowmem" else {}
     try:
-        preprocess_loraga(model, config, step, cache_file=args.cache, num_batches=args.batches, progress=True)
+        preprocess_loraga(model, config, step, cache_file=args.cache, num_batches=args.batches, progress=True,
+                          mode=args.mode, **lowmem)
     except torch.OutOfMemoryError as err:
-        raise CliError(
-            f"out of memory during gradient estimation ({str(err).splitlines()[0]}): lower --batch-size or --seq-len "
-            "(the fp32 accumulators take 4 bytes per target weight; fewer --targets lowers that)"
-        ) from err
+        hint = ("the sketches are small; lower --batch-size or --seq-len" if args.mode == "lowmem" else
+                "lower --batch-size or --seq-len (the fp32 accumulators take 4 bytes per target weight: --mode lowmem "
+                "or fewer --targets lowers that)")
+        raise CliError(f"out of memory during gradient estimation ({str(err).splitlines()[0]}): {hint}") from err
     phases["estimate"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -189,7 +193,7 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "model": description, "targets": n_targets, "tokens": args.batches * args.batch_size * args.seq_len,
         "rank": args.rank, "phases_s": phases, "peak_memory_bytes": _peak_memory_bytes(device), "out": str(out),
-        "device": str(device), "dtype": args.dtype,
+        "device": str(device), "dtype": args.dtype, "mode": args.mode,
     }
     (out / "loraga_fast_init.json").write_text(json.dumps(summary, indent=2))
     print(_summary_table(summary))
@@ -286,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--gamma", type=int, default=16, help="stable_gamma")
     init.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     init.add_argument("--device", default="auto")
-    init.add_argument("--cache", default=None, help="safetensors gradient cache (reused when it exists)")
+    init.add_argument("--cache", default=None, help="safetensors cache (gradients; factors with --mode lowmem), reused when it exists")
+    init.add_argument("--mode", choices=["exact", "lowmem"], default="exact",
+                      help="exact: fp32 gradients (4 bytes per target weight); lowmem: skinny sketches, several passes")
+    init.add_argument("--passes", type=int, default=3, help="passes over the data with --mode lowmem")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", default="loraga_init")
     bench = sub.add_parser("bench", help="benchmark against peft (needs a source checkout)")

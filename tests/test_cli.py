@@ -16,13 +16,17 @@ from loraga_fast.cli import load_model, main
 SMALL = ["--batches", "2", "--batch-size", "2", "--seq-len", "48", "--rank", "4"]
 
 
-def test_default_init_saves_an_initialized_model_that_reloads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("mode", ["exact", "lowmem"])
+def test_default_init_saves_an_initialized_model_that_reloads(mode: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert main(["init", "--out", str(out), *SMALL]) == 0
+    assert main(["init", "--out", str(out), "--mode", mode, *SMALL]) == 0
     printed = capsys.readouterr().out
     assert "LoRA-GA initialization" in printed and "targets         28" in printed
+    # the memory estimate of both modes is printed before the estimation starts
+    assert "accumulator memory for 28 target layers: exact mode" in printed and f"-> mode {mode}" in printed
     summary = json.loads((out / "loraga_fast_init.json").read_text())
-    assert summary["targets"] == 28 and summary["tokens"] == 2 * 2 * 48 and set(summary["phases_s"]) == {"load", "estimate", "init", "save"}
+    assert summary["mode"] == mode and summary["targets"] == 28 and summary["tokens"] == 2 * 2 * 48 and set(summary["phases_s"]) == {"load", "estimate", "init", "save"}
 
     # the saved offset base + adapter is the initialized model, whose function equals the original's
     original, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
