@@ -6,7 +6,8 @@ Two modes (``--modes``, default both):
   share of the preset's batches (round-robin); the sums and counts are reduced once at the end (one all_reduce
   per shape group + one for the counts). Bytes: the all_reduce payload per rank (every accumulator once, fp32)
   and what a ring all_reduce sends per rank (2 (N-1)/N x payload).
-* ``fsdp2`` -- every decoder layer and the root ``fully_shard``-ed on a CPU mesh; each rank keeps only its rows of
+* ``fsdp2`` / ``fsdp1`` -- every decoder layer and the root ``fully_shard``-ed on a CPU mesh (or wrapped in
+  FSDP1 ``FullyShardedDataParallel(use_orig_params=True)``); each rank keeps only its rows of
   the fp32 accumulators, filled by one reduce-scatter per backward pass per layer. Every rank gets the same
   number of batches (the preset's batches cut to a multiple of N). Bytes: the reduce-scatter inputs counted by
   wrapping ``dist.reduce_scatter_tensor``, and what a ring reduce-scatter sends per rank ((N-1)/N x that).
@@ -61,6 +62,14 @@ def _worker(rank: int, world: int, init: str, preset: str, dtype: str, repeats: 
             for layer in model.model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
+        elif mode == "fsdp1":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            layers = model.model.layers
+            for i, layer in enumerate(layers):
+                layers[i] = FullyShardedDataParallel(layer, device_id=torch.device("cpu"), use_orig_params=True)
+            model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+        if mode != "dp":
             batches = batches[: len(batches) // world * world]
         batches = batches[rank::world]
         step = make_train_step(model, batches)
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="70m")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--modes", nargs="+", choices=["dp", "fsdp2"], default=["dp", "fsdp2"])
+    parser.add_argument("--modes", nargs="+", choices=["dp", "fsdp2", "fsdp1"], default=["dp", "fsdp2", "fsdp1"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "distributed.json")
     args = parser.parse_args(argv)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .store import AccumulatorStore, Slot
 
-__all__ = ["CaptureSession", "conv1d_class", "is_supported_layer", "weight_layout_transposed"]
+__all__ = ["CaptureSession", "conv1d_class", "is_supported_layer", "weight_layout_transposed", "weight_shape"]
 
 _MISSING = object()
 
@@ -39,6 +39,14 @@ def is_supported_layer(module: nn.Module) -> bool:
     """True for the layer types LoRA-GA targets: ``nn.Linear`` and transformers ``Conv1D``."""
     conv1d = conv1d_class()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """The layer's 2-D weight shape, ``(out, in)`` for ``nn.Linear`` and ``(in, out)`` for ``Conv1D``, also when the
+    weight is held flattened (FSDP1's sharded views outside forward)."""
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    return (module.nx, module.nf)  # type: ignore[return-value]  # transformers Conv1D
 
 
 def weight_layout_transposed(module: nn.Module) -> bool:

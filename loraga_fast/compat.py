@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import is_supported_layer
+from .capture import is_supported_layer, weight_shape
 from .init import check_finite, max_abs
 from .peft_compat import (
     GRAD_ATTR,
@@ -33,9 +33,11 @@ from .peft_compat import (
     estimate_into,
     find_targets,
     finish,
+    check_sharded_config,
     new_store,
+    register_owners,
 )
-from .sharding import check_no_fsdp1, shard_layout
+from .sharding import shard_layout
 from .steps import LossFn, train_step_from_dataloader
 
 __all__ = ["INIT_CHECKPOINT", "LoraGAContext", "estimate_gradient", "load_initialized", "save_loraga_model_final",
@@ -110,8 +112,7 @@ def estimate_gradient(
         model.to(accelerator.device)
         dataloader = accelerator.prepare(dataloader)
         device = None  # the prepared dataloader places the batches
-    check_no_fsdp1(model)
-    layout = shard_layout(targets)
+    layout = shard_layout(targets, named)
     store = new_store(targets, layout)
     step = train_step_from_dataloader(model, dataloader, num_batches=num_batches, device=device, loss_fn=loss_fn)
     total = num_batches
@@ -122,7 +123,7 @@ def estimate_gradient(
         store.all_reduce()  # sharded stores were reduce-scattered at every backward pass: only the counts
     grads = store.means()
     check_finite(max_abs(store), grads)
-    grads = store.shaped_for_user(grads, {name: m.weight for name, m in targets if name in grads})
+    grads = store.shaped_for_user(grads)
     missing = [name for name, _ in targets if name not in grads]
     if missing:
         logger.warning("estimate_gradient: %d target layer(s) saw no backward pass and are left out: %s",
@@ -156,10 +157,10 @@ class LoraGAContext:
                 raise ValueError(f"LoraGAContext: named_grad has an entry for '{name}', which is not a module of the model.")
             if not is_supported_layer(module):
                 continue
-            if tuple(grad.shape) != tuple(module.weight.shape):
+            if tuple(grad.shape) != weight_shape(module):
                 raise ValueError(
                     f"LoraGAContext: the gradient for '{name}' has shape {tuple(grad.shape)}, but the module's weight "
-                    f"has shape {tuple(module.weight.shape)}."
+                    f"has shape {weight_shape(module)}."
                 )
         from peft.tuners.lora.model import LoraModel
 
@@ -191,7 +192,9 @@ class LoraGAContext:
                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; estimate it with the same "
                 "target_modules, or exclude it from the LoraConfig."
             )
-        layout = shard_layout(targets)
+        layout = shard_layout(targets, self.model)
+        if layout is not None:
+            check_sharded_config(layout, config)
         store = new_store(targets, layout)
         for name, _ in targets:
             slot, grad = store[name], self.named_grad[name]
@@ -205,6 +208,7 @@ class LoraGAContext:
             slot.acc[: grad.shape[0]].copy_(grad)
             slot.count = 1
         finish(config, targets, store)
+        register_owners(layout, targets)
         self._prepared += [m for _, m in targets]
 
     def __exit__(self, *exc: object) -> None:

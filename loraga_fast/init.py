@@ -222,8 +222,13 @@ def _transpose(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config: object, factors: LayerFactors) -> None:
-    """peft's ``LoraLayer.lora_ga_init`` computed from precomputed factors (same math, same order of casts)."""
+def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config: object, factors: LayerFactors, *,
+                            in_place: bool = False) -> None:
+    """peft's ``LoraLayer.lora_ga_init`` computed from precomputed factors (same math, same order of casts).
+
+    The offset base weight replaces the weight's data, as peft does; ``in_place=True`` writes it into the existing
+    storage instead (FSDP1's ``summon_full_params(writeback=True)`` copies that storage back to the shards).
+    """
     base = layer.get_base_layer()  # type: ignore[operator]
     weight = base.weight
     dtype = weight.dtype
@@ -274,7 +279,10 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
         return
     w32 = _transpose(weight.data.to(torch.float32, copy=True), fan_in_fan_out)
     w32.addmm_(b_w.float(), a_w.float(), alpha=-scaling)
-    base.weight.data = _transpose(w32.to(dtype), fan_in_fan_out)
+    if in_place:
+        weight.data.copy_(_transpose(w32, fan_in_fan_out))
+    else:
+        base.weight.data = _transpose(w32.to(dtype), fan_in_fan_out)
 
 
 def _offset_shard(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> None:

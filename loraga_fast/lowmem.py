@@ -39,7 +39,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from .capture import CaptureSession, weight_layout_transposed
+from .capture import CaptureSession, weight_layout_transposed, weight_shape
 from .init import (
     DEFAULT_SEED,
     LayerFactors,
@@ -174,7 +174,7 @@ def _fmt(nbytes: int) -> str:
 
 def _math_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of a target: the shape of ``A = G^T X`` whatever the storage layout."""
-    rows, cols = module.weight.shape
+    rows, cols = weight_shape(module)  # not weight.shape: FSDP1 holds it flattened outside forward
     return (cols, rows) if weight_layout_transposed(module) else (rows, cols)
 
 
@@ -496,7 +496,7 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], train
 def _check_ranks(targets: Sequence[tuple[str, nn.Module]], ranks: Mapping[str, int], active: Iterable[str]) -> None:
     modules = dict(targets)
     for name in active:
-        shape = tuple(modules[name].weight.shape)
+        shape = weight_shape(modules[name])
         if 2 * ranks[name] > min(shape):
             raise ValueError(
                 f"LoRA-GA needs 2 * r <= min(out_features, in_features), but layer '{name}' has a weight of shape "
@@ -534,8 +534,8 @@ def _groups(targets: Sequence[tuple[str, nn.Module]], names: Iterable[str], fact
     by_shape: dict[tuple[tuple[int, ...], torch.device], list[str]] = {}
     for name in names:
         weight = modules[name].weight
-        by_shape.setdefault((tuple(weight.shape), weight.device), []).append(name)
-    placeholders = {name: LowMemGradient(name, tuple(modules[name].weight.shape)) for name in names}
+        by_shape.setdefault((weight_shape(modules[name]), weight.device), []).append(name)
+    placeholders = {name: LowMemGradient(name, weight_shape(modules[name])) for name in names}
     groups = []
     for (_, device), members in by_shape.items():
         if weight_svd:
@@ -683,7 +683,7 @@ def load_factors(path: str | os.PathLike[str], targets: Sequence[tuple[str, nn.M
             if f"{name}.loraga_fast.u" not in keys:
                 continue
             u, s, v = (handle.get_tensor(f"{name}.loraga_fast.{part}") for part in _PARTS)
-            shape = tuple(module.weight.shape)
+            shape = weight_shape(module)
             if (u.shape[0], v.shape[0]) != shape:
                 raise ValueError(f"Cache file '{path}' does not match the model: module '{name}' has cached factors for a "
                                  f"weight of shape {(u.shape[0], v.shape[0])} but a weight of shape {shape}.")

@@ -21,10 +21,10 @@ from peft.tuners.lora.model import LoraModel
 from torch import nn
 
 from .cache import load_cache, save_cache
-from .capture import CaptureSession, is_supported_layer
+from .capture import CaptureSession, is_supported_layer, weight_shape
 from .init import PreparedGroup, check_finite, init_layer_from_factors, layer_ranks, max_abs, prepare_groups
 from .lowmem import estimate_bytes, preprocess_lowmem
-from .sharding import ShardLayout, StepGuard, check_no_fsdp1, shard_layout
+from .sharding import ShardLayout, StepGuard, shard_layout
 from .store import AccumulatorStore, ShardedStore, Slot
 
 __all__ = ["estimate_into", "find_targets", "finish", "init_progress", "preprocess_loraga"]
@@ -149,7 +149,6 @@ def preprocess_loraga(
             "If you want to use LoRA-GA, please initialize the LoraConfig with "
             "init_lora_weights='lora_ga' and lora_ga_config=LoraGAConfig(...)."
         )
-    check_no_fsdp1(model)
     _fill_default_target_modules(model, lora_config)
     targets = find_targets(model, lora_config)
     if not targets:
@@ -163,7 +162,9 @@ def preprocess_loraga(
     if mode == "exact" and (sketch_size is not None or passes is not None):
         raise ValueError("sketch_size and passes apply to mode='lowmem' only.")
     logger.info("%s", estimate_bytes(targets, layer_ranks(lora_config, [n for n, _ in targets]), sketch_size))
-    layout = shard_layout(targets)
+    layout = shard_layout(targets, model)
+    if layout is not None:
+        check_sharded_config(layout, lora_config)
     if mode == "lowmem":
         if layout is not None:  # FSDP2: the sketches are replicated (small); sum them over the mesh's group
             if process_group is not None and process_group is not layout.group:
@@ -179,6 +180,7 @@ def preprocess_loraga(
         )
         _attach(targets, placeholders)  # type: ignore[arg-type]
         _register(groups)  # type: ignore[arg-type]
+        register_owners(layout, targets)
         return
     start = time.perf_counter()
     if layout is not None:
@@ -198,6 +200,7 @@ def preprocess_loraga(
         source = f"estimated over {passes} backward passes"
     writer = not _distributed(process_group) or torch.distributed.get_rank(process_group) == 0
     finish(lora_config, targets, store, cache_file=cache_file if not cached and writer else None)
+    register_owners(layout, targets)
     logger.info(
         "LoRA-GA: %d target layers %s in %.2fs (fp32 accumulators: %.1f MiB in %d shape groups)",
         len(targets), source, time.perf_counter() - start, store.nbytes / 2**20, len(store.groups),
@@ -206,8 +209,8 @@ def preprocess_loraga(
 
 def new_store(targets: list[tuple[str, nn.Module]], layout: ShardLayout | None) -> AccumulatorStore:
     """Accumulators for ``targets``: whole fp32 matrices, or row shards when the weights are FSDP2-sharded."""
-    specs = [(name, tuple(m.weight.shape), _local_device(m.weight)) for name, m in targets]
-    return AccumulatorStore(specs) if layout is None else ShardedStore(specs, layout.group)  # type: ignore[arg-type]
+    specs = [(name, weight_shape(m), _local_device(m.weight)) for name, m in targets]
+    return AccumulatorStore(specs) if layout is None else ShardedStore(specs, layout.group, layout.mesh)  # type: ignore[arg-type]
 
 
 def _local_device(weight: torch.Tensor) -> torch.device:
@@ -227,6 +230,27 @@ def _guarded(model: nn.Module, train_step: Callable[[], None], layout: ShardLayo
             guard.remove()
 
     return step
+
+
+def check_sharded_config(layout: ShardLayout, lora_config: Any) -> None:
+    """Raise ``ValueError`` for LoRA-GA settings a sharded layout cannot serve."""
+    if layout.owners is not None and getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd":
+        raise ValueError(
+            "scale='weight_svd' is not supported on FSDP1 models (it needs each weight's top singular value, and "
+            "FSDP1 holds weights as flattened shards): use another scale, or FSDP2 (fully_shard)."
+        )
+
+
+# FSDP1: the unit whose summon_full_params gives a prepared layer its whole weight during initialization
+_FSDP1_OWNERS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def register_owners(layout: ShardLayout | None, targets: list[tuple[str, nn.Module]]) -> None:
+    """Remember each FSDP1 target's unit for :func:`_lora_ga_init_from_prepared` (weakly)."""
+    if layout is None or layout.owners is None:
+        return
+    for name, module in targets:
+        _FSDP1_OWNERS[module] = layout.owners[name]
 
 
 def _check_sharded_call(layout: ShardLayout, cache_file: Any, process_group: Any) -> None:
@@ -285,14 +309,14 @@ def finish(lora_config: LoraConfig, targets: list[tuple[str, nn.Module]], store:
     check_finite(maxabs, grads)
     ranks = layer_ranks(lora_config, list(grads))
     for name, r in ranks.items():
-        shape = tuple(modules[name].weight.shape)
+        shape = store.shapes[name]
         if 2 * r > min(shape):
             raise ValueError(
                 f"LoRA-GA needs 2 * r <= min(out_features, in_features), but layer '{name}' has a weight of shape "
                 f"{shape} and r={r}: lower r (or set rank_pattern for it) or exclude the layer."
             )
     zero = [name for name in grads if maxabs[name] == 0]
-    shown = store.shaped_for_user(grads, {name: modules[name].weight for name in grads})
+    shown = store.shaped_for_user(grads)
     groups = prepare_groups(
         store, modules, ranks, weight_svd=getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd",
         zero=zero, attached=shown,
@@ -377,6 +401,7 @@ def _register(groups: list[PreparedGroup]) -> None:
 
 def _unregister(base: nn.Module) -> None:
     _PREPARED.pop(base, None)
+    _FSDP1_OWNERS.pop(base, None)
     _uninstall_if_idle()
 
 
@@ -403,7 +428,15 @@ def _lora_ga_init_from_prepared(self: Any, adapter_name: str, lora_ga_config: An
         if name in group.zero:  # the loss never reached it: peft's default init (no factorization needed)
             self.reset_lora_parameters(adapter_name, init_lora_weights=True)
         else:
-            init_layer_from_factors(self, adapter_name, lora_ga_config, group.factors()[name])
+            factors = group.factors()[name]
+            unit = _FSDP1_OWNERS.get(base)
+            if unit is None:
+                init_layer_from_factors(self, adapter_name, lora_ga_config, factors)
+            else:  # FSDP1: the whole weight for the duration, offset in place, written back to every rank's shard
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True):
+                    init_layer_from_factors(self, adapter_name, lora_ga_config, factors, in_place=True)
         delattr(base, GRAD_ATTR)
         if _init_bar is not None:
             _init_bar.update(1)

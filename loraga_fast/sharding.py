@@ -1,5 +1,5 @@
-"""FSDP-sharded models: which process group the target weights are sharded over, and a guard against ranks
-running different numbers of steps (which would otherwise hang in FSDP's collectives).
+"""FSDP-sharded models (FSDP2 and FSDP1): which process group the target weights are sharded over, and a guard
+against ranks running different numbers of steps (which would otherwise hang in FSDP's collectives).
 
 FSDP2 (``fully_shard``) keeps each weight as a ``DTensor`` with ``Shard(0)`` on a 1-D device mesh outside
 forward and hands the unsharded tensor to the module during forward, so the capture op sees whole ``X``, ``G`` and
@@ -15,44 +15,99 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ShardLayout", "StepGuard", "check_no_fsdp1", "shard_layout"]
+__all__ = ["ShardLayout", "StepGuard", "fsdp1_layout", "shard_layout"]
 
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """The 1-D device mesh every target weight is ``Shard(0)``-sharded over (FSDP2), and its process group."""
+    """The 1-D device mesh the targets' accumulators are row-sharded over, and its process group.
+
+    FSDP2: the mesh every target weight is ``Shard(0)``-sharded over. FSDP1: a mesh over the FSDP units' process
+    group, and ``owners`` maps each target name to its innermost ``FullyShardedDataParallel`` unit (whose
+    ``summon_full_params`` gives the whole weight for the initialization).
+    """
 
     mesh: Any
     group: Any
+    owners: dict[str, nn.Module] | None = None
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
 
 
-def check_no_fsdp1(model: nn.Module) -> None:
-    """Raise ``ValueError`` for FSDP1 (``FullyShardedDataParallel``) wrappers, naming the first one."""
+def _fsdp1_class() -> type | None:
     if not torch.distributed.is_available():
-        return
-    fsdp1 = getattr(torch.distributed.fsdp, "FullyShardedDataParallel", None)
-    for name, module in model.named_modules():
-        if fsdp1 is not None and isinstance(module, fsdp1):
+        return None
+    return getattr(torch.distributed.fsdp, "FullyShardedDataParallel", None)
+
+
+def fsdp1_layout(model: nn.Module, targets: Sequence[tuple[str, nn.Module]]) -> ShardLayout | None:
+    """The layout of an FSDP1 (``FullyShardedDataParallel``) model's targets: None when the model has no FSDP1 unit.
+
+    Supported: ``use_orig_params=True`` with ``FULL_SHARD``, ``SHARD_GRAD_OP`` or ``NO_SHARD`` (what FSDP1 turns
+    the others into on one rank), every target inside a unit,
+    ``nn.Linear`` targets (peft cannot build its ``Conv1D`` adapter on FSDP1's flattened weights).
+
+    Raises:
+        ValueError: naming the unit or layer that is not supported and how to fix it.
+    """
+    fsdp1 = _fsdp1_class()
+    if fsdp1 is None:
+        return None
+    units = {name: m for name, m in model.named_modules() if isinstance(m, fsdp1)}
+    if not units:
+        return None
+    from torch.distributed.fsdp import ShardingStrategy
+
+    owners: dict[str, nn.Module] = {}
+    for name, module in targets:
+        parts = name.split(".")
+        owner = next((units[p] for p in (".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)) if p in units), None)
+        if owner is None:
+            raise ValueError(f"Layer '{name}' is outside every FSDP unit while others are wrapped: wrap the model's root too.")
+        if not isinstance(module, nn.Linear):
             raise ValueError(
-                f"Module '{name or type(module).__name__}' is wrapped by FSDP1 (FullyShardedDataParallel), whose flat "
-                "parameters split weights across ranks mid-row; loraga_fast supports FSDP2: shard the model with "
-                "torch.distributed.fsdp.fully_shard (each decoder layer, then the root) instead, or run data parallel "
-                "on the unsharded model."
+                f"Layer '{name}' is a {type(module).__name__} inside FSDP1: peft cannot build its adapter on FSDP1's "
+                "flattened weights. Use FSDP2 (fully_shard) for this model."
             )
+        owners[name] = owner
+    for unit_name, unit in units.items():
+        label = unit_name or type(unit).__name__
+        if not getattr(unit, "_use_orig_params", False):
+            raise ValueError(
+                f"FSDP1 unit '{label}' was wrapped with use_orig_params=False; LoRA-GA needs the original parameters: "
+                "wrap with FullyShardedDataParallel(..., use_orig_params=True), or use FSDP2 (fully_shard)."
+            )
+        if unit.sharding_strategy not in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP,
+                                          ShardingStrategy.NO_SHARD):
+            raise ValueError(
+                f"FSDP1 unit '{label}' uses {unit.sharding_strategy}; loraga_fast supports FULL_SHARD, SHARD_GRAD_OP "
+                "and NO_SHARD (hybrid sharding is not supported; or use FSDP2 on a 1-D mesh)."
+            )
+    groups = {id(u.process_group): u for u in owners.values()}
+    if len(groups) != 1:
+        raise ValueError("The FSDP1 units holding the target layers use different process groups.")
+    unit = next(iter(groups.values()))
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh = DeviceMesh.from_group(unit.process_group, unit.compute_device.type)
+    return ShardLayout(mesh=mesh, group=unit.process_group, owners=owners)
 
 
-def shard_layout(targets: Sequence[tuple[str, nn.Module]]) -> ShardLayout | None:
-    """The FSDP2 layout of ``targets``' weights: None when none is a DTensor.
+def shard_layout(targets: Sequence[tuple[str, nn.Module]], model: nn.Module | None = None) -> ShardLayout | None:
+    """The sharded layout of ``targets``: FSDP1 (when ``model`` has ``FullyShardedDataParallel`` units, see
+    :func:`fsdp1_layout`) or FSDP2 (DTensor weights); None for an unsharded model.
 
     Raises:
         ValueError: some targets are sharded and others are not, a weight is sharded in a way other than
             ``Shard(0)`` on a 1-D mesh (HSDP, tensor parallel, ``shard_placement_fn``), or the targets use
             different meshes. The message names the layer.
     """
+    if model is not None:
+        layout = fsdp1_layout(model, targets)
+        if layout is not None:
+            return layout
     sharded = [(name, m.weight) for name, m in targets if _is_dtensor(m.weight)]
     if not sharded:
         return None

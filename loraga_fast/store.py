@@ -67,6 +67,7 @@ class AccumulatorStore:
                 slots[name] = slot
         # report in the caller's order, not in group order
         self.slots: dict[str, Slot] = {name: slots[name] for name, _, _ in specs}
+        self.shapes: dict[str, tuple[int, int]] = {name: tuple(shape) for name, shape, _ in specs}  # type: ignore[misc]
 
     def _local_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         return shape
@@ -81,7 +82,7 @@ class AccumulatorStore:
         """Per-layer maxima over the whole gradients (this store holds them whole: ``values`` as is)."""
         return values
 
-    def shaped_for_user(self, grads: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def shaped_for_user(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The mean gradients as handed to users (``_peft_loraga_grad``, ``estimate_gradient``): here, as is."""
         return grads
 
@@ -153,10 +154,12 @@ class ShardedStore(AccumulatorStore):
     so every rank must run the same backward passes in the same order (FSDP requires that anyway).
     """
 
-    def __init__(self, specs: Sequence[tuple[str, tuple[int, int], torch.device]], group: object = None):
+    def __init__(self, specs: Sequence[tuple[str, tuple[int, int], torch.device]], group: object = None,
+                 mesh: object = None):
         import torch.distributed as dist
 
         self.group = group
+        self.mesh = mesh
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._workspaces: dict[tuple[torch.device, bool], torch.Tensor] = {}
@@ -212,15 +215,15 @@ class ShardedStore(AccumulatorStore):
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
         return values
 
-    def shaped_for_user(self, grads: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each mean gradient as a ``DTensor`` sharded like its weight (``Shard(0)`` on the weight's mesh), over this
-        rank's shard (no copy); ``.full_tensor()`` gathers it."""
+    def shaped_for_user(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each mean gradient as a ``DTensor`` row-sharded over ``mesh`` (``Shard(0)``: for FSDP2, exactly like its
+        weight), over this rank's rows (no copy); ``.full_tensor()`` gathers it."""
         from torch.distributed.tensor import DTensor, Shard
 
         out: dict[str, torch.Tensor] = {}
         for name, grad in grads.items():
-            weight = weights[name]
-            rows = self.local_rows(weight.shape[0])
-            out[name] = DTensor.from_local(grad[: len(rows)], weight.device_mesh, [Shard(0)], run_check=False,
-                                           shape=weight.shape, stride=weight.stride())
+            m, n = self.shapes[name]
+            rows = self.local_rows(m)
+            out[name] = DTensor.from_local(grad[: len(rows)], self.mesh, [Shard(0)], run_check=False,
+                                           shape=torch.Size((m, n)), stride=(n, 1))
         return out
