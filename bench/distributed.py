@@ -49,6 +49,7 @@ def target_params(hidden: int, layers: int, intermediate: int, kv_dim: int) -> i
 
 def _worker(rank: int, world: int, init: str, preset: str, dtype: str, repeats: int, out: str, mode: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share this machine's cores: no oversubscription
     try:
         from loraga_fast import preprocess_loraga
 
@@ -96,11 +97,37 @@ def _worker(rank: int, world: int, init: str, preset: str, dtype: str, repeats: 
             local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
             acc_bytes = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local}.values())
             payload = sum(g.numel() * 4 for g in grads) + 8 * len(grads)
+        factor_s, broadcast_s = _factor_vs_broadcast(grads) if mode == "dp" else (None, None)
         if rank == 0:
             Path(out).write_text(json.dumps({"times_s": times[1:], "payload_bytes": payload, "acc_bytes": acc_bytes,
-                                             "scattered_bytes": scattered[0], "batches_per_rank": len(batches)}))
+                                             "scattered_bytes": scattered[0], "batches_per_rank": len(batches),
+                                             "factor_s": factor_s, "broadcast_s": broadcast_s}))
     finally:
         dist.destroy_process_group()
+
+
+def _factor_vs_broadcast(grads: list[torch.Tensor], r: int = 8) -> tuple[float, float]:
+    """Data parallel, after the reduction every rank holds the same mean gradients. Option A (ours): every rank
+    runs the batched randomized SVD of every shape group itself. Option B: rank 0 runs it and broadcasts the
+    factors. Returns (time of the factorization, slowest rank; time to broadcast its results): A costs the first,
+    B the first plus the second (on one device per rank; ranks sharing CPU cores here also slow A down)."""
+    from loraga_fast.ops.rsvd import batched_rsvd
+
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(tuple(g.shape), []).append(g)
+    stacks = [torch.stack(gs) for gs in groups.values()]
+    dist.barrier()
+    start = time.perf_counter()
+    factors = [batched_rsvd(a, 2 * r, 4 * r, 4, generator=torch.Generator().manual_seed(0)) for a in stacks]
+    dist.barrier()
+    factor_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for triple in factors:
+        for t in triple:
+            dist.broadcast(t.contiguous(), src=0)
+    dist.barrier()
+    return factor_s, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 # dp: one ring all_reduce of every accumulator; fsdp2: a ring reduce-scatter per backward per layer
                 sent = 2 * (n - 1) / n * payload if mode == "dp" else (n - 1) / n * res["scattered_bytes"]
                 rows.append({"mode": mode, "ranks": n, "time_s": statistics.median(res["times_s"]),
+                             "factor_every_rank_s": res["factor_s"], "broadcast_factors_s": res["broadcast_s"],
                              "batches_per_rank": res["batches_per_rank"], "acc_bytes_per_rank": res["acc_bytes"],
                              "payload_bytes": payload, "reduce_scatter_input_bytes": res["scattered_bytes"],
                              "ring_bytes_sent_per_rank": int(sent)})
@@ -134,6 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"{r['mode']:>5} {r['ranks']:>5} {r['batches_per_rank']:>12} {r['time_s']:>9.3f} "
               f"{r['acc_bytes_per_rank'] / 2**20:>24.1f} {r['ring_bytes_sent_per_rank'] / 2**20:>21.1f}")
+    for r in rows:
+        if r["mode"] == "dp" and r["ranks"] > 1:
+            print(f"dp {r['ranks']} ranks, factors (r=8): every rank factors {r['factor_every_rank_s']:.3f} s; rank 0 "
+                  f"factors and broadcasts: + {r['broadcast_factors_s'] * 1e3:.1f} ms of broadcast")
     print("projected fp32 payload (all 7 projections): one reduction at the end vs a reduce-scatter every step")
     for name, shape in PROJECTIONS.items():
         p = target_params(*shape) * 4
