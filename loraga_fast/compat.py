@@ -84,8 +84,8 @@ def estimate_gradient(
     Returns:
         ``{module_name: mean gradient}``: fp32, the weight's layout, on the weight's device, for every target that
         saw a backward pass (the tensors are views of shape-grouped buffers). Names are those of the bare model,
-        also for a ``DistributedDataParallel`` one. For an FSDP2-sharded model, each is a ``DTensor`` sharded like
-        the weight (every rank must then run the same number of batches).
+        also for a ``DistributedDataParallel`` one. For an FSDP-sharded model, each is a ``DTensor`` row-sharded
+        over the model's process group (every rank must then run the same number of batches).
 
     Raises:
         ValueError: ``quant_flag=True``; no target layer; an empty dataloader; a batch without a loss; a non-finite
@@ -198,7 +198,7 @@ class LoraGAContext:
         store = new_store(targets, layout)
         for name, _ in targets:
             slot, grad = store[name], self.named_grad[name]
-            if layout is not None:  # FSDP2: each rank fills its rows from a gradient sharded like the weight
+            if layout is not None:  # FSDP: each rank fills its rows from the row-sharded DTensor gradient
                 if not hasattr(grad, "to_local"):
                     raise ValueError(
                         f"LoraGAContext: the model is FSDP-sharded but the gradient for '{name}' is a plain tensor; "

@@ -118,10 +118,11 @@ def preprocess_loraga(
         process_group: data parallel. When ``torch.distributed`` is initialized, every rank runs ``train_step`` on
             its own batches and the sums and pass counts are reduced over this group (default: the world) with one
             collective per shape group, so every rank ends with the mean over all ranks' backward passes (ranks may
-            run different numbers of batches). Only rank 0 writes ``cache_file``. FSDP2-sharded models
-            (``fully_shard``, ``Shard(0)`` on a 1-D mesh) are handled too: the accumulators are row-sharded like the
-            weights over the mesh's group (``process_group`` must be left unset) and every rank must run the same
-            number of forward passes (a mismatch raises on every rank instead of hanging).
+            run different numbers of batches). Only rank 0 writes ``cache_file``. FSDP-sharded models (FSDP2
+            ``fully_shard`` with ``Shard(0)`` on a 1-D mesh; FSDP1 with ``use_orig_params=True``) are handled too: the
+            accumulators are row-sharded over the model's process group (``process_group`` must be left unset) and
+            every rank must run the same number of forward passes (a mismatch raises on every rank instead of
+            hanging). See :mod:`loraga_fast.sharding`.
         mode: ``"exact"`` (default): one fp32 accumulator per target (4 bytes per weight), ``train_step`` runs once.
             ``"lowmem"``: only skinny sketches of each gradient (``4 (m + n) k`` bytes per layer, ``k = 16 r``), from
             which the top ``2r`` singular triplets are reconstructed; ``train_step`` runs ``passes`` times and must be
@@ -136,7 +137,7 @@ def preprocess_loraga(
     Effects:
         Each target module gets ``module._peft_loraga_grad``: fp32, the weight's shape and layout, on the
         weight's device, equal to the sum of the weight gradients over the backward passes through the module
-        divided by their number (for an FSDP2-sharded model: a ``DTensor`` sharded like the weight). Targets that
+        divided by their number (for an FSDP-sharded model: a ``DTensor`` row-sharded over the model's group). Targets that
         saw no backward pass get none (peft then falls back to its default init for them). If anything fails, the
         model is left as it was.
 
@@ -166,7 +167,7 @@ def preprocess_loraga(
     if layout is not None:
         check_sharded_config(layout, lora_config)
     if mode == "lowmem":
-        if layout is not None:  # FSDP2: the sketches are replicated (small); sum them over the mesh's group
+        if layout is not None:  # FSDP: the sketches are replicated (small); sum them over the model's group
             if process_group is not None and process_group is not layout.group:
                 _check_sharded_call(layout, None, process_group)
             process_group = layout.group
@@ -208,7 +209,7 @@ def preprocess_loraga(
 
 
 def new_store(targets: list[tuple[str, nn.Module]], layout: ShardLayout | None) -> AccumulatorStore:
-    """Accumulators for ``targets``: whole fp32 matrices, or row shards when the weights are FSDP2-sharded."""
+    """Accumulators for ``targets``: whole fp32 matrices, or row shards when the model is FSDP-sharded."""
     specs = [(name, weight_shape(m), _local_device(m.weight)) for name, m in targets]
     return AccumulatorStore(specs) if layout is None else ShardedStore(specs, layout.group, layout.mesh)  # type: ignore[arg-type]
 
@@ -261,8 +262,8 @@ def _check_sharded_call(layout: ShardLayout, cache_file: Any, process_group: Any
         )
     if process_group is not None and process_group is not layout.group:
         raise ValueError(
-            "process_group differs from the process group the model is sharded over (FSDP2's device mesh): the "
-            "gradients are reduced over the mesh's group; leave process_group unset for sharded models."
+            "process_group differs from the process group the model is sharded over by FSDP: the gradients are "
+            "reduced over that group; leave process_group unset for sharded models."
         )
 
 

@@ -2,8 +2,11 @@
 against ranks running different numbers of steps (which would otherwise hang in FSDP's collectives).
 
 FSDP2 (``fully_shard``) keeps each weight as a ``DTensor`` with ``Shard(0)`` on a 1-D device mesh outside
-forward and hands the unsharded tensor to the module during forward, so the capture op sees whole ``X``, ``G`` and
-``W`` and only the accumulators need sharding (:class:`~loraga_fast.store.ShardedStore`).
+forward and hands the unsharded tensor to the module during forward; FSDP1 with ``use_orig_params=True`` does the
+same with flattened views. Either way the capture op sees whole ``X``, ``G`` and ``W`` and only the accumulators
+need sharding (:class:`~loraga_fast.store.ShardedStore`: row shards like FSDP2's, filled by a reduce-scatter per
+backward pass). The initialization writes each rank's rows of the offset in place (FSDP2) or offsets the whole
+weight inside ``summon_full_params(unit, recurse=False, writeback=True)`` (FSDP1).
 """
 
 from __future__ import annotations
