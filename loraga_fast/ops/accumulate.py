@@ -13,8 +13,10 @@ Layers:
   ``TRITON_INTERPRET=1``, whose ``tl.dot`` mishandles bf16);
 * :func:`accumulate_ref` -- the plain-torch reference (fp32 GEMM, ``beta=1``); the torch backend
   (``_accumulate_torch``) runs it, through oneDNN's bf16 matrix engine for bf16 inputs on CPUs that have one;
-* :func:`accumulate` -- the public op: checks its arguments and dispatches through
-  :func:`loraga_fast.ops._dispatch.select_backend`.
+* ``torch.ops.loraga_fast.accumulate_`` -- the op registered with ``torch.library`` (mutates ``acc``, returns
+  nothing; a fake implementation for tracing), dispatching through :func:`loraga_fast.ops._dispatch.select_backend`;
+* :func:`accumulate` -- the public function: checks its arguments, then runs the registered op when
+  ``torch.compile`` is tracing (one opaque op in the graph) and its implementation directly in eager mode.
 
 Determinism: without a token split each tile of ``C`` is owned by one program; with a split (small ``M x N``
 on a large GPU) every split writes its own fp32 partial and the partials are summed in a fixed order. No
@@ -251,8 +253,27 @@ def accumulate(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, *, 
         raise ValueError(f"accumulate: accumulator shape {tuple(acc.shape)} does not match {expected} for grad_out {tuple(grad_out.shape)} and inp {tuple(inp.shape)}.")
     if not (grad_out.is_floating_point() and inp.is_floating_point()):
         raise TypeError(f"accumulate: grad_out and inp must be floating point, got {grad_out.dtype} and {inp.dtype}.")
+    if torch.compiler.is_compiling():  # one opaque, registered op in the graph
+        torch.ops.loraga_fast.accumulate_(acc, grad_out, inp, transposed)
+    else:  # eager: skip the dispatcher's Python overhead (~30 us per call), same implementation
+        _accumulate_impl(acc, grad_out, inp, transposed)
+    return acc
+
+
+def _accumulate_impl(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, transposed: bool) -> None:
     # fp32 operands: the kernel would multiply on CUDA cores (exact IEEE, no TF32); cuBLAS SGEMM does that
     # better, so the automatic choice keeps the Triton kernel for 16-bit operands
     low_precision = grad_out.dtype != torch.float32 or inp.dtype != torch.float32
     backend = select_backend("accumulate", acc, _BACKENDS, auto=_BACKENDS if low_precision else ("torch",))
-    return _IMPLS[backend](acc, grad_out, inp, transposed=transposed)
+    _IMPLS[backend](acc, grad_out, inp, transposed=transposed)
+
+
+@torch.library.custom_op("loraga_fast::accumulate_", mutates_args=("acc",))
+def _accumulate_op(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, transposed: bool) -> None:
+    """``acc += G^T X`` (or ``X^T G``), in place: the registered op behind :func:`accumulate` (no argument checks)."""
+    _accumulate_impl(acc, grad_out, inp, transposed)
+
+
+@_accumulate_op.register_fake
+def _accumulate_fake(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, transposed: bool) -> None:
+    return None
