@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from .store import AccumulatorStore
 
-__all__ = ["load_cache", "save_cache"]
+__all__ = ["load_cache", "save_cache", "write_atomic"]
 
 _SUFFIX = "._peft_loraga_grad"
 _TARGETS_KEY = "loraga_fast.targets"
@@ -25,17 +25,22 @@ _TARGETS_KEY = "loraga_fast.targets"
 
 def save_cache(path: str | os.PathLike[str], grads: Mapping[str, torch.Tensor], target_names: Sequence[str]) -> None:
     """Write ``grads`` (``{module_name: fp32 mean gradient}``) to ``path`` atomically (temporary file + rename)."""
+    tensors = {f"{name}{_SUFFIX}": grads[name] for name in target_names if name in grads}
+    write_atomic(path, tensors, {_TARGETS_KEY: json.dumps(list(target_names))})
+
+
+def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file through a temporary file and a rename (no half-written file at ``path``, ever),
+    with loraga_fast's version and ``metadata``; parent folders are created."""
     from . import __version__
 
     path = os.fspath(path)
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    tensors = {f"{name}{_SUFFIX}": grads[name] for name in target_names if name in grads}
-    metadata = {"format": "pt", "loraga_fast.version": __version__, _TARGETS_KEY: json.dumps(list(target_names))}
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(dict(tensors), tmp, metadata={"format": "pt", "loraga_fast.version": __version__, **metadata})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

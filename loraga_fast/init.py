@@ -118,7 +118,7 @@ class PreparedGroup:
         q = min(2 * k, small)
         gen = torch.Generator(device=group.device).manual_seed(self.seed)
         batch = group.tensor if len(self.index) == len(group.slots) else group.tensor[self.index]
-        u, s, v = batched_rsvd(batch, k, q, NITER, generator=gen)
+        u, s, v = self._factorize(batch, k, q, gen)
         names = list(self.modules)
         sigmas: list[float | None] = [None] * len(names)
         if self.weight_svd:
@@ -129,6 +129,11 @@ class PreparedGroup:
             name: LayerFactors(u=u[j], s=s[j], v=v[j], weight_sigma=sigmas[j])
             for j, name in enumerate(names)
         }
+
+    def _factorize(self, batch: torch.Tensor, k: int, q: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-``k`` triplets of each matrix of ``batch`` (the group's accumulators)."""
+        return batched_rsvd(batch, k, q, NITER, generator=gen)
 
 
 class ShardedPreparedGroup(PreparedGroup):
@@ -141,22 +146,11 @@ class ShardedPreparedGroup(PreparedGroup):
         super().__init__(group, *args, **kwargs)  # type: ignore[arg-type]
         self.store = store
 
-    def _compute(self) -> dict[str, LayerFactors]:
-        group, store = self.group, self.store
-        rows = group.shape[0]
-        k = 2 * max(self.ranks.values())
-        q = min(2 * k, min(group.shape))
-        gen = torch.Generator(device=group.device).manual_seed(self.seed)
-        batch = group.tensor if len(self.index) == len(group.slots) else group.tensor[self.index]
-        u, s, v = sharded_rsvd(batch, rows, k, q, NITER, group=store.group, generator=gen)
-        u = gather_rows(u, store.group)[:, :rows]
-        names = list(self.modules)
-        sigmas: list[float | None] = [None] * len(names)
-        if self.weight_svd:
-            mods = [self.modules[n]() for n in names]
-            assert all(m is not None for m in mods), "a prepared layer was freed during initialization"
-            sigmas = _weight_top_sigma(mods, [self.ranks[n] for n in names], gen)  # type: ignore[arg-type]
-        return {name: LayerFactors(u=u[j], s=s[j], v=v[j], weight_sigma=sigmas[j]) for j, name in enumerate(names)}
+    def _factorize(self, batch: torch.Tensor, k: int, q: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = self.group.shape[0]
+        u, s, v = sharded_rsvd(batch, rows, k, q, NITER, group=self.store.group, generator=gen)
+        return gather_rows(u, self.store.group)[:, :rows], s, v
 
 
 def _local_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ from .init import (
 )
 from .ops.rsvd import orthonormalize
 from .ops.sketch import factors_from_sketch, probe_accumulate, sketch_accumulate
-from .store import Slot
+from .store import Slot, all_reduce_counts
 
 __all__ = ["DEFAULT_PASSES", "DEFAULT_SKETCH_PER_RANK", "FINGERPRINT_PROBES", "FINGERPRINT_RTOL", "LowMemGradient",
            "LowMemGradientUnavailable", "LowMemGroup", "MemoryEstimate", "SketchStore", "accumulator_bytes",
@@ -338,12 +338,7 @@ class SketchStore:
         for g in self.groups:
             dist.all_reduce(self.products(g), group=group)
             dist.all_reduce(g.fingerprints, group=group)
-        slots = list(self.slots.values())
-        device = self.groups[0].device if self.groups else torch.device("cpu")
-        counts = torch.tensor([s.count for s in slots], dtype=torch.int64, device=device)
-        dist.all_reduce(counts, group=group)
-        for slot, count in zip(slots, counts.tolist()):
-            slot.count = count
+        all_reduce_counts(list(self.slots.values()), self.groups[0].device if self.groups else None, group)
 
     def counts(self) -> dict[str, int]:
         return {name: slot.count for name, slot in self.slots.items()}
@@ -620,25 +615,12 @@ def save_factors(path: str | os.PathLike[str], factors: Mapping[str, LayerFactor
                  zero: Iterable[str]) -> None:
     """Write the factors (``{name}.loraga_fast.{u,s,v}``, fp32) atomically; metadata names the mode, every target
     (with or without factors) and the all-zero layers."""
-    from safetensors.torch import save_file
+    from .cache import write_atomic
 
-    from . import __version__
-
-    path = os.fspath(path)
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
     tensors = {f"{name}.loraga_fast.{part}": getattr(f, part).contiguous()
                for name, f in factors.items() for part in _PARTS}
-    metadata = {"format": "pt", "loraga_fast.version": __version__, MODE_KEY: "lowmem",
-                _TARGETS_KEY: json.dumps(list(target_names)), _ZERO_KEY: json.dumps(sorted(zero))}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, tensors, {MODE_KEY: "lowmem", _TARGETS_KEY: json.dumps(list(target_names)),
+                                 _ZERO_KEY: json.dumps(sorted(zero))})
 
 
 def load_factors(path: str | os.PathLike[str], targets: Sequence[tuple[str, nn.Module]],

@@ -14,7 +14,7 @@ import torch
 
 from .ops import accumulate
 
-__all__ = ["AccumulatorStore", "Group", "ShardedSlot", "ShardedStore", "Slot"]
+__all__ = ["AccumulatorStore", "Group", "ShardedSlot", "ShardedStore", "Slot", "all_reduce_counts"]
 
 
 @dataclass(eq=False)
@@ -32,6 +32,16 @@ class Slot:
     def add(self, grad_out: torch.Tensor, x: torch.Tensor, transposed: bool) -> None:
         """Add this pass's ``G^T X`` (``X^T G`` in the ``(in, out)`` layout when ``transposed``) into ``acc``."""
         accumulate(self.acc, grad_out, x, transposed=transposed)
+
+
+def all_reduce_counts(slots: Sequence[Slot], device: torch.device | None, group: object = None) -> None:
+    """Sum the slots' backward-pass counts over the ranks of ``group``, in place: one small all_reduce."""
+    import torch.distributed as dist
+
+    counts = torch.tensor([s.count for s in slots], dtype=torch.int64, device=device or torch.device("cpu"))
+    dist.all_reduce(counts, group=group)
+    for slot, count in zip(slots, counts.tolist()):
+        slot.count = count
 
 
 @dataclass(eq=False)
@@ -99,12 +109,7 @@ class AccumulatorStore:
 
         for g in self.groups:
             dist.all_reduce(g.tensor, group=group)
-        slots = list(self.slots.values())
-        device = self.groups[0].device if self.groups else torch.device("cpu")
-        counts = torch.tensor([s.count for s in slots], dtype=torch.int64, device=device)
-        dist.all_reduce(counts, group=group)
-        for slot, count in zip(slots, counts.tolist()):
-            slot.count = count
+        all_reduce_counts(list(self.slots.values()), self.groups[0].device if self.groups else None, group)
 
     def means(self) -> dict[str, torch.Tensor]:
         """Turn each accumulated sum into a mean over its backward passes, in place.
@@ -198,14 +203,7 @@ class ShardedStore(AccumulatorStore):
 
     def all_reduce(self, group: object = None) -> None:
         """Sum the pass counts over the ranks (the sums were reduce-scattered at every backward pass)."""
-        import torch.distributed as dist
-
-        slots = list(self.slots.values())
-        device = self.groups[0].device if self.groups else torch.device("cpu")
-        counts = torch.tensor([s.count for s in slots], dtype=torch.int64, device=device)
-        dist.all_reduce(counts, group=self.group)
-        for slot, count in zip(slots, counts.tolist()):
-            slot.count = count
+        all_reduce_counts(list(self.slots.values()), self.groups[0].device if self.groups else None, self.group)
 
     def global_max(self, values: torch.Tensor) -> torch.Tensor:
         """Maxima over all ranks' shards; a NaN anywhere becomes +inf (still non-finite) so MAX carries it."""

@@ -21,6 +21,22 @@ import torch
 __all__ = ["batched_rsvd", "orthonormalize", "orthonormalize_sharded", "rsvd_ref", "sharded_rsvd"]
 
 
+def _check_batch(op: str, a: torch.Tensor, layout: str) -> tuple[int, int, int]:
+    if a.dim() != 3:
+        raise ValueError(f"{op} expects a {layout} batch, got shape {tuple(a.shape)}.")
+    return a.shape[0], a.shape[1], a.shape[2]
+
+
+def _check_sizes(op: str, k: int, q: int | None, small: int) -> int:
+    """Validate ``k`` and ``q`` against ``min(m, n)``; returns ``q`` (default ``min(2k, min(m, n))``)."""
+    if not 1 <= k <= small:
+        raise ValueError(f"{op}: k={k} must be between 1 and min(m, n)={small}.")
+    q = min(2 * k, small) if q is None else q
+    if not k <= q <= small:
+        raise ValueError(f"{op}: q={q} must be between k={k} and min(m, n)={small}.")
+    return q
+
+
 def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis ``Q`` (``(B, m, q)``, ``m >= q``) of the columns of each ``y[b]``.
 
@@ -126,15 +142,8 @@ def sharded_rsvd(a: torch.Tensor, rows: int, k: int, q: int | None = None, niter
     """
     import torch.distributed as dist
 
-    if a.dim() != 3:
-        raise ValueError(f"sharded_rsvd expects a (B, c, n) batch, got shape {tuple(a.shape)}.")
-    _, c, n = a.shape
-    small = min(rows, n)
-    if not 1 <= k <= small:
-        raise ValueError(f"sharded_rsvd: k={k} must be between 1 and min(m, n)={small}.")
-    q = min(2 * k, small) if q is None else q
-    if not k <= q <= small:
-        raise ValueError(f"sharded_rsvd: q={q} must be between k={k} and min(m, n)={small}.")
+    _, c, n = _check_batch("sharded_rsvd", a, "(B, c, n)")
+    q = _check_sizes("sharded_rsvd", k, q, min(rows, n))
     start = dist.get_rank(group) * c
     if rows >= n:  # tall: the sharded side is the long one
         omega = torch.randn(n, q, dtype=a.dtype, device=a.device, generator=generator)
@@ -176,15 +185,8 @@ def batched_rsvd(a: torch.Tensor, k: int, q: int | None = None, niter: int = 4, 
     Returns:
         ``U (B, m, k)``, ``S (B, k)`` (descending), ``V (B, n, k)`` with ``a[b] ~= U[b] diag(S[b]) V[b]^T``.
     """
-    if a.dim() != 3:
-        raise ValueError(f"batched_rsvd expects a (B, m, n) batch, got shape {tuple(a.shape)}.")
-    _, m, n = a.shape
-    small = min(m, n)
-    if not 1 <= k <= small:
-        raise ValueError(f"batched_rsvd: k={k} must be between 1 and min(m, n)={small}.")
-    q = min(2 * k, small) if q is None else q
-    if not k <= q <= small:
-        raise ValueError(f"batched_rsvd: q={q} must be between k={k} and min(m, n)={small}.")
+    _, m, n = _check_batch("batched_rsvd", a, "(B, m, n)")
+    q = _check_sizes("batched_rsvd", k, q, min(m, n))
     wide = m < n
     mat = a.mT if wide else a  # tall: (B, rows, cols) with rows >= cols
     cols = mat.shape[2]
