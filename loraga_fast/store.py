@@ -98,7 +98,7 @@ class AccumulatorStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all accumulators."""
+        """Bytes held by all accumulators (this rank's shards, for a sharded store)."""
         return sum(g.tensor.numel() * g.tensor.element_size() for g in self.groups)
 
     def all_reduce(self, group: object = None) -> None:
@@ -195,11 +195,6 @@ class ShardedStore(AccumulatorStore):
     def release_workspace(self) -> None:
         """Free the reduce-scatter workspaces (after the estimation)."""
         self._workspaces.clear()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by this rank's accumulator shards."""
-        return super().nbytes
 
     def all_reduce(self, group: object = None) -> None:
         """Sum the pass counts over the ranks (the sums were reduce-scattered at every backward pass)."""
