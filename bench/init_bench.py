@@ -1,6 +1,6 @@
 """Initialization benchmark: everything after estimation until ``peft.get_peft_model`` returns.
 
-* ours -- :func:`loraga_fast.peft_compat.finish` (means, checks, attach) followed by ``get_peft_model``, in
+* ours -- :func:`loraga_fast.handoff.hand_off` (checks, means, attach) followed by ``get_peft_model``, in
   which each shape group is factored by one batched randomized SVD when its first layer is initialized and
   every layer then gets peft's LoRA-GA math applied to its factors;
 * peft -- ``get_peft_model`` after peft's own ``preprocess_loraga`` (one ``torch.svd_lowrank`` per layer inside).
@@ -39,7 +39,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import MemoryProbe, build_model, environment_info, make_batches, make_train_step, resolve_device  # noqa: E402
+from bench.e2e import (  # noqa: E402
+    MemoryProbe,
+    build_model,
+    environment_info,
+    make_batches,
+    make_train_step,
+    resolve_device,
+)
 
 IMPLS = ("loraga_fast", "peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -102,8 +109,10 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
     """One measurement in this process."""
     import peft
 
-    from loraga_fast.peft_compat import estimate_into, find_targets, finish
+    from loraga_fast.estimate import run_passes
+    from loraga_fast.handoff import hand_off
     from loraga_fast.store import AccumulatorStore
+    from loraga_fast.targets import find_targets, layer_ranks
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     cfg = _lora_config(r)
@@ -119,12 +128,11 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
     if impl == "loraga_fast":
         store = AccumulatorStore([(n, tuple(m.weight.shape), m.weight.device) for n, m in targets])
         if step is not None:
-            estimate_into(store, model, targets, step)
+            run_passes(model, targets, store, step, ranks=layer_ranks(cfg, [n for n, _ in targets]))
         else:
             gen = torch.Generator(device=device).manual_seed(1)
             for n, m in targets:
-                store[n].acc.copy_(_synthetic_grad(tuple(m.weight.shape), device, gen))
-                store[n].count = 1
+                store.load(n, _synthetic_grad(tuple(m.weight.shape), device, gen))
     elif step is not None:
         peft.preprocess_loraga(model, cfg, step)
     else:
@@ -135,15 +143,15 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
         p.grad = None
     gc.collect()
 
-    from loraga_fast import init as ours_init
+    from loraga_fast import factors as ours_factors
 
     svd_time = _time_calls(torch, "svd_lowrank", device)  # peft's per-layer SVDs
-    rsvd_time = _time_calls(ours_init, "batched_rsvd", device)  # ours, per group
+    rsvd_time = _time_calls(ours_factors, "batched_rsvd", device)  # ours, per group
     with MemoryProbe(device) as probe:
         _sync(device)
         start = time.perf_counter()
         if store is not None:
-            finish(cfg, targets, store)
+            hand_off(cfg, targets, store)
         _sync(device)
         t_factor = time.perf_counter() - start
         peft.get_peft_model(model, cfg)

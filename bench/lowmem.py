@@ -38,7 +38,8 @@ from bench.e2e import (
     make_lora_config,
     make_train_step,
 )
-from loraga_fast.lowmem import DEFAULT_PASSES, accumulator_bytes
+from loraga_fast.memory import accumulator_bytes
+from loraga_fast.sketch_store import DEFAULT_PASSES
 
 IMPLS = ("floor", "lowmem", "exact", "peft")
 
@@ -68,7 +69,7 @@ class _NullStore:
             def add(self, grad_out: torch.Tensor, x: torch.Tensor, transposed: bool) -> None:
                 pass
 
-        self.slots = {n: NullSlot(name=n, acc=torch.empty(0)) for n in names}
+        self.slots = {n: NullSlot(n) for n in names}
 
     def __getitem__(self, name: str) -> Any:
         return self.slots[name]
@@ -88,7 +89,7 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None) -> dict[str
     gc.collect()
     if impl == "floor":
         from loraga_fast.capture import CaptureSession
-        from loraga_fast.peft_compat import find_targets
+        from loraga_fast.targets import find_targets
 
         targets = find_targets(model, cfg)
 

@@ -18,27 +18,29 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "preprocess_loraga": "peft_compat",
-    "estimate_gradient": "compat",
-    "LoraGAContext": "compat",
-    "save_loraga_model_init": "compat",
-    "save_loraga_model_final": "compat",
-    "load_initialized": "compat",
+    "estimate_gradient": "original",
+    "LoraGAContext": "original",
+    "save_loraga_model_init": "original",
+    "save_loraga_model_final": "original",
+    "load_initialized": "original",
     "train_step_from_dataloader": "steps",
     "train_step_from_trainer": "steps",
     "memory_estimate": "memory",
+    "UsageError": "errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from .compat import (
+    from .errors import UsageError
+    from .memory import memory_estimate
+    from .original import (
         LoraGAContext,
         estimate_gradient,
         load_initialized,
         save_loraga_model_final,
         save_loraga_model_init,
     )
-    from .memory import memory_estimate
     from .peft_compat import preprocess_loraga
     from .steps import train_step_from_dataloader, train_step_from_trainer
 

@@ -1,32 +1,36 @@
-"""Gradient cache files: safetensors, never pickle.
+"""Cache files: safetensors, never pickle. Exact mode caches mean gradients, low-memory mode factors.
 
-Keys follow peft's cache naming (``"{module_name}._peft_loraga_grad"``); the metadata records every target
-name, including layers that saw no backward pass (and so have no tensor), so a reload can tell "no gradient"
-from "wrong model".
+Gradient keys follow peft's cache naming (``"{module_name}._peft_loraga_grad"``); factor keys are
+``"{module_name}.loraga_fast.{u,s,v}"``. The metadata names the mode and every target, including layers that saw
+no backward pass (and so have no tensor), so a reload can tell "no gradient" from "wrong model". Both kinds are
+checked against the model by one validator before anything is copied.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from .store import AccumulatorStore
+from .capture import weight_shape
+from .errors import UsageError
+from .factors import LayerFactors, PreparedGroup, factor_groups
+from .placeholder import LowMemGradient
+from .store import AccumulatorStore, Estimate
 
-__all__ = ["load_cache", "save_cache", "write_atomic"]
+__all__ = ["CachedFactors", "load_factors", "load_gradients", "save_factors", "save_gradients", "write_atomic"]
 
-_SUFFIX = "._peft_loraga_grad"
+_GRAD_SUFFIX = "._peft_loraga_grad"
 _TARGETS_KEY = "loraga_fast.targets"
-
-
-def save_cache(path: str | os.PathLike[str], grads: Mapping[str, torch.Tensor], target_names: Sequence[str]) -> None:
-    """Write ``grads`` (``{module_name: fp32 mean gradient}``) to ``path`` atomically (temporary file + rename)."""
-    tensors = {f"{name}{_SUFFIX}": grads[name] for name in target_names if name in grads}
-    write_atomic(path, tensors, {_TARGETS_KEY: json.dumps(list(target_names))})
+_ZERO_KEY = "loraga_fast.zero"
+_MODE_KEY = "loraga_fast.mode"  # "lowmem" for factor caches; gradient caches (ours and peft's) have none
+_PARTS = ("u", "s", "v")
 
 
 def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
@@ -47,61 +51,148 @@ def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tenso
             os.remove(tmp)
 
 
-def load_cache(path: str | os.PathLike[str], targets: Mapping[str, torch.Tensor], store: AccumulatorStore) -> None:
-    """Check a cache against the model's targets, then copy its gradients into ``store``.
+def save_gradients(path: str | os.PathLike[str], grads: Mapping[str, torch.Tensor], target_names: Sequence[str]) -> None:
+    """Write ``grads`` (``{module_name: fp32 mean gradient}``) to ``path`` atomically."""
+    tensors = {f"{name}{_GRAD_SUFFIX}": grads[name] for name in target_names if name in grads}
+    write_atomic(path, tensors, {_TARGETS_KEY: json.dumps(list(target_names))})
 
-    Args:
-        path: the cache file.
-        targets: ``{module_name: weight}`` of the current targets.
-        store: accumulators for those targets; each cached gradient is copied into its slot (one tensor at a
-            time, so no second full copy is held) and the slot counts as one pass, so ``store.means()`` returns
-            it unchanged. Targets the cache holds no gradient for keep a zero count.
+
+def save_factors(path: str | os.PathLike[str], factors: Mapping[str, LayerFactors], target_names: Sequence[str],
+                 zero: Iterable[str]) -> None:
+    """Write low-memory factors (fp32) atomically; metadata names the mode, every target and the all-zero layers."""
+    tensors = {f"{name}.loraga_fast.{part}": getattr(f, part).contiguous()
+               for name, f in factors.items() for part in _PARTS}
+    write_atomic(path, tensors, {_MODE_KEY: "lowmem", _TARGETS_KEY: json.dumps(list(target_names)),
+                                 _ZERO_KEY: json.dumps(sorted(zero))})
+
+
+class _Cache:
+    """An open cache file checked against the targets: right kind, same names, same shapes."""
+
+    def __init__(self, path: str | os.PathLike[str], shapes: Mapping[str, tuple[int, int]], mode: str):
+        self.path = os.fspath(path)
+        try:
+            self.handle = safe_open(self.path, framework="pt", device="cpu")
+        except SafetensorError as err:
+            raise UsageError(
+                f"Cache file '{self.path}' is not a safetensors file ({err}). loraga_fast writes its caches with "
+                "safetensors and never unpickles (peft's own caches are pickles): delete the file or pass another "
+                "cache_file."
+            ) from err
+        try:
+            self._check(shapes, mode)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, shapes: Mapping[str, tuple[int, int]], mode: str) -> None:
+        self.keys = set(self.handle.keys())
+        self.metadata = self.handle.metadata() or {}
+        found = self.metadata.get(_MODE_KEY, "exact")
+        if found != mode:
+            held = ("low-memory factors (written by preprocess_loraga(mode='lowmem'))" if found == "lowmem" else
+                    "exact-mode mean gradients (written by preprocess_loraga(mode='exact') or peft)")
+            raise UsageError(f"Cache file '{self.path}' holds {held}: pass mode='{found}' to use it, or another "
+                             f"cache_file for mode='{mode}'.")
+        names = (json.loads(self.metadata[_TARGETS_KEY]) if _TARGETS_KEY in self.metadata
+                 else [k[: -len(_GRAD_SUFFIX)] for k in sorted(self.keys) if k.endswith(_GRAD_SUFFIX)])
+        for name in shapes:
+            if name not in names:
+                raise UsageError(f"Cache file '{self.path}' does not match the model: it has no entry for target "
+                                 f"module '{name}'.")
+        extra = [name for name in names if name not in shapes]
+        if extra:
+            raise UsageError(f"Cache file '{self.path}' does not match the model: it holds module '{extra[0]}', which "
+                             "is not a target of this model and lora_config.")
+        for name, shape in shapes.items():
+            cached = self.cached_shape(name)
+            if cached is not None and cached != tuple(shape):
+                raise UsageError(f"Cache file '{self.path}' does not match the model: module '{name}' has a cached "
+                                 f"{'gradient' if mode == 'exact' else 'factorization'} of shape {cached} but a weight "
+                                 f"of shape {tuple(shape)}.")
+
+    def cached_shape(self, name: str) -> tuple[int, ...] | None:
+        """The weight shape the cache holds for ``name``, or None when it holds no tensor for it."""
+        if f"{name}{_GRAD_SUFFIX}" in self.keys:
+            return tuple(self.handle.get_slice(f"{name}{_GRAD_SUFFIX}").get_shape())
+        if f"{name}.loraga_fast.u" in self.keys:
+            u, v = (self.handle.get_slice(f"{name}.loraga_fast.{p}").get_shape() for p in ("u", "v"))
+            return (u[0], v[0])
+        return None
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.handle.get_tensor(key)
+
+    def close(self) -> None:
+        self.handle.__exit__(None, None, None)
+
+
+def load_gradients(path: str | os.PathLike[str], store: AccumulatorStore) -> None:
+    """Check a gradient cache against the store's layers, then copy each cached mean gradient into its slot (one
+    tensor at a time, so no second full copy is held) as one pass. Layers without a cached gradient keep a zero
+    count.
 
     Raises:
-        ValueError: the file is not a safetensors file, or its names or shapes do not match ``targets``
-            (the message names the first mismatching module). Nothing is copied then.
+        ValueError: not a safetensors file, a factor cache, or names or shapes that do not match (the message
+            names the first mismatching module). Nothing is copied then.
     """
-    path = os.fspath(path)
+    cache = _Cache(path, store.shapes, "exact")
     try:
-        handle = safe_open(path, framework="pt", device="cpu")
-    except SafetensorError as err:
-        raise ValueError(
-            f"Cache file '{path}' is not a safetensors file ({err}). loraga_fast writes its caches with safetensors "
-            "and never unpickles (peft's own caches are pickles): delete the file or pass another cache_file."
-        ) from err
-    with handle:
-        keys = set(handle.keys())
-        metadata = handle.metadata() or {}
-        if metadata.get("loraga_fast.mode", "exact") != "exact":  # written by loraga_fast.lowmem.save_factors
-            raise ValueError(
-                f"Cache file '{path}' holds low-memory factors (written by preprocess_loraga(mode='lowmem')), not mean "
-                "gradients: pass mode='lowmem' to use it, or another cache_file for mode='exact'."
-            )
-        cached_names = (
-            json.loads(metadata[_TARGETS_KEY])
-            if _TARGETS_KEY in metadata
-            else [k[: -len(_SUFFIX)] for k in sorted(keys) if k.endswith(_SUFFIX)]
-        )
-        for name, weight in targets.items():
-            if name not in cached_names:
-                raise ValueError(f"Cache file '{path}' does not match the model: it has no entry for target module '{name}'.")
-            key = f"{name}{_SUFFIX}"
-            if key in keys:
-                shape = tuple(handle.get_slice(key).get_shape())
-                if shape != tuple(weight.shape):
-                    raise ValueError(
-                        f"Cache file '{path}' does not match the model: module '{name}' has a cached gradient of shape "
-                        f"{shape} but a weight of shape {tuple(weight.shape)}."
-                    )
-        extra = [name for name in cached_names if name not in targets]
-        if extra:
-            raise ValueError(
-                f"Cache file '{path}' does not match the model: it holds module '{extra[0]}', which is not a target "
-                "of this model and lora_config."
-            )
-        for name in targets:
-            key = f"{name}{_SUFFIX}"
-            if key in keys:
-                slot = store[name]
-                slot.acc.copy_(handle.get_tensor(key))
-                slot.count = 1
+        for name in store.shapes:
+            if f"{name}{_GRAD_SUFFIX}" in cache.keys:
+                store.load(name, cache.get(f"{name}{_GRAD_SUFFIX}"))
+    finally:
+        cache.close()
+
+
+class CachedFactors(Estimate):
+    """A factor cache as an :class:`~loraga_fast.store.Estimate`: the flow after estimation runs on it unchanged."""
+
+    def __init__(self, factors: dict[str, LayerFactors], zero: set[str], names: Sequence[str]):
+        self.factors = factors
+        self.zero = zero
+        self.names = list(names)
+
+    def counts(self) -> dict[str, int]:
+        return {name: int(name in self.factors or name in self.zero) for name in self.names}
+
+    def max_abs(self) -> dict[str, float]:
+        return {name: float(self.factors[name].s[0]) if name in self.factors else 0.0 for name in self.names}
+
+    def prepare(self, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *, weight_svd: bool,
+                zero: Collection[str]) -> tuple[list[PreparedGroup], dict[str, Any]]:
+        placeholders = {name: LowMemGradient(name, weight_shape(modules[name])) for name in ranks}
+        groups = factor_groups(modules, list(ranks), self.factors, ranks, zero, placeholders, weight_svd=weight_svd,
+                               shape_of=weight_shape)
+        return groups, placeholders  # type: ignore[return-value]
+
+    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str]) -> None:
+        save_factors(path, self.factors, names, zero)
+
+
+def load_factors(path: str | os.PathLike[str], modules: Mapping[str, nn.Module], ranks: Mapping[str, int]) -> CachedFactors:
+    """Read a low-memory cache written by :func:`save_factors`, checked against ``modules`` and ``ranks``; the
+    factors are trimmed to ``2 r`` columns' worth at use and moved to each weight's device.
+
+    Raises:
+        ValueError: not a safetensors file, a gradient cache, names/shapes that do not match, or factors with
+            fewer than ``2 r`` columns (a cache made for a smaller rank).
+    """
+    cache = _Cache(path, {name: weight_shape(m) for name, m in modules.items()}, "lowmem")
+    try:
+        zero = set(json.loads(cache.metadata.get(_ZERO_KEY, "[]")))
+        factors: dict[str, LayerFactors] = {}
+        for name, module in modules.items():
+            if f"{name}.loraga_fast.u" not in cache.keys:
+                continue
+            u, s, v = (cache.get(f"{name}.loraga_fast.{part}") for part in _PARTS)
+            need = min(2 * ranks[name], min(weight_shape(module)))
+            if u.shape[1] < need:
+                raise UsageError(f"Cache file '{cache.path}' was written for a smaller rank: module '{name}' has "
+                                 f"{u.shape[1]} cached singular vectors but r={ranks[name]} needs {2 * ranks[name]}. "
+                                 "Delete the file or pass another cache_file.")
+            device = module.weight.device
+            factors[name] = LayerFactors(u=u.to(device), s=s.to(device), v=v.to(device))
+    finally:
+        cache.close()
+    return CachedFactors(factors, zero, list(modules))

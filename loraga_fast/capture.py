@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .store import AccumulatorStore, Slot
+from .errors import UsageError
+from .store import Slot, Store
 
-__all__ = ["CaptureSession", "conv1d_class", "is_supported_layer", "weight_layout_transposed", "weight_shape"]
+__all__ = ["CaptureSession", "check_capturable", "conv1d_class", "is_supported_layer", "math_shape",
+           "weight_layout_transposed", "weight_shape"]
 
 _MISSING = object()
 
@@ -52,6 +54,12 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
 def weight_layout_transposed(module: nn.Module) -> bool:
     """True when the layer stores its weight as ``(in, out)`` (``Conv1D``), False for ``(out, in)``."""
     return not isinstance(module, nn.Linear)
+
+
+def math_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a target: the shape of ``A = G^T X`` whatever the storage layout."""
+    rows, cols = weight_shape(module)
+    return (cols, rows) if weight_layout_transposed(module) else (rows, cols)
 
 
 class _CaptureLinear(torch.autograd.Function):
@@ -99,7 +107,7 @@ class CaptureSession:
         on_backward: optional callback, called with the layer's slot after each backward pass through a target.
     """
 
-    def __init__(self, model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store: AccumulatorStore,
+    def __init__(self, model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store: Store,
                  on_backward: Callable[[Slot], None] | None = None):
         check_capturable(targets)
         self.model = model
@@ -181,17 +189,17 @@ def check_capturable(targets: Sequence[tuple[str, nn.Module]]) -> None:
     standard = {nn.Linear.forward} | ({conv1d.forward} if conv1d is not None else set())
     for name, module in targets:
         if not is_supported_layer(module):
-            raise ValueError(f"Layer '{name}' ({type(module).__name__}) is not an nn.Linear or Conv1D layer.")
+            raise UsageError(f"Layer '{name}' ({type(module).__name__}) is not an nn.Linear or Conv1D layer.")
         if type(module).forward not in standard:
-            raise ValueError(
+            raise UsageError(
                 f"Layer '{name}' is a {type(module).__qualname__} whose forward overrides the standard linear forward; "
                 "loraga_fast captures G^T X, which is the weight gradient only for y = x W^T + b. Exclude it from "
                 "target_modules (exclude_modules=[...]) or use peft.preprocess_loraga for this model."
             )
         if "forward" in module.__dict__ and not hasattr(module, "_hf_hook"):
-            raise ValueError(
+            raise UsageError(
                 f"Layer '{name}' has its forward replaced on the instance ({module.__dict__['forward']!r}); loraga_fast "
                 "would bypass that replacement. Remove it before calling preprocess_loraga."
             )
         if not module.weight.is_floating_point():
-            raise ValueError(f"Layer '{name}' has a {module.weight.dtype} weight; LoRA-GA needs a floating-point weight.")
+            raise UsageError(f"Layer '{name}' has a {module.weight.dtype} weight; LoRA-GA needs a floating-point weight.")

@@ -21,14 +21,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
+
 __all__ = ["main"]
+
+DEBUG_ENV = "LORAGA_FAST_DEBUG"  # =1: tracebacks for every error, as --debug
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STDLIB_FILES = ["functools.py", "inspect.py", "argparse.py", "dataclasses.py", "typing.py", "pathlib.py"]
 
 
-class CliError(Exception):
-    """An error the user can fix; printed without a traceback."""
+class CliError(UsageError):
+    """An error in the command's arguments or inputs; printed as one line, like the library's :class:`UsageError`."""
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -70,7 +74,12 @@ def read_text(path: str, text_field: str) -> str:
 def load_model(model: str | None, dtype: Any, device: Any, seed: int) -> tuple[Any, Any, str]:
     """(model, tokenizer, description). ``model``: a folder, a ``.gguf`` file, a hub name, or None (default)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     if model is None:
         torch.manual_seed(seed)
@@ -139,7 +148,7 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from . import memory_estimate, preprocess_loraga
-    from .peft_compat import init_progress
+    from .handoff import init_progress
     from .steps import train_step_from_dataloader
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -205,7 +214,7 @@ def save_initialized(peft_model: Any, out: Path) -> None:
     ``out/base_offset.safetensors`` (the target layers' base weights after the LoRA-GA offset)."""
     from safetensors.torch import save_file
 
-    from .compat import save_loraga_model_init
+    from .original import save_loraga_model_init
 
     out.mkdir(parents=True, exist_ok=True)
     save_loraga_model_init(peft_model, out)
@@ -273,6 +282,8 @@ def run_bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraga-fast", description="Fast LoRA-GA initialization for peft.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of every error, including mistakes in the arguments (or {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="estimate gradients and initialize a LoRA-GA adapter",
                           description=run_init.__doc__ or __doc__)
@@ -307,15 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command. Mistakes the user can fix (:class:`~loraga_fast.errors.UsageError`: bad arguments, missing
+    files, a rank too large for a layer, ...) print one line and return 2; Ctrl-C prints one line and returns 130;
+    any other error keeps its traceback. ``--debug`` (or ``LORAGA_FAST_DEBUG=1``) shows tracebacks for all."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         if args.command == "init":
             run_init(args)
         else:
             run_bench(args)
-    except (CliError, ValueError, FileNotFoundError) as err:
+    except UsageError as err:
+        if debug:
+            raise
         print(f"loraga-fast: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("loraga-fast: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

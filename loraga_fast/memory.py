@@ -1,17 +1,79 @@
-"""``memory_estimate``: accumulator memory of exact and low-memory mode for a model and LoRA config."""
+"""Accumulator memory of exact and low-memory mode, before anything runs: :func:`memory_estimate`."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from .init import layer_ranks
-from .lowmem import MemoryEstimate, estimate_bytes
-from .peft_compat import _fill_default_target_modules, find_targets
+from .capture import math_shape
+from .sketch_store import DEFAULT_PASSES, FINGERPRINT_PROBES, sketch_columns
+from .targets import fill_default_target_modules, find_targets, layer_ranks
 
-__all__ = ["memory_estimate"]
+__all__ = ["MemoryEstimate", "accumulator_bytes", "estimate_bytes", "extra_bytes_per_layer", "memory_estimate"]
+
+
+def accumulator_bytes(shapes: Iterable[tuple[int, int]], r: int, sketch_size: int | None = None) -> tuple[int, int]:
+    """``(exact, lowmem)`` accumulator bytes for layers of weight shapes ``shapes`` at rank ``r``: ``4 m n`` per
+    layer in exact mode, ``4 (m + n) k`` in low-memory mode (plus :func:`extra_bytes_per_layer`)."""
+    exact = lowmem = 0
+    for m, n in shapes:
+        exact += 4 * m * n
+        lowmem += 4 * (m + n) * sketch_columns(m, n, r, sketch_size) + extra_bytes_per_layer(m, n)
+    return exact, lowmem
+
+
+def extra_bytes_per_layer(m: int, n: int) -> int:
+    """Bytes low-memory mode holds per layer beside its sketch: the ``(P, P)`` fingerprint and (an upper bound
+    for) its share of the per-group probes ``Phi_m (m, P)``, ``Phi_n (n, P)`` (P = FINGERPRINT_PROBES)."""
+    p = FINGERPRINT_PROBES
+    return 4 * (p * p + (m + n) * p)
+
+
+@dataclass
+class MemoryEstimate:
+    """Accumulator memory of the two modes for one model and LoRA config.
+
+    Attributes:
+        exact_bytes: fp32 ``(m, n)`` accumulators (exact mode).
+        lowmem_bytes: the ``(m + n) k`` fp32 sketches plus fingerprints and probes (low-memory mode).
+        num_layers: target layers.
+        sketch_columns: ``k`` of each layer (by name).
+    """
+
+    exact_bytes: int
+    lowmem_bytes: int
+    num_layers: int
+    sketch_columns: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return (f"LoRA-GA accumulator memory for {self.num_layers} target layers: exact mode {_fmt(self.exact_bytes)}, "
+                f"low-memory mode {_fmt(self.lowmem_bytes)} ({self.exact_bytes / max(self.lowmem_bytes, 1):.1f}x less, "
+                f"{DEFAULT_PASSES} passes over the batches by default)")
+
+
+def _fmt(nbytes: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def estimate_bytes(targets: Sequence[tuple[str, nn.Module]], ranks: Mapping[str, int],
+                   sketch_size: int | None = None) -> MemoryEstimate:
+    """:class:`MemoryEstimate` for ``targets`` (``(name, module)``) with per-layer ``ranks``."""
+    exact = lowmem = 0
+    columns = {}
+    for name, module in targets:
+        m, n = math_shape(module)
+        e, lm = accumulator_bytes([(m, n)], ranks[name], sketch_size)
+        exact += e
+        lowmem += lm
+        columns[name] = sketch_columns(m, n, ranks[name], sketch_size)
+    return MemoryEstimate(exact_bytes=exact, lowmem_bytes=lowmem, num_layers=len(targets), sketch_columns=columns)
 
 
 def memory_estimate(model: nn.Module, lora_config: Any, *, sketch_size: int | None = None) -> MemoryEstimate:
@@ -19,11 +81,11 @@ def memory_estimate(model: nn.Module, lora_config: Any, *, sketch_size: int | No
 
     Exact mode: ``4 m n`` per target layer (one fp32 gradient). Low-memory mode: ``4 (m + n) k`` per layer with
     ``k = sketch_size`` or ``16 r`` (capped at ``min(m, n)``), plus a ``4 x 4`` fingerprint and the probes
-    (:func:`loraga_fast.lowmem.extra_bytes_per_layer`). Activations, the model and transient workspace are not
-    included (they are the same in both modes, except the ``(T, k)`` products of one layer at a time).
-    ``lora_config`` is not modified. ``str()`` of the result is a one-line summary (what ``preprocess_loraga`` logs).
+    (:func:`extra_bytes_per_layer`). Activations, the model and transient workspace are not included (they are
+    the same in both modes, except the ``(T, k)`` products of one layer at a time). ``lora_config`` is not
+    modified. ``str()`` of the result is a one-line summary (what ``preprocess_loraga`` logs).
     """
     config = copy.deepcopy(lora_config)
-    _fill_default_target_modules(model, config)
+    fill_default_target_modules(model, config)
     targets = find_targets(model, config)
     return estimate_bytes(targets, layer_ranks(config, [name for name, _ in targets]), sketch_size)

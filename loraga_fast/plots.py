@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import UsageError
+
 __all__ = ["plot_results"]
 
 
@@ -17,7 +19,7 @@ def plot_results(results: Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib") from err
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from err
     written = []
     e2e = results / "e2e.json"
     if e2e.is_file():

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UsageError
+
 __all__ = ["batch_loss", "train_step_from_dataloader", "train_step_from_trainer"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -49,7 +51,7 @@ def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> t
     if loss is None and isinstance(outputs, Mapping):
         loss = outputs.get("loss")
     if loss is None:
-        raise ValueError(
+        raise UsageError(
             f"The model's outputs ({type(outputs).__name__}) carry no loss: include labels in the batch "
             "(e.g. input_ids and labels for a causal LM) or pass loss_fn=lambda outputs, batch: ..."
         )
@@ -77,7 +79,7 @@ def train_step_from_dataloader(model: nn.Module, dataloader: Iterable[Any], *, n
         ValueError: the dataloader yielded no batch, or a batch gave no loss.
     """
     if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be at least 1, got {num_batches}.")
+        raise UsageError(f"num_batches must be at least 1, got {num_batches}.")
 
     def train_step() -> None:
         target = _model_device(model) if device == "auto" else (torch.device(device) if device is not None else None)
@@ -86,7 +88,7 @@ def train_step_from_dataloader(model: nn.Module, dataloader: Iterable[Any], *, n
             batch_loss(model, _to_device(batch, target), loss_fn).backward()
             seen += 1
         if seen == 0:
-            raise ValueError("The dataloader yielded no batches: LoRA-GA needs at least one to estimate gradients.")
+            raise UsageError("The dataloader yielded no batches: LoRA-GA needs at least one to estimate gradients.")
 
     return train_step
 
@@ -98,7 +100,7 @@ def train_step_from_trainer(trainer: Any, *, num_batches: int | None = None) -> 
     subclasses such as TRL's ``SFTTrainer``.
     """
     if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be at least 1, got {num_batches}.")
+        raise UsageError(f"num_batches must be at least 1, got {num_batches}.")
 
     def train_step() -> None:
         model = trainer.model
@@ -108,6 +110,6 @@ def train_step_from_trainer(trainer: Any, *, num_batches: int | None = None) -> 
             trainer.compute_loss(model, inputs).backward()
             seen += 1
         if seen == 0:
-            raise ValueError("The Trainer's train dataloader yielded no batches.")
+            raise UsageError("The Trainer's train dataloader yielded no batches.")
 
     return train_step

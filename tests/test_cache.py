@@ -9,7 +9,13 @@ import torch
 from safetensors import safe_open
 
 from loraga_fast import preprocess_loraga
-from tests._helpers import attached, lora_ga_config, tiny_llama, token_batches, train_step_for
+from tests._helpers import (
+    attached,
+    lora_ga_config,
+    tiny_llama,
+    token_batches,
+    train_step_for,
+)
 
 
 def _never() -> None:

@@ -76,6 +76,53 @@ def test_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str], ar
     assert "loraga-fast: error:" in err and message in err and "Traceback" not in err
 
 
+def _fail_with(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """Make the estimation step raise ``error`` (as the library would)."""
+    import loraga_fast
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(loraga_fast, "preprocess_loraga", boom)
+
+
+def test_user_errors_print_one_line_internal_errors_keep_their_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from loraga_fast import UsageError
+
+    args = ["init", "--out", str(tmp_path / "o"), *SMALL]
+    _fail_with(monkeypatch, UsageError("layer 'x' needs a smaller r"))
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == "loraga-fast: error: layer 'x' needs a smaller r"
+    # a ValueError that is not a UsageError is a bug somewhere: it is not swallowed into one line
+    _fail_with(monkeypatch, ValueError("internal shape mismatch"))
+    with pytest.raises(ValueError, match="internal shape mismatch"):
+        main(args)
+    _fail_with(monkeypatch, RuntimeError("kernel failed"))
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        main(args)
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback_of_user_errors_too(how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraga_fast import UsageError
+
+    _fail_with(monkeypatch, UsageError("bad rank"))
+    args = ["init", "--out", str(tmp_path / "o"), *SMALL]
+    if how == "flag":
+        args = ["--debug", *args]
+    else:
+        monkeypatch.setenv("LORAGA_FAST_DEBUG", "1")
+    with pytest.raises(UsageError, match="bad rank"):
+        main(args)
+
+
+def test_ctrl_c_prints_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _fail_with(monkeypatch, KeyboardInterrupt())
+    assert main(["init", "--out", str(tmp_path / "o"), *SMALL]) == 130
+    assert capsys.readouterr().err.strip() == "loraga-fast: interrupted"
+
+
 def test_bench_7b_preset_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the preset runs")

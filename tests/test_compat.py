@@ -21,7 +21,15 @@ from loraga_fast import (
     train_step_from_dataloader,
     train_step_from_trainer,
 )
-from tests._helpers import LLAMA_TARGETS, VOCAB, attached, reference_mean_grads, rel_err, tiny_llama, token_batches
+from tests._helpers import (
+    LLAMA_TARGETS,
+    VOCAB,
+    attached,
+    reference_mean_grads,
+    rel_err,
+    tiny_llama,
+    token_batches,
+)
 
 
 def _dict_loader(n: int = 3) -> list[dict[str, torch.Tensor]]:

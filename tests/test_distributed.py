@@ -12,7 +12,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from loraga_fast import estimate_gradient, preprocess_loraga
-from tests._helpers import attached, lora_ga_config, reference_mean_grads, rel_err, tiny_llama, token_batches, train_step_for
+from tests._helpers import (
+    attached,
+    lora_ga_config,
+    reference_mean_grads,
+    rel_err,
+    tiny_llama,
+    token_batches,
+    train_step_for,
+)
 
 NUM_BATCHES = 5  # split unevenly over the ranks: 3/2 and 2/2/1
 

@@ -9,10 +9,9 @@ import peft
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-
-from loraga_fast import preprocess_loraga
 from transformers.pytorch_utils import Conv1D
 
+from loraga_fast import preprocess_loraga
 from tests._helpers import (
     GPT2_TARGETS,
     LLAMA_TARGETS,

@@ -14,7 +14,13 @@ from peft import get_peft_model
 
 from loraga_fast import preprocess_loraga
 from loraga_fast.ops.rsvd import batched_rsvd
-from tests._helpers import attached, lora_ga_config, reference_mean_grads, rel_err, subspace_cos
+from tests._helpers import (
+    attached,
+    lora_ga_config,
+    reference_mean_grads,
+    rel_err,
+    subspace_cos,
+)
 
 MINILM_TARGETS = ["query", "key", "value", "dense"]
 SENTENCES = [

@@ -35,6 +35,16 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def available_backends() -> tuple[str, ...]:
+    """The backends an op with a Triton kernel can run on here: ``("torch", "triton")`` or ``("torch",)``."""
+    return ("torch", "triton") if triton_importable() else ("torch",)
+
+
+def as_2d(t: torch.Tensor) -> torch.Tensor:
+    """``(..., K)`` -> ``(T, K)``: the token matrix of a layer input or output gradient (a view when possible)."""
+    return t.reshape(-1, t.shape[-1])
+
+
 def requested_backend() -> str:
     """The backend asked for through ``LORAGA_FAST_BACKEND`` (``auto`` when unset)."""
     value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"

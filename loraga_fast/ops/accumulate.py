@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ._dispatch import interpreter_enabled, select_backend
+from ._dispatch import as_2d, available_backends, interpreter_enabled, select_backend
 
 try:
     import triton
@@ -40,21 +40,14 @@ except ImportError:  # the torch path needs no triton
 
 __all__ = ["accumulate", "accumulate_ref", "accumulate_triton"]
 
-_BACKENDS = ("torch", "triton") if triton is not None else ("torch",)
-
-
-def _as_2d(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
-
-
 def accumulate_ref(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
     """Reference implementation of :func:`accumulate` (same contract).
 
     Low-precision inputs are upcast to fp32 before one ``addmm_`` into ``acc``: products of bf16/fp16 values
     are exact in fp32, so the only rounding is fp32 accumulation.
     """
-    g = _as_2d(grad_out)
-    x = _as_2d(inp)
+    g = as_2d(grad_out)
+    x = as_2d(inp)
     if g.dtype != acc.dtype:
         g = g.to(acc.dtype)
     if x.dtype != acc.dtype:
@@ -190,8 +183,8 @@ def accumulate_triton(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tens
     """Triton launcher for :func:`accumulate` (same contract); ``split_t`` overrides the token-split heuristic."""
     if triton is None:
         raise RuntimeError("accumulate_triton needs triton: pip install triton")
-    g = _as_2d(grad_out)
-    x = _as_2d(inp)
+    g = as_2d(grad_out)
+    x = as_2d(inp)
     if g.dtype != x.dtype:  # e.g. autocast: one operand dtype for tl.dot, fp32 keeps both exact
         g, x = g.float(), x.float()
     t, m = g.shape
@@ -264,7 +257,8 @@ def _accumulate_impl(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tenso
     # fp32 operands: the kernel would multiply on CUDA cores (exact IEEE, no TF32); cuBLAS SGEMM does that
     # better, so the automatic choice keeps the Triton kernel for 16-bit operands
     low_precision = grad_out.dtype != torch.float32 or inp.dtype != torch.float32
-    backend = select_backend("accumulate", acc, _BACKENDS, auto=_BACKENDS if low_precision else ("torch",))
+    backends = available_backends()
+    backend = select_backend("accumulate", acc, backends, auto=backends if low_precision else ("torch",))
     _IMPLS[backend](acc, grad_out, inp, transposed=transposed)
 
 

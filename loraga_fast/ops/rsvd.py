@@ -16,6 +16,8 @@ for the matrices where it fails (zero matrices, rank below ``q``, duplicated row
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["batched_rsvd", "orthonormalize", "orthonormalize_sharded", "rsvd_ref", "sharded_rsvd"]
@@ -37,28 +39,38 @@ def _check_sizes(op: str, k: int, q: int | None, small: int) -> int:
     return q
 
 
-def orthonormalize(y: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis ``Q`` (``(B, m, q)``, ``m >= q``) of the columns of each ``y[b]``.
+def _cholesky_qr2(y: torch.Tensor, m: int, allsum: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted CholeskyQR2 of each ``y[b]`` (``(B, rows, q)``, the rows of an ``m``-row matrix, all of them or this
+    rank's); ``allsum`` sums a ``q x q`` Gram matrix over the row blocks (identity when ``y`` holds all rows).
 
-    Shifted CholeskyQR2; matrices whose result is not orthonormal to ``sqrt(m) * 1e3 * eps`` (or not finite) are
-    redone with Householder QR, which also returns orthonormal columns for rank-deficient or zero inputs.
+    Returns ``(x, failed)``: the orthonormalized blocks, and which matrices did not reach orthonormality to
+    ``sqrt(m) * 1e3 * eps`` (or are not finite) and must be redone otherwise.
     """
-    b, m, q = y.shape
+    b, _, q = y.shape
     eps = torch.finfo(y.dtype).eps
     eye = torch.eye(q, dtype=y.dtype, device=y.device)
-    norm2 = y.square().sum(dim=(1, 2), keepdim=True)
-    shift = 11.0 * (m * q + q * (q + 1)) * eps * norm2
     x = y
     failed = torch.zeros(b, dtype=torch.bool, device=y.device)
-    for s in (shift, None):
-        gram = x.mT @ x
-        if s is not None:
-            gram = gram + s * eye
+    for first in (True, False):
+        gram = allsum(x.mT @ x)
+        if first:  # a small shift lets the first Cholesky succeed on ill-conditioned blocks
+            norm2 = gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+            gram = gram + 11.0 * (m * q + q * (q + 1)) * eps * norm2 * eye
         chol, info = torch.linalg.cholesky_ex(gram)
         failed |= info != 0
         x = torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False)
-    err = (x.mT @ x - eye).abs().amax(dim=(1, 2))
+    err = (allsum(x.mT @ x) - eye).abs().amax(dim=(1, 2))
     failed |= ~torch.isfinite(err) | (err > 1e3 * eps * max(m, 1) ** 0.5)
+    return x, failed
+
+
+def orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis ``Q`` (``(B, m, q)``, ``m >= q``) of the columns of each ``y[b]``.
+
+    Shifted CholeskyQR2; matrices whose result is not orthonormal (or not finite) are redone with Householder QR,
+    which also returns orthonormal columns for rank-deficient or zero inputs.
+    """
+    x, failed = _cholesky_qr2(y, y.shape[1], lambda t: t)
     if bool(failed.any()):
         idx = failed.nonzero().squeeze(1)
         x = x.clone()
@@ -100,22 +112,8 @@ def orthonormalize_sharded(y: torch.Tensor, group: object) -> torch.Tensor:
     """
     import torch.distributed as dist
 
-    b, c, q = y.shape
-    m = c * dist.get_world_size(group)
-    eps = torch.finfo(y.dtype).eps
-    eye = torch.eye(q, dtype=y.dtype, device=y.device)
-    x = y
-    failed = torch.zeros(b, dtype=torch.bool, device=y.device)
-    for first in (True, False):
-        gram = _allsum(x.mT @ x, group)
-        if first:
-            norm2 = gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
-            gram = gram + 11.0 * (m * q + q * (q + 1)) * eps * norm2 * eye
-        chol, info = torch.linalg.cholesky_ex(gram)
-        failed |= info != 0
-        x = torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False)
-    err = (_allsum(x.mT @ x, group) - eye).abs().amax(dim=(1, 2))
-    failed |= ~torch.isfinite(err) | (err > 1e3 * eps * max(m, 1) ** 0.5)
+    c = y.shape[1]
+    x, failed = _cholesky_qr2(y, c * dist.get_world_size(group), lambda t: _allsum(t, group))
     if bool(failed.any()):  # the same decision on every rank: all inputs of it were all-reduced
         idx = failed.nonzero().squeeze(1)
         full = gather_rows(y[idx], group)

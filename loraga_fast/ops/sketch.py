@@ -25,29 +25,25 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import select_backend
-from .accumulate import _BACKENDS, accumulate_triton
+from ._dispatch import as_2d, available_backends, select_backend
+from .accumulate import accumulate_triton
 
 __all__ = ["factors_from_sketch", "factors_from_sketch_ref", "probe_accumulate", "sketch_accumulate",
            "sketch_accumulate_ref"]
 
 
-def _as_2d(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
-
-
 def sketch_accumulate_ref(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Reference implementation of :func:`sketch_accumulate` (same contract): fp32 GEMMs, ``R`` upcast first."""
-    lhs = _as_2d(left).to(torch.float32)
-    rhs = _as_2d(right).to(torch.float32)
+    lhs = as_2d(left).to(torch.float32)
+    rhs = as_2d(right).to(torch.float32)
     acc.addmm_(lhs.t(), rhs @ basis)
     return acc
 
 
 def _sketch_accumulate_triton(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    rhs = _as_2d(right)
+    rhs = as_2d(right)
     projected = rhs @ basis.to(rhs.dtype)  # (T, K), in R's dtype
-    return accumulate_triton(acc, _as_2d(left), projected)
+    return accumulate_triton(acc, as_2d(left), projected)
 
 
 _IMPLS = {"torch": sketch_accumulate_ref, "triton": _sketch_accumulate_triton}
@@ -79,7 +75,7 @@ def sketch_accumulate(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor
                          f"left {tuple(left.shape)}, right {tuple(right.shape)}, basis {tuple(basis.shape)}.")
     if left.numel() == 0:
         return acc
-    backend = select_backend("sketch_accumulate", acc, _BACKENDS)
+    backend = select_backend("sketch_accumulate", acc, available_backends())
     return _IMPLS[backend](acc, left, right, basis)
 
 
@@ -92,7 +88,7 @@ def probe_accumulate(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
         left, right: ``(..., ML)`` and ``(..., NR)``, as in :func:`sketch_accumulate`.
         probe_left, probe_right: fp32 ``(ML, P)`` and ``(NR, P)``.
     """
-    lhs, rhs = _as_2d(left), _as_2d(right)
+    lhs, rhs = as_2d(left), as_2d(right)
     acc.addmm_((lhs @ probe_left.to(lhs.dtype)).to(torch.float32).t(), (rhs @ probe_right.to(rhs.dtype)).to(torch.float32))
     return acc
 

@@ -9,7 +9,15 @@ import torch
 from loraga_fast import preprocess_loraga
 from loraga_fast.ops import accumulate
 from loraga_fast.ops.accumulate import accumulate_triton
-from tests._helpers import attached, lora_ga_config, reference_mean_grads, rel_err, tiny_llama, token_batches, train_step_for
+from tests._helpers import (
+    attached,
+    lora_ga_config,
+    reference_mean_grads,
+    rel_err,
+    tiny_llama,
+    token_batches,
+    train_step_for,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -24,21 +24,12 @@ import torch
 from torch import nn
 
 from .capture import is_supported_layer, weight_shape
-from .init import check_finite, max_abs
-from .peft_compat import (
-    GRAD_ATTR,
-    _distributed,
-    _fill_default_target_modules,
-    _unregister,
-    estimate_into,
-    find_targets,
-    finish,
-    check_sharded_config,
-    new_store,
-    register_owners,
-)
-from .sharding import shard_layout
+from .errors import UsageError
+from .estimate import run_passes, summarize
+from .handoff import hand_off, release
+from .sharding import check_sharded_config, new_store, shard_layout
 from .steps import LossFn, train_step_from_dataloader
+from .targets import GRAD_ATTR, fill_default_target_modules, find_targets, warn_left_out
 
 __all__ = ["INIT_CHECKPOINT", "LoraGAContext", "estimate_gradient", "load_initialized", "save_loraga_model_final",
            "save_loraga_model_init"]
@@ -92,7 +83,7 @@ def estimate_gradient(
             mean gradient. The model is left as it was.
     """
     if quant_flag:
-        raise ValueError(
+        raise UsageError(
             "estimate_gradient(quant_flag=True) (the original's CPU-offloaded estimation for quantized training) is "
             "not supported by loraga_fast yet: pass the floating-point model with quant_flag=False, then quantize it "
             f"for training (origin_type={origin_type!r}, quant_type={quant_type!r} are not used)."
@@ -101,12 +92,12 @@ def estimate_gradient(
     # result matches LoraGAContext(bare_model, ...) and peft's module names
     named = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     if lora_config is not None:
-        _fill_default_target_modules(named, lora_config)
+        fill_default_target_modules(named, lora_config)
         targets = find_targets(named, lora_config)
     else:
         targets = [(name, module) for name, module in named.named_modules() if is_supported_layer(module)]
     if not targets:
-        raise ValueError("estimate_gradient: the model has no nn.Linear or Conv1D target layer.")
+        raise UsageError("estimate_gradient: the model has no nn.Linear or Conv1D target layer.")
     device: Any = "auto"
     if accelerator is not None:
         model.to(accelerator.device)
@@ -118,17 +109,11 @@ def estimate_gradient(
     total = num_batches
     if total is None and hasattr(dataloader, "__len__"):
         total = len(dataloader)  # type: ignore[arg-type]
-    estimate_into(store, model, targets, step, num_batches=total, progress=progress)
-    if layout is not None or _distributed():  # torchrun, or accelerate launch (which initializes torch.distributed)
-        store.all_reduce()  # sharded stores were reduce-scattered at every backward pass: only the counts
-    grads = store.means()
-    check_finite(max_abs(store), grads)
-    grads = store.shaped_for_user(grads)
-    missing = [name for name, _ in targets if name not in grads]
-    if missing:
-        logger.warning("estimate_gradient: %d target layer(s) saw no backward pass and are left out: %s",
-                       len(missing), ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
-    return grads
+    run_passes(model, targets, store, step, ranks={}, process_group=layout.group if layout is not None else None,
+               guard_group=layout.group if layout is not None else None, num_batches=total, progress=progress)
+    seen, _ = summarize(store, [name for name, _ in targets])
+    warn_left_out([name for name, _ in targets], seen, (), what="are left out of the result")
+    return store.mean_gradients()
 
 
 class LoraGAContext:
@@ -154,11 +139,11 @@ class LoraGAContext:
         for name, grad in self.named_grad.items():
             module = modules.get(name)
             if module is None:
-                raise ValueError(f"LoraGAContext: named_grad has an entry for '{name}', which is not a module of the model.")
+                raise UsageError(f"LoraGAContext: named_grad has an entry for '{name}', which is not a module of the model.")
             if not is_supported_layer(module):
                 continue
             if tuple(grad.shape) != weight_shape(module):
-                raise ValueError(
+                raise UsageError(
                     f"LoraGAContext: the gradient for '{name}' has shape {tuple(grad.shape)}, but the module's weight "
                     f"has shape {weight_shape(module)}."
                 )
@@ -179,15 +164,15 @@ class LoraGAContext:
 
     def _prepare(self, config: Any) -> None:
         if config.lora_ga_config is None:
-            raise ValueError(
+            raise UsageError(
                 "If you want to use LoRA-GA, please initialize the LoraConfig with "
                 "init_lora_weights='lora_ga' and lora_ga_config=LoraGAConfig(...)."
             )
-        _fill_default_target_modules(self.model, config)
+        fill_default_target_modules(self.model, config)
         targets = find_targets(self.model, config)
         missing = [name for name, _ in targets if name not in self.named_grad]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"LoraGAContext: named_grad has no gradient for target module '{missing[0]}'"
                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; estimate it with the same "
                 "target_modules, or exclude it from the LoraConfig."
@@ -197,18 +182,11 @@ class LoraGAContext:
             check_sharded_config(layout, config)
         store = new_store(targets, layout)
         for name, _ in targets:
-            slot, grad = store[name], self.named_grad[name]
-            if layout is not None:  # FSDP: each rank fills its rows from the row-sharded DTensor gradient
-                if not hasattr(grad, "to_local"):
-                    raise ValueError(
-                        f"LoraGAContext: the model is FSDP-sharded but the gradient for '{name}' is a plain tensor; "
-                        "pass the DTensors estimate_gradient returns for the sharded model."
-                    )
-                grad = grad.to_local()
-            slot.acc[: grad.shape[0]].copy_(grad)
-            slot.count = 1
-        finish(config, targets, store)
-        register_owners(layout, targets)
+            try:
+                store.load(name, self.named_grad[name])
+            except UsageError as err:
+                raise UsageError(f"LoraGAContext: {err}") from None
+        hand_off(config, targets, store, layout=layout)
         self._prepared += [m for _, m in targets]
 
     def __exit__(self, *exc: object) -> None:
@@ -221,7 +199,7 @@ class LoraGAContext:
         for module in self._prepared:  # whatever get_peft_model did not consume (it failed, or was not called)
             if hasattr(module, GRAD_ATTR):
                 delattr(module, GRAD_ATTR)
-            _unregister(module)
+            release(module)
         self._prepared = []
 
 
@@ -281,7 +259,7 @@ def load_initialized(base_model: nn.Module, out_dir: str | os.PathLike[str]) -> 
     offsets = load_file(offsets_path)
     for key, value in offsets.items():
         if key not in params or params[key].shape != value.shape:
-            raise ValueError(f"'{offsets_path}' does not match the model: no parameter '{key}' of shape {tuple(value.shape)}.")
+            raise UsageError(f"'{offsets_path}' does not match the model: no parameter '{key}' of shape {tuple(value.shape)}.")
     with torch.no_grad():
         for key, value in offsets.items():
             params[key].copy_(value)
