@@ -1,4 +1,5 @@
-"""Data parallel on torch.distributed (gloo, CPU): 2 and 3 processes give the single-process answer."""
+"""Data parallel on torch.distributed (gloo, CPU): 2 and 3 processes give the single-process answer. (FSDP1 refusals:
+tests/test_sharding.py; FSDP runs: tests/test_fsdp.py.)"""
 
 from __future__ import annotations
 
@@ -65,28 +66,6 @@ def test_data_parallel_equals_single_process(world: int, tmp_path: Path) -> None
         for n, b in res["factors"].items():  # every rank initializes the same adapters
             assert torch.equal(b, results[0]["factors"][n]), (r, n)
     assert (tmp_path / "cache.safetensors").is_file()  # written once, by rank 0
-
-
-@pytest.mark.parametrize(("orig_params", "scale", "message"), [
-    (False, "stable", "'model.layers.0' was wrapped with use_orig_params=False.*use_orig_params=True"),
-    (True, "weight_svd", "scale='weight_svd' is not supported on FSDP1"),
-])
-def test_unsupported_fsdp1_setups_are_refused_clearly(orig_params: bool, scale: str, message: str,
-                                                      tmp_path: Path) -> None:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        model = tiny_llama()
-        for i, layer in enumerate(model.model.layers):
-            model.model.layers[i] = FullyShardedDataParallel(layer, device_id=torch.device("cpu"),
-                                                             use_orig_params=orig_params)
-        called = []
-        with pytest.raises(ValueError, match=message):
-            preprocess_loraga(model, lora_ga_config(scale=scale), lambda: called.append(1))
-        assert not called and not attached(model)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_accelerate_ddp_launch(tmp_path: Path) -> None:

@@ -8,13 +8,11 @@ import gc
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from loraga_fast import LoraGAContext, estimate_gradient, preprocess_loraga
 from loraga_fast.ops.rsvd import batched_rsvd
@@ -25,6 +23,7 @@ from tests._helpers import (
     lora_ga_config,
     reference_mean_grads,
     rel_err,
+    spawn,
     subspace_cos,
     tiny_gpt2,
     tiny_llama,
@@ -34,17 +33,6 @@ from tests._helpers import (
 
 NUM_BATCHES = 6  # 3/3 over two ranks, 2/2/2 over three
 MODELS = {"llama": (tiny_llama, LLAMA_TARGETS), "gpt2": (tiny_gpt2, GPT2_TARGETS)}
-
-
-def _spawn(fn: object, world: int, tmp_path: Path, *args: object, timeout: float = 240.0) -> None:
-    """Run ``fn(rank, world, init_file, out_dir, *args)`` in ``world`` processes; fail (not hang) after ``timeout``."""
-    ctx = mp.spawn(fn, args=(world, str(tmp_path / "init"), str(tmp_path), *args), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {world} processes did not finish within {timeout:.0f} s (deadlock?)")
 
 
 def _init(rank: int, world: int, init_file: str) -> object:
@@ -145,7 +133,7 @@ def test_fsdp_equals_single_process(version: int, world: int, kind: str, scale: 
     expected_factors = _factors(get_peft_model(single, cfg))
     full_bytes = 4 * sum(g.numel() for g in expected.values())
 
-    _spawn(_fsdp_worker, world, tmp_path, kind, scale, mode, version)
+    spawn(_fsdp_worker, world, tmp_path, kind, scale, mode, version)
     for r in range(world):
         res = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
         assert not res["left"]  # get_peft_model consumed every attached gradient
@@ -197,7 +185,7 @@ def _uneven_worker(rank: int, world: int, init_file: str, out_dir: str, version:
 
 @pytest.mark.parametrize("version", [2, 1])
 def test_fsdp_uneven_steps_fail_loudly(version: int, tmp_path: Path) -> None:
-    _spawn(_uneven_worker, 2, tmp_path, version, timeout=120.0)
+    spawn(_uneven_worker, 2, tmp_path, version, timeout=120.0)
     for r in range(2):
         restored, message = (tmp_path / f"rank{r}.txt").read_text().split("\n", 1)
         assert "ranks ran different numbers of forward passes" in message and "same number of" in message, (r, message)
@@ -237,7 +225,7 @@ def _matrices(m: int, n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_rsvd_equals_batched(world: int, tmp_path: Path) -> None:
-    _spawn(_rsvd_worker, world, tmp_path)
+    spawn(_rsvd_worker, world, tmp_path)
     for r in range(world):
         res = torch.load(tmp_path / f"rank{r}.pt")
         for name, (m, n) in {"tall": (37, 20), "wide": (13, 30)}.items():

@@ -1,6 +1,8 @@
-"""Low-memory mode (``preprocess_loraga(..., mode="lowmem")``): accuracy against exact mode and against a constructed
-low-rank-plus-noise gradient, the accumulator memory formula, pass consistency checks, the ``get_peft_model``
-hand-off, the placeholder, the cache, exact-mode edge cases, and the sketch ops (torch and Triton interpreter)."""
+"""Low-memory mode end to end (``preprocess_loraga(..., mode="lowmem")``): accuracy against exact mode and against a
+constructed low-rank-plus-noise gradient, that no gradient-sized tensor is allocated, the ``get_peft_model``
+hand-off, exact mode's edge cases, the cache, and data parallel. The sketch ops are tested in tests/ops/test_sketch.py,
+the store in tests/test_sketch_store.py, the placeholder in tests/test_placeholder.py, the memory formula in
+tests/test_memory.py and the checks between passes in tests/test_estimate.py."""
 
 from __future__ import annotations
 
@@ -15,60 +17,33 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from peft import get_peft_model
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loraga_fast import handoff, memory_estimate, preprocess_loraga
-from loraga_fast.estimate import run_passes
-from loraga_fast.factors import LayerFactors
-from loraga_fast.memory import extra_bytes_per_layer
-from loraga_fast.ops.sketch import (
-    factors_from_sketch,
-    factors_from_sketch_ref,
-    probe_accumulate,
-    sketch_accumulate,
-    sketch_accumulate_ref,
-)
-from loraga_fast.placeholder import LowMemGradient, LowMemGradientUnavailable
-from loraga_fast.sketch_store import DEFAULT_SKETCH_PER_RANK, SketchSpec, SketchStore
+from loraga_fast import preprocess_loraga
+from loraga_fast.sketch_store import DEFAULT_SKETCH_PER_RANK
 from tests._helpers import (
     LLAMA_TARGETS,
+    TwoBranch,
+    adapters,
+    assert_untouched,
     attached,
     lm_loss,
     lora_ga_config,
+    prepared_factors,
     rel_err,
     subspace_cos,
     tiny_gpt2,
     tiny_llama,
     token_batches,
     train_step_for,
+    wide_llama,
 )
-from tests.test_init import TwoBranch
 from tests.test_real_models import (  # noqa: F401
     MINILM_TARGETS,
     _contrastive_loss,
     _pair_batches,
     minilm,
 )
-
-LOWMEM = {"mode": "lowmem"}
-
-
-def prepared_factors(model: nn.Module) -> dict[str, LayerFactors]:
-    """The factors the get_peft_model hand-off holds for ``model``'s prepared layers (by module name)."""
-    names = {module: name for name, module in model.named_modules()}
-    out = {}
-    for module, full_name in names.items():
-        entry = handoff.prepared(module)
-        if entry is not None and entry[1] in entry[0].factors():
-            out[full_name] = entry[0].factors()[entry[1]]
-    return out
-
-
-def adapters(pm: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {n.removeprefix("base_model.model."): (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach())
-            for n, m in pm.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
-
 
 # ---- accuracy ----------------------------------------------------------------------------------------------------
 
@@ -94,29 +69,20 @@ def test_minilm_lowmem_matches_exact_mode(minilm) -> None:  # type: ignore[no-un
     (exact_f, exact_ad), (low_f, low_ad) = results["exact"], results["lowmem"]
     assert low_f.keys() == exact_f.keys() and len(low_f) == 36
     k = 2 * 4
+    # the README's promise (subspace cosines > 0.9999, singular values within 1e-5); measured here: 1 - cos <= 1.1e-6,
+    # singular values within 1.4e-6, so the bounds below are about 10x the measured error
     for n, e in exact_f.items():
         lo = low_f[n]
         assert lo.u.shape == e.u.shape and lo.v.shape == e.v.shape
-        assert subspace_cos(lo.u[:, :k], e.u[:, :k]) >= 0.99, n
-        assert subspace_cos(lo.v[:, :k], e.v[:, :k]) >= 0.99, n
-        assert ((lo.s[:k] - e.s[:k]).abs() / e.s[:k]).max() <= 0.02, n
+        assert 1 - subspace_cos(lo.u[:, :k], e.u[:, :k]) <= 1e-5, n
+        assert 1 - subspace_cos(lo.v[:, :k], e.v[:, :k]) <= 1e-5, n
+        assert ((lo.s[:k] - e.s[:k]).abs() / e.s[:k]).max() <= 1e-5, n
     assert exact_ad.keys() == low_ad.keys()
     for n in exact_f:
         (a, b), (ea, eb) = low_ad[n], exact_ad[n]
-        assert subspace_cos(a.T, ea.T) >= 0.99 and subspace_cos(b, eb) >= 0.99, n
+        assert 1 - subspace_cos(a.T, ea.T) <= 1e-5 and 1 - subspace_cos(b, eb) <= 1e-5, n
         # B's columns carry the singular values (times the same stable scale)
-        assert rel_err(b.norm(dim=0), eb.norm(dim=0)) <= 0.02, n
-
-
-def _wide_llama() -> nn.Module:
-    """One LLaMA block large enough that k = 16 r is well below min(m, n): q/o 256x256, k/v 128x256,
-    gate/up 512x256, down 256x512."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
+        assert rel_err(b.norm(dim=0), eb.norm(dim=0)) <= 1e-5, n
 
 
 def _low_rank_plus_noise(m: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -127,12 +93,19 @@ def _low_rank_plus_noise(m: int, n: int, gen: torch.Generator) -> torch.Tensor:
     return (u * s) @ v.T + 0.01 * torch.randn(m, n, generator=gen, dtype=torch.float64)
 
 
+# passes -> (largest 1 - subspace cosine, largest relative singular-value error) allowed: about 10x the measured
+# (1.8e-4, 1.7e-4) for the default 3 passes and (1.4e-6, 1.3e-6) for 4. Two passes (no power iteration) are
+# measurably worse (measured 1 - cos = 0.025, singular values 1.8e-2 off; the README says cos ~0.975): the old
+# bounds stay, and the test also checks that they are worse, so a `passes` argument that is ignored fails.
+CONSTRUCTED_BOUNDS = {None: (2e-3, 2e-3), 2: (0.03, 0.02), 4: (2e-5, 2e-5)}
+
+
 @pytest.mark.parametrize("passes", [None, 2, 4], ids=["default", "2", "4"])
 def test_constructed_low_rank_plus_noise_on_a_llama_block(passes: int | None) -> None:
     """Each target of a LLaMA block sees inputs X with orthonormal columns and output gradients G = X A^T, so the
     summed gradient G^T X is exactly a constructed A; the top-2r triplets must match A's exact SVD. Even pass
     counts end on an adjoint product (U and V swap roles)."""
-    model = _wide_llama()
+    model = wide_llama()
     r = 2
     cfg = lora_ga_config(LLAMA_TARGETS)
     cfg.r = r
@@ -155,13 +128,20 @@ def test_constructed_low_rank_plus_noise_on_a_llama_block(passes: int | None) ->
     factors = prepared_factors(model)
     assert factors.keys() == designed.keys()
     bar = 0.97 if passes == 2 else 0.99  # two passes (no power iteration) are measurably less accurate
+    cos_tol, sv_tol = CONSTRUCTED_BOUNDS[passes]
+    worst = 0.0
     for name, a in designed.items():
         u0, s0, vh0 = torch.linalg.svd(a / 2)
         f = factors[name]
         assert f.u.shape == (a.shape[0], 2 * r) and f.v.shape == (a.shape[1], 2 * r)
-        assert subspace_cos(f.u, u0[:, : 2 * r]) >= bar, name
-        assert subspace_cos(f.v, vh0[: 2 * r].T) >= bar, name
-        assert ((f.s.double() - s0[: 2 * r]).abs() / s0[: 2 * r]).max() <= 0.02, name
+        cos_u, cos_v = subspace_cos(f.u, u0[:, : 2 * r]), subspace_cos(f.v, vh0[: 2 * r].T)
+        assert cos_u >= bar and cos_v >= bar, name
+        assert 1 - cos_u <= cos_tol and 1 - cos_v <= cos_tol, (name, cos_u, cos_v)
+        sv_err = ((f.s.double() - s0[: 2 * r]).abs() / s0[: 2 * r]).max().item()
+        assert sv_err <= 0.02 and sv_err <= sv_tol, (name, sv_err)
+        worst = max(worst, 1 - cos_u, 1 - cos_v)
+    if passes == 2:
+        assert worst > 1e-2  # really two passes: a third (a power iteration) brings this below 2e-4
     k = DEFAULT_SKETCH_PER_RANK * r
     assert k < min(mod.weight.shape[0] for _, mod in targets)  # the sketch is a real compression here
 
@@ -188,32 +168,12 @@ class _LargestAllocation(TorchDispatchMode):
         return out
 
 
-def test_accumulator_memory_is_the_skinny_formula() -> None:
-    model = _wide_llama()
-    cfg = lora_ga_config(LLAMA_TARGETS)
-    cfg.r = 2
-    targets = [(n, mod) for n, mod in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS]
-    k = DEFAULT_SKETCH_PER_RANK * 2
-    specs = [SketchSpec(n, *mod.weight.shape, k, mod.weight.device) for n, mod in targets]
-    store = SketchStore(specs)
-    expected = sum((mod.weight.shape[0] + mod.weight.shape[1]) * k * 4 for _, mod in targets)
-    assert store.sketch_nbytes == expected
-    # documented extras: a 4x4 fingerprint per layer, one (m + n) x 4 probe pair per shape group
-    extras = sum(4 * 16 for _ in targets) + sum((g.m + g.n) * 4 * 4 for g in store.groups)
-    assert store.nbytes == expected + extras
-    assert all(g.m_side.shape == (len(g.slots), g.m, k) and g.n_side.shape == (len(g.slots), g.n, k) for g in store.groups)
-    estimate = memory_estimate(model, cfg)
-    assert estimate.lowmem_bytes == expected + sum(extra_bytes_per_layer(*mod.weight.shape) for _, mod in targets)
-    assert estimate.exact_bytes == sum(mod.weight.numel() * 4 for _, mod in targets)
-    assert estimate.lowmem_bytes >= store.nbytes and estimate.exact_bytes > 3 * estimate.lowmem_bytes
-
-
 @pytest.mark.parametrize("mode", ["exact", "lowmem"])
 def test_no_gradient_sized_tensor_is_ever_allocated_in_lowmem_mode(mode: str) -> None:
     """Every storage allocated during the call is recorded; low-memory mode never allocates one as large as the
     largest target weight (only its (B, m, k) sketch groups and (T, k) products; exact mode does: its
     accumulators, which shows the check can fail)."""
-    model = _wide_llama()
+    model = wide_llama()
     cfg = lora_ga_config(LLAMA_TARGETS)
     cfg.r = 2
     largest = max(mod.weight.numel() for n, mod in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS)
@@ -226,60 +186,11 @@ def test_no_gradient_sized_tensor_is_ever_allocated_in_lowmem_mode(mode: str) ->
         assert probe.largest >= largest
 
 
-# ---- pass consistency ------------------------------------------------------------------------------------------------
+# ---- hand-off --------------------------------------------------------------------------------------------------------
 
 
-def _assert_untouched(model: nn.Module) -> None:
-    assert not attached(model)
-    assert all("forward" not in m.__dict__ for m in model.modules())
-    assert all(p.requires_grad for p in model.parameters())
-
-
-def test_other_batches_on_a_later_pass_are_detected() -> None:
-    model = tiny_llama()
-    calls = []
-
-    def drifting_step() -> None:  # a shared generator: each call gets new batches
-        calls.append(1)
-        for b in token_batches(n=2, seed=len(calls)):
-            lm_loss(model, b).backward()
-
-    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' saw different data in call 2"):
-        preprocess_loraga(model, lora_ga_config(), drifting_step, mode="lowmem")
-    assert len(calls) == 2
-    _assert_untouched(model)
-
-
-def test_another_number_of_backward_passes_is_detected() -> None:
-    model = tiny_llama()
-    batches = iter(token_batches(n=5))
-
-    def exhausting_step() -> None:  # a shared iterator: the second call gets what is left
-        for _, b in zip(range(3), batches):
-            lm_loss(model, b).backward()
-
-    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' saw 3 backward pass\(es\) in the "
-                                         r"first call of train_step but 2 in call 2"):
-        preprocess_loraga(model, lora_ga_config(), exhausting_step, mode="lowmem")
-    _assert_untouched(model)
-
-
-def test_dropout_and_shuffling_repeat_across_passes() -> None:
-    """The global random state is reset before each pass: dropout masks and a shuffled DataLoader repeat."""
-    model = tiny_gpt2()
-    for mod in model.modules():
-        if isinstance(mod, nn.Dropout):
-            mod.p = 0.2
-    loader = torch.utils.data.DataLoader(torch.cat(token_batches(n=3)), batch_size=2, shuffle=True)
-    step = lambda: [lm_loss(model, b).backward() for b in loader] and None
-    preprocess_loraga(model, lora_ga_config(["c_attn", "c_fc"]), step, mode="lowmem")
-    assert len(attached(model)) == 4
-
-
-# ---- hand-off and placeholder -------------------------------------------------------------------------------------------
-
-
-def test_get_peft_model_after_lowmem_and_the_placeholder() -> None:
+def test_get_peft_model_after_lowmem_matches_exact_mode() -> None:
+    """The placeholder it attaches is tested in tests/test_placeholder.py."""
     base = tiny_gpt2()  # Conv1D: the weight layout is (in, out)
     x = token_batches(n=1)[0]
     with torch.no_grad():
@@ -289,14 +200,6 @@ def test_get_peft_model_after_lowmem_and_the_placeholder() -> None:
         model = copy.deepcopy(base)
         cfg = lora_ga_config(["c_attn", "c_proj", "c_fc"])
         preprocess_loraga(model, cfg, train_step_for(model, token_batches()), mode=mode)
-        if mode == "lowmem":
-            grad = model.transformer.h[0].attn.c_attn._peft_loraga_grad
-            assert isinstance(grad, LowMemGradient)
-            with pytest.raises(LowMemGradientUnavailable, match=r"'transformer\.h\.0\.attn\.c_attn' was prepared by "
-                                                                r"loraga_fast\.preprocess_loraga\(mode='lowmem'\)"):
-                grad.to(torch.float32)  # what peft's own lora_ga_init does first
-            with pytest.raises(LowMemGradientUnavailable, match="never forms the mean gradient"):
-                torch.transpose(grad, 0, 1)  # type: ignore[call-overload]
         pm = get_peft_model(model, cfg)
         with torch.no_grad():
             torch.testing.assert_close(pm(x).logits, before, rtol=1e-4, atol=1e-4)
@@ -306,19 +209,10 @@ def test_get_peft_model_after_lowmem_and_the_placeholder() -> None:
     for n, (ea, eb) in results["exact"].items():
         a, b = results["lowmem"][n]
         assert a.shape == ea.shape and b.shape == eb.shape
-        # tiny layers: k = 16 r covers the whole space, so the result is exact up to rounding
+        # tiny layers: k = 16 r covers the whole space, so the result is exact up to rounding (measured: 1 - cos
+        # <= 2.8e-8; the bound is about 10x that)
         assert subspace_cos(a.T, ea.T) >= 0.999 and subspace_cos(b, eb) >= 0.999, n
-
-
-def test_peft_path_reading_the_placeholder_fails_clearly() -> None:
-    """A larger rank than prepared goes to peft's own lora_ga_init, which must not silently use a wrong value."""
-    model = tiny_llama()
-    cfg = lora_ga_config(["q_proj"])
-    preprocess_loraga(model, cfg, train_step_for(model, token_batches()), mode="lowmem")
-    bigger = lora_ga_config(["q_proj"])
-    bigger.r = 8
-    with pytest.raises(LowMemGradientUnavailable, match="run preprocess_loraga\\(mode='exact'\\)"):
-        get_peft_model(model, bigger)
+        assert 1 - subspace_cos(a.T, ea.T) <= 3e-7 and 1 - subspace_cos(b, eb) <= 3e-7, n
 
 
 # ---- exact mode's edge cases -----------------------------------------------------------------------------------------
@@ -352,7 +246,7 @@ def test_non_finite_gradient_raises_before_anything_is_modified() -> None:
     with pytest.raises(ValueError, match=r"not finite \(NaN/Inf\).*model\.layers\.0\.self_attn\.q_proj"):
         preprocess_loraga(model, lora_ga_config(), overflowing_step, mode="lowmem")
     assert len(calls) == 1  # found after the first pass
-    _assert_untouched(model)
+    assert_untouched(model)
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
 
 
@@ -362,7 +256,7 @@ def test_rank_too_large_for_a_layer_raises() -> None:
     cfg.r = 9
     with pytest.raises(ValueError, match=r"2 \* r <= min.*'model.layers.0.self_attn.k_proj'.*r=9"):
         preprocess_loraga(model, cfg, train_step_for(model, token_batches(n=1)), mode="lowmem")
-    _assert_untouched(model)
+    assert_untouched(model)
 
 
 def test_layers_without_backward_and_bad_arguments(caplog: pytest.LogCaptureFixture) -> None:
@@ -425,70 +319,6 @@ def test_cache_round_trip_and_mode_mismatch(tmp_path: Path) -> None:
     assert not attached(fourth)
 
 
-# ---- ops -------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("t,m,n,k", [(1, 5, 7, 3), (63, 40, 24, 8), (130, 33, 70, 16)], ids=str)
-@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-def test_sketch_accumulate_matches_reference(backend: str, t: int, m: int, n: int, k: int, dtype: torch.dtype,
-                                             rtol: float) -> None:
-    g = torch.randn(2, t, m).to(dtype)
-    x = torch.randn(2, t, n).to(dtype)
-    p = torch.randn(n, k)
-    q = torch.randn(m, k)
-    start = torch.randn(m, k)
-    acc = start.clone()
-    sketch_accumulate(acc, g, x, p)  # A P
-    dense = g.double().reshape(-1, m).T @ x.double().reshape(-1, n)
-    assert rel_err(acc - start, dense @ p.double()) < rtol
-    ref = sketch_accumulate_ref(start.clone(), g, x, p)
-    assert rel_err(acc, ref) < rtol
-    acc_t = torch.zeros(n, k)
-    sketch_accumulate(acc_t, x, g, q)  # A^T Q
-    assert rel_err(acc_t, dense.T @ q.double()) < rtol
-    fp = torch.zeros(3, 3)
-    pm, pn = torch.randn(m, 3), torch.randn(n, 3)
-    probe_accumulate(fp, g, x, pm, pn)
-    assert rel_err(fp, pm.double().T @ dense @ pn.double()) < rtol
-
-
-def test_sketch_accumulate_rejects_bad_shapes() -> None:
-    with pytest.raises(ValueError, match="shapes do not match"):
-        sketch_accumulate(torch.zeros(4, 3), torch.randn(5, 4), torch.randn(5, 6), torch.randn(7, 3))
-    with pytest.raises(TypeError, match="must be float32"):
-        sketch_accumulate(torch.zeros(4, 3, dtype=torch.float64), torch.randn(5, 4), torch.randn(5, 6), torch.randn(6, 3))
-
-
-def test_factors_from_sketch_matches_dense_reference() -> None:
-    gen = torch.Generator().manual_seed(3)
-    a = torch.randn(2, 50, 8, generator=gen) @ torch.randn(2, 8, 30, generator=gen)  # rank 8
-    basis = torch.linalg.qr(a.mT @ torch.randn(2, 50, 12, generator=gen)).Q  # (2, 30, 12) spans the row space
-    u, s, v = factors_from_sketch(basis, a @ basis, 6)
-    ur, sr, vr = factors_from_sketch_ref(basis, a @ basis, 6)
-    u0, s0, vh0 = torch.linalg.svd(a.double())
-    assert rel_err(s, s0[:, :6]) < 1e-5 and rel_err(sr, s0[:, :6]) < 1e-5
-    for i in range(2):
-        assert subspace_cos(u[i], u0[i, :, :6]) > 0.9999 and subspace_cos(v[i], vh0[i, :6].T) > 0.9999
-        assert subspace_cos(u[i], ur[i]) > 0.9999 and subspace_cos(v[i], vr[i]) > 0.9999
-
-
-def test_run_passes_under_the_triton_interpreter(backend: str) -> None:
-    """The whole low-memory estimation with each backend gives the same factors."""
-    model = tiny_llama()
-    targets = [(n, mod) for n, mod in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
-    ranks = {n: 2 for n, _ in targets}
-    # k = min(m, n): the sketch spans everything, so both backends must give the exact top subspaces
-    store = SketchStore([SketchSpec(n, *mod.weight.shape, 32, mod.weight.device) for n, mod in targets], passes=3)
-    run_passes(model, targets, store, train_step_for(model, token_batches(n=2)), ranks=ranks)
-    assert min(store.max_abs().values()) > 0 and set(store.counts().values()) == {2}
-    factors = store.factors(ranks)
-    ref_model = tiny_llama()
-    preprocess_loraga(ref_model, lora_ga_config(["q_proj", "down_proj"]), train_step_for(ref_model, token_batches(n=2)))
-    exact = prepared_factors(ref_model)
-    for n, f in factors.items():
-        assert subspace_cos(f.u, exact[n].u[:, :4]) > 0.99 and subspace_cos(f.v, exact[n].v[:, :4]) > 0.99, (backend, n)
-
-
 # ---- data parallel ---------------------------------------------------------------------------------------------------
 
 
@@ -517,6 +347,8 @@ def test_data_parallel_equals_single_process(tmp_path: Path) -> None:
         assert res.keys() == expected.keys() and len(res) == 14
         for n, (u, s, v) in res.items():
             assert torch.equal(u, results[0][n][0]) and torch.equal(s, results[0][n][1]), (r, n)  # ranks agree
-            assert rel_err(s, expected[n].s) < 1e-4, (r, n)
+            # measured: singular values 6e-7 off, 1 - cos 1.4e-11 (only the summation order differs); ~10x that
+            assert rel_err(s, expected[n].s) < 1e-4 and rel_err(s, expected[n].s) < 6e-6, (r, n)
             assert subspace_cos(u, expected[n].u) > 0.999 and subspace_cos(v, expected[n].v) > 0.999, (r, n)
+            assert 1 - subspace_cos(u, expected[n].u) < 2e-10 and 1 - subspace_cos(v, expected[n].v) < 2e-10, (r, n)
     assert (tmp_path / "dp.safetensors").is_file()

@@ -15,6 +15,7 @@ from torch import nn
 
 from loraga_fast import preprocess_loraga
 from tests._helpers import (
+    TwoBranch,
     attached,
     lm_loss,
     lora_ga_config,
@@ -123,16 +124,6 @@ def test_non_finite_gradient_raises_before_anything_is_modified() -> None:
     assert not attached(model)
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert LoraLayer.lora_ga_init is PEFT_LORA_GA_INIT
-
-
-class TwoBranch(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.used = nn.Linear(16, 16)
-        self.dead = nn.Linear(16, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.used(x).square().mean() + 0.0 * self.dead(x).sum()
 
 
 def test_zero_gradient_warns_and_gets_default_init(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,4 +1,5 @@
-"""The original LoRA-GA utilities and the train_step helpers."""
+"""The original LoRA-GA utilities (:mod:`loraga_fast.original`): ``estimate_gradient``, ``LoraGAContext`` and the
+save helpers. The train_step helpers are tested in tests/test_steps.py."""
 
 from __future__ import annotations
 
@@ -15,16 +16,14 @@ from torch.utils.data import DataLoader
 from loraga_fast import (
     LoraGAContext,
     estimate_gradient,
-    preprocess_loraga,
     save_loraga_model_final,
     save_loraga_model_init,
-    train_step_from_dataloader,
-    train_step_from_trainer,
 )
 from tests._helpers import (
     LLAMA_TARGETS,
-    VOCAB,
     attached,
+    dict_batches,
+    dict_loss,
     reference_mean_grads,
     rel_err,
     tiny_llama,
@@ -32,21 +31,13 @@ from tests._helpers import (
 )
 
 
-def _dict_loader(n: int = 3) -> list[dict[str, torch.Tensor]]:
-    return [{"input_ids": b, "labels": b} for b in token_batches(n=n)]
-
-
-def _dict_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**batch).loss
-
-
 def test_estimate_gradient_dict_batches_match_float64() -> None:
     model = tiny_llama()
-    loader = _dict_loader()
+    loader = dict_batches()
     grads = estimate_gradient(model, loader)  # every Linear by default, lm_head included
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert sorted(grads) == sorted(names) and "lm_head" in grads
-    ref = reference_mean_grads(model, names, loader, _dict_loss)
+    ref = reference_mean_grads(model, names, loader, dict_loss)
     for n in names:
         assert grads[n].dtype == torch.float32 and rel_err(grads[n], ref[n]) < 1e-5, n
     assert all(p.grad is None for p in model.parameters())
@@ -79,16 +70,16 @@ def test_estimate_gradient_with_an_accelerator() -> None:
 
     accelerator = Accelerator(cpu=True)
     model = tiny_llama()
-    loader = DataLoader(_dict_loader(4), batch_size=None)
+    loader = DataLoader(dict_batches(4), batch_size=None)
     grads = estimate_gradient(model, loader, accelerator)
-    ref = reference_mean_grads(model, list(grads), _dict_loader(4), _dict_loss)
+    ref = reference_mean_grads(model, list(grads), dict_batches(4), dict_loss)
     assert max(rel_err(grads[n], ref[n]) for n in ref) < 1e-5
 
 
 @pytest.mark.parametrize("kwargs,match", [({"quant_flag": True}, "quant_flag=True")])
 def test_estimate_gradient_unsupported_arguments(kwargs: dict, match: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ValueError, match=match):
-        estimate_gradient(tiny_llama(), _dict_loader(), None, **kwargs)
+        estimate_gradient(tiny_llama(), dict_batches(), None, **kwargs)
 
 
 def test_bad_batches_raise_and_leave_the_model_untouched() -> None:
@@ -110,7 +101,7 @@ def _lora_ga_config() -> LoraConfig:
 def test_round_trip_reproduces_the_trained_model_on_the_untouched_base(tmp_path: Path) -> None:
     base = tiny_llama()
     model = copy.deepcopy(base)
-    named_grad = estimate_gradient(model, _dict_loader(), progress=False)
+    named_grad = estimate_gradient(model, dict_batches(), progress=False)
     with LoraGAContext(model=model, named_grad=named_grad):
         model = get_peft_model(model, _lora_ga_config())
     assert "inject_adapter" not in LoraModel.__dict__ and not hasattr(model, "named_grad")
@@ -120,7 +111,7 @@ def test_round_trip_reproduces_the_trained_model_on_the_untouched_base(tmp_path:
     assert (tmp_path / "init_lora_checkpoint").is_dir()
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for batch in _dict_loader(3):
+    for batch in dict_batches(3):
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -140,7 +131,7 @@ def test_round_trip_reproduces_the_trained_model_on_the_untouched_base(tmp_path:
 
 def test_context_with_a_missing_target_raises_before_touching_the_model() -> None:
     model = tiny_llama()
-    named_grad = estimate_gradient(model, _dict_loader(1), progress=False)
+    named_grad = estimate_gradient(model, dict_batches(1), progress=False)
     del named_grad["model.layers.1.mlp.up_proj"]
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="no gradient for target module 'model.layers.1.mlp.up_proj'"):
@@ -164,45 +155,16 @@ def test_context_with_a_wrong_shape_or_unknown_name_raises() -> None:
 
 def test_context_left_unused_leaves_nothing_behind() -> None:
     model = tiny_llama()
-    named_grad = estimate_gradient(model, _dict_loader(1), progress=False)
+    named_grad = estimate_gradient(model, dict_batches(1), progress=False)
     before = {n: set(vars(m)) for n, m in model.named_modules()}
     with LoraGAContext(model, named_grad):
         pass
     assert {n: set(vars(m)) for n, m in model.named_modules()} == before
 
 
-def test_train_step_from_dataloader() -> None:
-    model = tiny_llama()
-    loader = _dict_loader(3)
-    preprocess_loraga(model, _lora_ga_config(), train_step_from_dataloader(model, loader, num_batches=2))
-    ref = reference_mean_grads(model, list(attached(model)), loader[:2], _dict_loss)
-    assert max(rel_err(g, ref[n]) for n, g in attached(model).items()) < 1e-5
-
-
-def test_train_step_from_trainer_drives_a_real_trainer(tmp_path: Path) -> None:
-    from transformers import Trainer, TrainingArguments
-
-    model = tiny_llama()
-    g = torch.Generator().manual_seed(3)
-    dataset = [{"input_ids": (ids := torch.randint(0, VOCAB, (12,), generator=g)), "labels": ids} for _ in range(8)]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, report_to=[],
-                             use_cpu=True, logging_strategy="no", save_strategy="no")
-    trainer = Trainer(model=model, args=args, train_dataset=dataset)
-    batches = [{k: v.clone() for k, v in b.items()} for b in list(trainer.get_train_dataloader())[:3]]
-    cfg = _lora_ga_config()
-    preprocess_loraga(model, cfg, train_step_from_trainer(trainer, num_batches=3))
-    grads = attached(model)
-    ref = reference_mean_grads(model, list(grads), batches, _dict_loss)
-    assert len(grads) == 14 and max(rel_err(grads[n], ref[n]) for n in ref) < 1e-5
-
-    peft_model = get_peft_model(model, cfg)
-    result = Trainer(model=peft_model, args=args, train_dataset=dataset).train()
-    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
-
-
 def test_context_with_a_non_finite_gradient_raises_before_touching_the_model() -> None:
     model = tiny_llama()
-    named_grad = estimate_gradient(model, _dict_loader(1), progress=False)
+    named_grad = estimate_gradient(model, dict_batches(1), progress=False)
     named_grad["model.layers.0.mlp.down_proj"] = named_grad["model.layers.0.mlp.down_proj"].clone().fill_(float("nan"))
     with pytest.raises(ValueError, match=r"not finite \(NaN/Inf\).*model.layers.0.mlp.down_proj"):
         with LoraGAContext(model, named_grad):
