@@ -94,11 +94,13 @@ class GradientGroup(PreparedGroup):
 
     def __init__(self, tensor: torch.Tensor, names: Sequence[str], modules: Mapping[str, nn.Module],
                  ranks: Mapping[str, int], *, weight_svd: bool, zero: Collection[str] = (),
-                 attached: Mapping[str, Any] | None = None, seed: int = DEFAULT_SEED):
+                 attached: Mapping[str, Any] | None = None, seed: int = DEFAULT_SEED,
+                 shape: tuple[int, int] | None = None):
         self.index = [i for i, name in enumerate(names) if name in ranks]
         mine = [names[i] for i in self.index]
         super().__init__(mine, modules, ranks, attached if attached is not None else dict(zip(names, tensor)), zero)
         self.tensor = tensor
+        self.shape = tuple(shape) if shape is not None else tuple(tensor.shape[1:])  # the whole gradients' shape
         self.full = len(self.index) == len(names)
         self.weight_svd = weight_svd
         self.seed = seed
@@ -110,7 +112,7 @@ class GradientGroup(PreparedGroup):
         return self._factors
 
     def _compute(self) -> dict[str, LayerFactors]:
-        small = min(self.tensor.shape[1:])
+        small = min(self.shape)
         k = 2 * max(self.ranks.values())
         q = min(2 * k, small)
         gen = torch.Generator(device=self.tensor.device).manual_seed(self.seed)
@@ -129,13 +131,13 @@ class GradientGroup(PreparedGroup):
 
 
 class ShardedGradientGroup(GradientGroup):
-    """A :class:`GradientGroup` over row shards (``tensor`` holds this rank's ``(B, c, n)`` rows of ``rows``-row
+    """A :class:`GradientGroup` over row shards (``tensor`` holds this rank's ``(B, c, n)`` rows of ``shape``
     gradients): :func:`~loraga_fast.ops.rsvd.sharded_rsvd` all-reduces only ``q``-wide products, then the ``2r``-wide
     left factors are gathered, so every rank holds the same factors and offsets its own rows of each weight."""
 
-    def __init__(self, *args: Any, rows: int, group: Any, **kwargs: Any):
+    def __init__(self, *args: Any, group: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.rows = rows
+        self.rows = self.shape[0]
         self.process_group = group
 
     def factorize(self, batch: torch.Tensor, k: int, q: int,

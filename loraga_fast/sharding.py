@@ -317,7 +317,7 @@ class ShardedStore(AccumulatorStore):
     def make_group(self, group: Group, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *,
                    weight_svd: bool, zero: Collection[str], attached: Mapping[str, torch.Tensor]) -> PreparedGroup:
         return ShardedGradientGroup(group.tensor, [s.name for s in group.slots], modules, ranks, weight_svd=weight_svd,
-                                    zero=zero, attached=attached, rows=group.shape[0], group=self.group)
+                                    zero=zero, attached=attached, shape=group.shape, group=self.group)
 
     def save_cache(self, path: Any, names: Sequence[str], zero: Collection[str]) -> None:
         raise UsageError("cache_file is not supported for FSDP-sharded models yet.")

@@ -233,7 +233,7 @@ class AccumulatorStore(Store):
     def make_group(self, group: Group, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *,
                    weight_svd: bool, zero: Collection[str], attached: Mapping[str, torch.Tensor]) -> PreparedGroup:
         return GradientGroup(group.tensor, [s.name for s in group.slots], modules, ranks, weight_svd=weight_svd,
-                             zero=zero, attached=attached)
+                             zero=zero, attached=attached, shape=group.shape)
 
     def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str]) -> None:
         from .cache import save_gradients
