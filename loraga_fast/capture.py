@@ -63,18 +63,33 @@ def math_shape(module: nn.Module) -> tuple[int, int]:
 
 
 class _CaptureLinear(torch.autograd.Function):
-    """``y = x W^T + b`` (or ``x W + b`` for Conv1D) whose backward accumulates ``G^T X`` instead of ``dW``."""
+    """``y = x W^T + b`` (or ``x W + b`` for Conv1D) whose backward accumulates ``G^T X`` instead of ``dW``.
+
+    Under autocast the layer's matmul consumes ``x`` and ``W`` cast to the autocast dtype; the op does that cast
+    itself and saves the cast ``x``, so backward hands the accumulate kernel the very operands autograd's own
+    weight gradient would use (two 16-bit tensors: the tensor-core path, no fp32 copy), and holds ``x`` in 16 bits
+    between forward and backward as autograd would.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, anchor: torch.Tensor,
                 slot: Slot, transposed: bool, on_backward: Callable[[Slot], None] | None) -> torch.Tensor:
-        if transposed:  # transformers Conv1D: weight (in, out)
-            out_shape = x.shape[:-1] + (weight.shape[1],)
-            x2d = x.reshape(-1, x.shape[-1])
-            y = torch.addmm(bias, x2d, weight) if bias is not None else x2d @ weight
-            y = y.view(out_shape)
-        else:
-            y = nn.functional.linear(x, weight, bias)
+        ctx.input_dtype = x.dtype
+        device_type = x.device.type
+        w = weight
+        if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+            dtype = torch.get_autocast_dtype(device_type)
+            x, w = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            if transposed:  # transformers Conv1D: weight (in, out)
+                out_shape = x.shape[:-1] + (w.shape[1],)
+                x2d = x.reshape(-1, x.shape[-1])
+                y = torch.addmm(bias, x2d, w) if bias is not None else x2d @ w
+                y = y.view(out_shape)
+            else:
+                y = nn.functional.linear(x, w, bias)
+        # the layer's own weight is saved (re-cast in backward), never a 16-bit copy held from forward to backward
         ctx.save_for_backward(x, weight)
         ctx.slot = slot
         ctx.transposed = transposed
@@ -92,7 +107,7 @@ class _CaptureLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = weight.to(grad_out.dtype)
-            grad_x = grad_out.matmul(w.t() if ctx.transposed else w).to(x.dtype)
+            grad_x = grad_out.matmul(w.t() if ctx.transposed else w).to(ctx.input_dtype)
         return grad_x, None, None, None, None, None, None
 
 

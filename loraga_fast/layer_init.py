@@ -14,6 +14,7 @@ from torch import nn
 from .dtensor import is_dtensor, rows_per_rank
 from .errors import UsageError
 from .factors import NITER, LayerFactors
+from .ops._precision import with_exact_fp32
 
 __all__ = ["init_layer_from_factors"]
 
@@ -23,6 +24,7 @@ def _transpose(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
+@with_exact_fp32
 def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config: object, factors: LayerFactors, *,
                             in_place: bool = False) -> None:
     """peft's ``LoraLayer.lora_ga_init`` computed from precomputed factors (same math, same order of casts).

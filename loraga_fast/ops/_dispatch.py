@@ -1,13 +1,17 @@
-"""Backend selection for the ops in :mod:`loraga_fast.ops`.
+"""Backend selection for the ops in :mod:`loraga_fast.ops`: one policy, one override.
 
-One function, :func:`select_backend`, decides which implementation of an op runs:
+:func:`select_backend` decides, for every op (``accumulate``, ``sketch_accumulate``), from the device of the
+tensor the op writes and the dtypes of the operands it reads:
 
-* ``LORAGA_FAST_BACKEND=torch`` forces the plain-torch reference path (any device);
+* ``LORAGA_FAST_BACKEND=torch`` forces the plain-torch path (any device);
 * ``LORAGA_FAST_BACKEND=triton`` forces the Triton kernel (CUDA tensors, or CPU tensors under
   ``TRITON_INTERPRET=1``) and raises an actionable error when that is impossible;
-* ``LORAGA_FAST_BACKEND=auto`` (the default) picks Triton for CUDA tensors (and for CPU tensors under the
-  interpreter) when the op has a Triton kernel and ``triton`` imports, and the torch path otherwise.
+* ``LORAGA_FAST_BACKEND=auto`` (the default): the Triton kernel when the output is on a CUDA device (or on the
+  CPU under the interpreter), ``triton`` is installed and some operand is 16-bit (bf16/fp16: the kernel reads it
+  as is, with no upcast copy, and accumulates in fp32); the torch path otherwise. All-fp32 operands go to torch
+  because cuBLAS/oneDNN SGEMM (in IEEE fp32, see :mod:`._precision`) is faster than a Triton fp32 kernel.
 
+:func:`choose` is the policy as a pure function of plain values, so it can be tested for any device.
 Nothing here probes the hardware at import time; the environment is read when an op is called.
 """
 
@@ -16,12 +20,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Collection
+from collections.abc import Iterable
 
 import torch
 
 BACKEND_ENV = "LORAGA_FAST_BACKEND"
 _CHOICES = ("auto", "torch", "triton")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+__all__ = ["BACKEND_ENV", "as_2d", "choose", "interpreter_enabled", "requested_backend", "select_backend",
+           "triton_importable"]
 
 
 def interpreter_enabled() -> bool:
@@ -29,15 +37,10 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     """True when the ``triton`` package can be found (it is not imported here)."""
     return importlib.util.find_spec("triton") is not None
-
-
-def available_backends() -> tuple[str, ...]:
-    """The backends an op with a Triton kernel can run on here: ``("torch", "triton")`` or ``("torch",)``."""
-    return ("torch", "triton") if triton_importable() else ("torch",)
 
 
 def as_2d(t: torch.Tensor) -> torch.Tensor:
@@ -53,35 +56,31 @@ def requested_backend() -> str:
     return value
 
 
-def select_backend(op: str, tensor: torch.Tensor, available: Collection[str],
-                   auto: Collection[str] | None = None) -> str:
-    """Return the backend (``"torch"`` or ``"triton"``) that runs ``op`` on ``tensor``.
+def choose(op: str, device_type: str, dtypes: Iterable[torch.dtype], *, requested: str, interpreter: bool,
+           triton_installed: bool) -> str:
+    """The policy: ``"torch"`` or ``"triton"`` for ``op`` writing on ``device_type`` and reading ``dtypes``.
 
-    Args:
-        op: the op's name, used in error messages.
-        tensor: a tensor the op writes (its device decides the automatic choice).
-        available: the backends this op implements (any of them can be forced).
-        auto: the backends the automatic choice may pick for this call (default: ``available``), for cases
-            where a kernel exists but another backend is known to be better.
+    Raises:
+        RuntimeError: ``requested == "triton"`` where the kernel cannot run (naming what to change).
     """
-    requested = requested_backend()
     if requested == "torch":
         return "torch"
-    triton_possible = tensor.device.type == "cuda" or (tensor.device.type == "cpu" and interpreter_enabled())
+    triton_possible = device_type == "cuda" or (device_type == "cpu" and interpreter)
     if requested == "triton":
-        if "triton" not in available:
-            raise RuntimeError(
-                f"{BACKEND_ENV}=triton was requested, but loraga_fast has no Triton kernel for '{op}' yet; "
-                f"unset {BACKEND_ENV} or set it to 'torch'."
-            )
-        if not triton_importable():
+        if not triton_installed:
             raise RuntimeError(f"{BACKEND_ENV}=triton was requested for '{op}', but triton is not installed: pip install triton")
         if not triton_possible:
             raise RuntimeError(
-                f"{BACKEND_ENV}=triton was requested for '{op}' on a {tensor.device.type} tensor; Triton kernels run on "
-                "CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 (slow, for tests)."
+                f"{BACKEND_ENV}=triton was requested for '{op}' on a {device_type} tensor; Triton kernels run on CUDA "
+                "tensors, or on CPU tensors with TRITON_INTERPRET=1 (slow, for tests)."
             )
         return "triton"
-    if "triton" in (available if auto is None else auto) and triton_possible and triton_importable():
-        return "triton"
-    return "torch"
+    low_precision = any(d in LOW_PRECISION for d in dtypes)
+    return "triton" if triton_possible and triton_installed and low_precision else "torch"
+
+
+def select_backend(op: str, out: torch.Tensor, *operands: torch.Tensor) -> str:
+    """The backend that runs ``op`` writing ``out`` from ``operands`` here and now (:func:`choose` applied to the
+    environment: ``LORAGA_FAST_BACKEND``, ``TRITON_INTERPRET``, whether triton is installed)."""
+    return choose(op, out.device.type, [t.dtype for t in operands], requested=requested_backend(),
+                  interpreter=interpreter_enabled(), triton_installed=triton_importable())

@@ -7,6 +7,7 @@ peft's LoRA-GA runs once per layer), for all ``B`` matrices at once:
 2. ``niter`` power iterations ``Q = orth(A^T Q)``, ``Q = orth(A Q)``, re-orthonormalizing at every step;
 3. ``Bs = Q^T A`` (``q x n``), an exact SVD of ``Bs`` (batched), ``U = Q U_Bs``.
 
+Every GEMM here runs in IEEE fp32 whatever the user's TF32 / matmul-precision settings (:mod:`._precision`).
 Orthonormalization (:func:`orthonormalize`) is shifted CholeskyQR2 (two GEMM-based passes; a small shift makes
 the first Cholesky succeed on ill-conditioned blocks), checked for orthonormality, with batched Householder QR
 for the matrices where it fails (zero matrices, rank below ``q``, duplicated rows).
@@ -19,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from ._precision import with_exact_fp32
 
 __all__ = ["batched_rsvd", "orthonormalize", "orthonormalize_sharded", "rsvd_ref", "sharded_rsvd"]
 
@@ -64,6 +67,7 @@ def _cholesky_qr2(y: torch.Tensor, m: int, allsum: Callable[[torch.Tensor], torc
     return x, failed
 
 
+@with_exact_fp32
 def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis ``Q`` (``(B, m, q)``, ``m >= q``) of the columns of each ``y[b]``.
 
@@ -103,6 +107,7 @@ def gather_rows(local: torch.Tensor, group: object) -> torch.Tensor:
     return out.permute(1, 0, 2)
 
 
+@with_exact_fp32
 def orthonormalize_sharded(y: torch.Tensor, group: object) -> torch.Tensor:
     """:func:`orthonormalize` for a row-sharded ``y`` (local ``(B, c, q)`` blocks of ``(B, N*c, q)``, ``N*c >= q``).
 
@@ -123,6 +128,7 @@ def orthonormalize_sharded(y: torch.Tensor, group: object) -> torch.Tensor:
     return x
 
 
+@with_exact_fp32
 def sharded_rsvd(a: torch.Tensor, rows: int, k: int, q: int | None = None, niter: int = 4, *, group: object = None,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`batched_rsvd` of row-sharded matrices, without gathering them.
@@ -168,6 +174,7 @@ def sharded_rsvd(a: torch.Tensor, rows: int, k: int, q: int | None = None, niter
     return _canonical_signs(qw @ vh[:, :k].mT, s[:, :k], basis @ u_small[..., :k])
 
 
+@with_exact_fp32
 def batched_rsvd(a: torch.Tensor, k: int, q: int | None = None, niter: int = 4, *,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` singular triplets of each matrix of ``a``.

@@ -9,12 +9,14 @@ with a tall basis, which cost ``O(T (M + N) K)`` and ``O((M + N) K)`` memory:
 
 Both are one op, :func:`sketch_accumulate` (``acc += L^T (R B)`` with ``(L, R)`` = ``(G, X)`` or ``(X, G)``):
 
-* :func:`sketch_accumulate_ref` -- the plain-torch reference (fp32 throughout), also the torch backend;
-* the Triton backend computes ``R B`` with one GEMM in ``R``'s dtype (fp32 accumulation, the result rounded to
-  that dtype: relative ``2^-8`` for bf16, far below the sketch's own error) and adds ``L^T (R B)`` into the fp32
-  accumulator with the fused kernel of :func:`loraga_fast.ops.accumulate_triton`;
+* :func:`sketch_accumulate_ref` -- the plain-torch reference (fp32 throughout, IEEE whatever the user's matmul
+  precision settings), also the torch backend;
+* the Triton backend runs the kernel of :func:`loraga_fast.ops.accumulate_triton` twice: ``R B`` into an fp32
+  ``(T, K)`` buffer (``R`` read in its own dtype through a transposed view, upcast tile by tile, IEEE fp32), then
+  ``L^T (R B)`` into the accumulator. The products stay fp32 on both backends (no rounding of ``R B`` to the model
+  dtype) and no full-size fp32 copy of ``L`` or ``R`` is made;
 * :func:`sketch_accumulate` -- the public op: checks, then dispatches through
-  :func:`loraga_fast.ops._dispatch.select_backend`.
+  :func:`loraga_fast.ops._dispatch.select_backend` (the same policy as ``accumulate``).
 
 :func:`probe_accumulate` adds a tiny ``P x P`` sketch ``Phi_M^T A Phi_N`` (the pass fingerprint: equal batches
 give equal values) and :func:`factors_from_sketch` turns a final skinny product into top singular triplets
@@ -25,24 +27,27 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import as_2d, available_backends, select_backend
-from .accumulate import accumulate_triton
+from ._accumulate_triton import accumulate_triton
+from ._dispatch import as_2d, select_backend
+from ._precision import exact_fp32, with_exact_fp32
 
 __all__ = ["factors_from_sketch", "factors_from_sketch_ref", "probe_accumulate", "sketch_accumulate",
            "sketch_accumulate_ref"]
 
 
 def sketch_accumulate_ref(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Reference implementation of :func:`sketch_accumulate` (same contract): fp32 GEMMs, ``R`` upcast first."""
+    """Reference implementation of :func:`sketch_accumulate` (same contract): IEEE fp32 GEMMs, inputs upcast first."""
     lhs = as_2d(left).to(torch.float32)
     rhs = as_2d(right).to(torch.float32)
-    acc.addmm_(lhs.t(), rhs @ basis)
+    with exact_fp32():
+        acc.addmm_(lhs.t(), rhs @ basis)
     return acc
 
 
 def _sketch_accumulate_triton(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     rhs = as_2d(right)
-    projected = rhs @ basis.to(rhs.dtype)  # (T, K), in R's dtype
+    projected = torch.zeros((rhs.shape[0], basis.shape[1]), dtype=torch.float32, device=acc.device)
+    accumulate_triton(projected, rhs.t(), basis)  # (R^T)^T B = R B: (T, K) in fp32
     return accumulate_triton(acc, as_2d(left), projected)
 
 
@@ -75,10 +80,11 @@ def sketch_accumulate(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor
                          f"left {tuple(left.shape)}, right {tuple(right.shape)}, basis {tuple(basis.shape)}.")
     if left.numel() == 0:
         return acc
-    backend = select_backend("sketch_accumulate", acc, available_backends())
+    backend = select_backend("sketch_accumulate", acc, left, right)
     return _IMPLS[backend](acc, left, right, basis)
 
 
+@with_exact_fp32
 def probe_accumulate(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor, probe_left: torch.Tensor,
                      probe_right: torch.Tensor) -> torch.Tensor:
     """``acc += (L Phi_L)^T (R Phi_R)``: a ``(P, P)`` sketch ``Phi_L^T (L^T R) Phi_R``, cost ``O(T (ML + NR) P)``.
@@ -93,6 +99,7 @@ def probe_accumulate(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     return acc
 
 
+@with_exact_fp32
 def factors_from_sketch(basis: torch.Tensor, product: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` singular triplets of ``A ~= product @ basis^T`` for a batch, from skinny matrices only.
 
