@@ -145,12 +145,12 @@ def _lora_ga_init_from_prepared(self: Any, adapter_name: str, lora_ga_config: An
             factors = group.factors()[name]
             unit = _FSDP1_OWNERS.get(base)
             if unit is None:
-                init_layer_from_factors(self, adapter_name, lora_ga_config, factors)
+                init_layer_from_factors(self, adapter_name, lora_ga_config, factors, name=name)
             else:  # FSDP1: the whole weight for the duration, offset in place, written back to every rank's shard
                 from torch.distributed.fsdp import FullyShardedDataParallel
 
                 with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True):
-                    init_layer_from_factors(self, adapter_name, lora_ga_config, factors, in_place=True)
+                    init_layer_from_factors(self, adapter_name, lora_ga_config, factors, in_place=True, name=name)
         delattr(base, GRAD_ATTR)
         if _init_bar is not None:
             _init_bar.update(1)

@@ -8,6 +8,8 @@ itself, and peft's DoRA set-up runs after it on the offset weight.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -18,6 +20,8 @@ from .ops._precision import with_exact_fp32
 
 __all__ = ["init_layer_from_factors"]
 
+logger = logging.getLogger("loraga_fast")
+
 
 def _transpose(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return t.T if fan_in_fan_out else t
@@ -26,11 +30,17 @@ def _transpose(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 @torch.no_grad()
 @with_exact_fp32
 def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config: object, factors: LayerFactors, *,
-                            in_place: bool = False) -> None:
+                            in_place: bool = False, name: str = "") -> None:
     """peft's ``LoraLayer.lora_ga_init`` computed from precomputed factors (same math, same order of casts).
 
     The offset base weight replaces the weight's data, as peft does; ``in_place=True`` writes it into the existing
     storage instead (FSDP1's ``summon_full_params(writeback=True)`` copies that storage back to the shards).
+
+    Numerically zero singular directions (``s <= s_max * max(m, n) * eps_fp32``, numpy's matrix-rank threshold: a
+    gradient of rank below ``2r``, e.g. from few tokens) are never used to build B: their B columns are zero and
+    their A rows keep the (orthonormal, otherwise arbitrary) singular vectors, so ``B A`` gets nothing from them and
+    training can grow them as in a plain LoRA init; ``weight_svd`` never divides by such a value. A warning names
+    the layer (``name``) and its numerical rank. peft divides by them (its B can reach ~1e7 there).
     """
     base = layer.get_base_layer()  # type: ignore[operator]
     weight = base.weight
@@ -54,7 +64,13 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
     else:
         raise UsageError(f"Unknown LoRA-GA direction {direction!r}.")
     s_b = s[b_idx]
-    b_w = u[:, b_idx] * s_b
+    tol = float(s[0]) * max(u.shape[0], v.shape[0]) * torch.finfo(torch.float32).eps
+    live = s_b > tol
+    if not bool(live.all()):
+        logger.warning("LoRA-GA: layer '%s' has a mean gradient of numerical rank %d < 2r = %d; the B columns of its %d "
+                       "numerically zero direction(s) start at zero (training can grow them).", name or "?",
+                       int((s > tol).sum()), 2 * r, int((~live).sum()))
+    b_w = u[:, b_idx] * torch.where(live, s_b, torch.zeros_like(s_b))
 
     scale = lora_ga_config.scale  # type: ignore[attr-defined]
     if scale == "stable":
@@ -64,8 +80,8 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
         if sigma is None:  # the config changed after preprocessing: estimate as peft does
             w = _transpose(weight.detach().to(torch.float32), fan_in_fan_out)
             sigma = float(torch.svd_lowrank(w, q=r, niter=NITER)[1][0])
-        if s_b[0] > 0:
-            b_w = b_w * (sigma / s_b[0])
+        if bool(live.any()):  # peft's ratio S_W[0] / S_B[0], over a live direction only
+            b_w = b_w * (sigma / (s_b[0] if bool(live[0]) else s_b[live].max()))
     elif scale == "gd_scale":
         a_w = a_w / scaling
         b_w = b_w / scaling
