@@ -114,6 +114,7 @@ if triton is not None:
         stride_gt, stride_gm, stride_xt, stride_xn, stride_cm, stride_cn,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         UPCAST: tl.constexpr, IEEE: tl.constexpr, TO_PARTIALS: tl.constexpr,
+        T_STATIC: tl.constexpr,  # T_PER_SPLIT as a compile-time constant (interpreter), or 0: run-time bound (GPUs)
     ):
         # tile order grouped along M so neighbouring programs share X columns in L2
         pid = tl.program_id(0)
@@ -139,9 +140,11 @@ if triton is not None:
         x_cols = rn.to(tl.int64) * stride_xn
 
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        # the loop bounds are kernel arguments, not values derived from program_id: triton < 3.7's interpreter
-        # cannot take a 0-d numpy array as a range bound with numpy >= 2.4
-        for t0 in range(0, T_PER_SPLIT, BLOCK_K):
+        # The interpreter of triton < 3.7 turns range() bounds into ints with int() of a 1-element numpy array,
+        # which numpy >= 2.4 rejects; run-time arguments (T_PER_SPLIT too) and every assigned value are such arrays
+        # there. A constexpr stop is a plain int, so the interpreter gets T_STATIC (written inline: an assignment
+        # would make it an array again); GPUs get 0 and the run-time bound (one compiled kernel for every T).
+        for t0 in range(0, T_STATIC if T_STATIC else T_PER_SPLIT, BLOCK_K):
             t = t_start + t0 + rk
             mask_t = t < t_end
             t64 = t.to(tl.int64)
@@ -204,7 +207,8 @@ def accumulate_triton(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tens
     t_per_split = -(-(-(-t // splits)) // config.block_k) * config.block_k
     splits = -(-t // t_per_split)
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=acc.device) if splits > 1 else acc
-    flags = {"UPCAST": interpreting or not tensor_cores, "IEEE": not tensor_cores, "TO_PARTIALS": splits > 1}
+    flags = {"UPCAST": interpreting or not tensor_cores, "IEEE": not tensor_cores, "TO_PARTIALS": splits > 1,
+             "T_STATIC": t_per_split if interpreting else 0}
     grid = (-(-m // config.block_m) * -(-n // config.block_n), splits)
     _kernel(interpreting)[grid](
         g, x, acc, partials, t, m, n, t_per_split,

@@ -33,8 +33,9 @@ __all__ = ["BACKEND_ENV", "as_2d", "choose", "interpreter_enabled", "requested_b
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton kernels are to run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels are to run in the CPU interpreter (``TRITON_INTERPRET`` set to a value triton itself
+    reads as on: 1, true, on, yes)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 @functools.cache

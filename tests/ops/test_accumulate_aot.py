@@ -25,7 +25,7 @@ def _compile(arch: int, g_dtype: str, x_dtype: str, config: KernelConfig, to_par
     signature = {"G": f"*{g_dtype}", "X": f"*{x_dtype}", "C": "*fp32", "P": "*fp32", **{n: "i32" for n in _INT_ARGS}}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "GROUP_M": config.group_m, "UPCAST": not tensor_cores, "IEEE": not tensor_cores,
-                  "TO_PARTIALS": to_partials}
+                  "TO_PARTIALS": to_partials, "T_STATIC": 0}
     signature.update({k: "constexpr" for k in constexprs})
     names = list(signature)
     src = ASTSource(fn=JITFunction(_accumulate_kernel), signature=signature,
