@@ -40,6 +40,7 @@ __all__ = ["DEFAULT_PASSES", "DEFAULT_SKETCH_PER_RANK", "FINGERPRINT_PROBES", "S
            "SketchStore", "sketch_columns"]
 
 DEFAULT_SKETCH_PER_RANK = 16  # k = 16 r (8x the 2r triplets LoRA-GA needs), measured on SmolLM2 gradients
+CHUNK_LAYERS = 2  # the sketch algebra works on this many layers of a group at a time (bounded workspace)
 DEFAULT_PASSES = 3
 FINGERPRINT_PROBES = 4  # the fingerprint is a (4, 4) sketch per layer
 
@@ -171,11 +172,13 @@ class SketchStore(Store):
         previous pass, in place) and zero the products, counts and fingerprints."""
         for g in self.groups:
             basis, product = self._sides(g, index)
-            if index == 0:
-                gen = self._generator(g.device, g.m, g.n, g.k, 1)
-                basis.copy_(torch.randn(basis.shape, dtype=torch.float32, device=g.device, generator=gen))
-            else:
-                basis.copy_(orthonormalize(basis))  # the previous pass's product
+            gen = self._generator(g.device, g.m, g.n, g.k, 1)
+            for start in range(0, basis.shape[0], CHUNK_LAYERS):  # in place, a few layers at a time
+                chunk = basis[start : start + CHUNK_LAYERS]
+                if index == 0:
+                    chunk.normal_(generator=gen)
+                else:
+                    chunk.copy_(orthonormalize(chunk))  # the previous pass's product
             product.zero_()
             g.fingerprints.zero_()
             for slot in g.slots:
@@ -215,17 +218,18 @@ class SketchStore(Store):
             index = [slot.index for slot in g.slots if slot.name in ranks]
             if not index:
                 continue
-            counts = torch.tensor([float(g.slots[i].count) for i in index], dtype=torch.float32, device=g.device)
             basis, product = self._sides(g)
-            product = product[index] / counts[:, None, None]
             k = 2 * max(ranks[g.slots[i].name] for i in index)
-            # forward: A ~= product basis^T; adjoint: A^T ~= product basis^T, so U and V swap
-            left, s, right = factors_from_sketch(basis[index], product, k)
-            u, v = (right, left) if adjoint else (left, right)
-            for j, i in enumerate(index):
-                slot = g.slots[i]
-                uu, vv = (v[j], u[j]) if slot.transposed else (u[j], v[j])
-                out[slot.name] = LayerFactors(u=uu.contiguous(), s=s[j].contiguous(), v=vv.contiguous())
+            for start in range(0, len(index), CHUNK_LAYERS):  # a few layers at a time: bounded workspace
+                part = index[start : start + CHUNK_LAYERS]
+                counts = torch.tensor([float(g.slots[i].count) for i in part], dtype=torch.float32, device=g.device)
+                # forward: A ~= product basis^T; adjoint: A^T ~= product basis^T, so U and V swap
+                left, s, right = factors_from_sketch(basis[part], product[part] / counts[:, None, None], k)
+                u, v = (right, left) if adjoint else (left, right)
+                for j, i in enumerate(part):
+                    slot = g.slots[i]
+                    uu, vv = (v[j], u[j]) if slot.transposed else (u[j], v[j])
+                    out[slot.name] = LayerFactors(u=uu.contiguous(), s=s[j].contiguous(), v=vv.contiguous())
         return out
 
     def prepare(self, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *, weight_svd: bool,
