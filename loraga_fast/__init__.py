@@ -29,7 +29,12 @@ _EXPORTS = {
     "UsageError": "errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # noqa: RUF022 (the order of _EXPORTS)
+    "__version__", "preprocess_loraga", "estimate_gradient", "LoraGAContext", "save_loraga_model_init",
+    "save_loraga_model_final", "load_initialized", "train_step_from_dataloader", "train_step_from_trainer",
+    "memory_estimate", "UsageError",
+]
+assert set(__all__) == {"__version__", *_EXPORTS}
 
 if TYPE_CHECKING:
     from .errors import UsageError

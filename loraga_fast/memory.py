@@ -7,13 +7,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .capture import math_shape
+from .errors import UsageError
 from .sketch_store import DEFAULT_PASSES, FINGERPRINT_PROBES, sketch_columns
 from .targets import fill_default_target_modules, find_targets, layer_ranks
 
-__all__ = ["MemoryEstimate", "accumulator_bytes", "estimate_bytes", "extra_bytes_per_layer", "memory_estimate"]
+__all__ = ["MemoryEstimate", "accumulator_bytes", "available_bytes", "check_fits", "estimate_bytes", "extra_bytes_per_layer",
+           "memory_estimate"]
 
 
 def accumulator_bytes(shapes: Iterable[tuple[int, int]], r: int, sketch_size: int | None = None) -> tuple[int, int]:
@@ -50,9 +53,55 @@ class MemoryEstimate:
     sketch_columns: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
+        ratio = self.exact_bytes / max(self.lowmem_bytes, 1)
+        than = f"{ratio:.1f}x less" if ratio >= 1 else f"{1 / ratio:.1f}x more"
         return (f"LoRA-GA accumulator memory for {self.num_layers} target layers: exact mode {_fmt(self.exact_bytes)}, "
-                f"low-memory mode {_fmt(self.lowmem_bytes)} ({self.exact_bytes / max(self.lowmem_bytes, 1):.1f}x less, "
-                f"{DEFAULT_PASSES} passes over the batches by default)")
+                f"low-memory mode {_fmt(self.lowmem_bytes)} ({than}, {DEFAULT_PASSES} passes over the batches by "
+                "default)")
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory the accumulators could take on ``device`` right now: free device memory on CUDA, the kernel's
+    ``MemAvailable`` on a Linux CPU; None where it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_fits(targets: Sequence[tuple[str, nn.Module]], ranks: Mapping[str, int], mode: str,
+               sketch_size: int | None = None) -> None:
+    """Refuse, before the first forward pass, a run whose accumulators alone exceed what a device has available.
+
+    Raises:
+        UsageError: naming the device, the bytes needed and available, and the alternative (low-memory mode for
+            exact mode; fewer targets or a smaller ``sketch_size`` for low-memory mode).
+    """
+    by_device: dict[torch.device, list[tuple[str, nn.Module]]] = {}
+    for name, module in targets:
+        by_device.setdefault(module.weight.device, []).append((name, module))
+    for device, members in by_device.items():
+        free = available_bytes(device)
+        if free is None:
+            continue
+        estimate = estimate_bytes(members, ranks, sketch_size)
+        need = estimate.exact_bytes if mode == "exact" else estimate.lowmem_bytes
+        if need <= free:
+            continue
+        if mode == "exact":
+            hint = (f"use preprocess_loraga(..., mode='lowmem') (loraga-fast init --mode lowmem), which needs "
+                    f"{_fmt(estimate.lowmem_bytes)}, fewer target_modules, or shard the model (FSDP)")
+        else:
+            hint = "use fewer target_modules or a smaller sketch_size"
+        raise UsageError(f"LoRA-GA {mode} mode needs {_fmt(need)} of fp32 accumulators for {len(members)} target "
+                         f"layer(s) on {device}, but only {_fmt(free)} is available: {hint}.")
 
 
 def _fmt(nbytes: int) -> str:

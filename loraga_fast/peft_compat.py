@@ -23,7 +23,7 @@ from .capture import math_shape, weight_layout_transposed
 from .errors import UsageError
 from .estimate import run_passes
 from .handoff import hand_off
-from .memory import estimate_bytes
+from .memory import check_fits, estimate_bytes
 from .sharding import (
     ShardLayout,
     check_sharded_call,
@@ -142,6 +142,8 @@ def preprocess_loraga(
 
     start = time.perf_counter()
     cached = cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0
+    if layout is None and not (cached and mode == "lowmem"):  # FSDP shards the accumulators over its ranks
+        check_fits(targets, ranks, mode, sketch_size)
     estimate: Estimate
     if cached and mode == "lowmem":
         estimate = load_factors(cache_file, dict(targets), ranks)  # type: ignore[arg-type]
