@@ -22,7 +22,7 @@ What is measured for one ``(impl, dtype, preset)``:
     freed memory that the allocator keeps makes RSS growth on later calls an underestimate.
   - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
     ``memory_allocated()`` before the call. Exact and cheap, so it is read on every call; the reported value is
-    the largest over the timed repeats (the first call can include one-time allocations such as autotuning).
+    the largest over the timed repeats (the first call can include one-time allocations such as Triton compilation).
 """
 
 from __future__ import annotations
@@ -146,6 +146,10 @@ PRESETS: dict[str, Preset] = {
     # LLaMA-7B shapes (6.7B parameters): GPU only (fp32 accumulators alone are 27 GB)
     "llama-7b": Preset(name="llama-7b", hidden_size=4096, num_layers=32, intermediate_size=11008, num_heads=32,
                        vocab_size=32000, batch_size=4, seq_len=512, num_batches=8),
+    # LLaMA-7B layer widths with 4 of its 32 blocks (1.07B parameters): the 7B per-layer GEMM sizes at an eighth of
+    # the build and run time (bench/gpu.sh's low-memory step); GPU only
+    "llama-7b-4l": Preset(name="llama-7b-4l", hidden_size=4096, num_layers=4, intermediate_size=11008, num_heads=32,
+                          vocab_size=32000, batch_size=4, seq_len=512, num_batches=8),
 }
 
 
@@ -585,11 +589,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _version(name: str) -> str | None:
+    """An installed package's version from its metadata (importing transformers and peft only for their versions
+    would cost a runner seconds), else from the module itself; None when absent."""
+    from importlib import import_module, metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        try:
+            return str(getattr(import_module(name), "__version__", None))
+        except ImportError:
+            return None
+
+
 def environment_info(device: str | torch.device = "auto") -> dict[str, Any]:
     """Versions and hardware, for the JSON results."""
-    import peft
-    import transformers
-
     import loraga_fast
 
     dev = resolve_device(device)
@@ -597,8 +612,8 @@ def environment_info(device: str | torch.device = "auto") -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
         "loraga_fast": loraga_fast.__version__,
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),

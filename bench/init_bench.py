@@ -17,10 +17,16 @@ Presets:
   gradients estimated on their 8 batches;
 * ``7b-groups`` -- LLaMA-7B layer shapes (per block: 4 x 4096x4096, 2 x 11008x4096, 1 x 4096x11008, no bias)
   with synthetic gradients (rank-64 decaying spectrum plus noise); ``--layers`` blocks (32 is the full 7B;
-  the default is 32 on CUDA and 1 on CPU, where 32 would not fit in memory).
+  the default is 32 on CUDA and 1 on CPU, where 32 would not fit in memory);
+* ``tiny-groups`` -- the same code path at the ``tiny`` preset's shapes (64 hidden, 176 MLP), 2 blocks by
+  default: a smoke test in seconds (``bash bench/gpu.sh --dry-run``); ``tiny`` -- the end-to-end ``tiny`` preset.
 
     python bench/init_bench.py --preset 70m --dtypes fp32 bf16
     python bench/init_bench.py --preset 7b-groups --ranks 8 64
+    python bench/init_bench.py --preset tiny-groups --dtypes bf16
+
+A failing measurement prints its worker's error and the others still run (exit status 1); the JSON is rewritten
+after every measurement, so a run stopped by a timeout keeps what it measured.
 """
 
 from __future__ import annotations
@@ -52,12 +58,17 @@ IMPLS = ("loraga_fast", "peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES_7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
              "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+SHAPES_TINY = {"q_proj": (64, 64), "k_proj": (64, 64), "v_proj": (64, 64), "o_proj": (64, 64),
+               "gate_proj": (176, 64), "up_proj": (176, 64), "down_proj": (64, 176)}
+# (out, in) of each projection of one block, for the synthetic-gradient presets
+GROUP_PRESETS = {"7b-groups": SHAPES_7B, "tiny-groups": SHAPES_TINY}
+PRESETS = ["70m", "smollm2", "tiny", *GROUP_PRESETS]
 
 
 class Block7B(nn.Module):
-    def __init__(self, dtype: torch.dtype, device: torch.device):
+    def __init__(self, dtype: torch.dtype, device: torch.device, shapes: dict[str, tuple[int, int]] = SHAPES_7B):
         super().__init__()
-        for name, (out_f, in_f) in SHAPES_7B.items():
+        for name, (out_f, in_f) in shapes.items():
             layer = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
             nn.init.normal_(layer.weight, std=0.02)
             setattr(self, name, layer)
@@ -116,12 +127,12 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     cfg = _lora_config(r)
-    if preset != "7b-groups":  # an end-to-end preset: real estimated gradients
+    if preset not in GROUP_PRESETS:  # an end-to-end preset: real estimated gradients
         model = build_model(preset, dtype_name, device)
         step = make_train_step(model, make_batches(preset, device))
     else:
         torch.manual_seed(0)
-        model = nn.ModuleList([Block7B(dtype, device) for _ in range(layers)])
+        model = nn.ModuleList([Block7B(dtype, device, GROUP_PRESETS[preset]) for _ in range(layers)])
         step = None
     targets = find_targets(model, cfg)
     store = None
@@ -166,12 +177,13 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
             "batched_rsvd_s": rsvd_time.seconds, "peft_svd_lowrank_s": svd_time.seconds, "peak_extra_bytes": probe.reading.peak_extra_bytes}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["70m", "smollm2", "7b-groups"], default="70m")
+    parser.add_argument("--preset", choices=PRESETS, default="70m")
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--ranks", nargs="+", type=int, default=None, help="LoRA ranks (default: 8)")
-    parser.add_argument("--layers", type=int, default=None, help="7b-groups: decoder blocks (default 32 on CUDA, 1 on CPU)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="7b-groups: decoder blocks (default 32 on CUDA, 1 on CPU); tiny-groups: default 2")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "init.json")
@@ -179,19 +191,40 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     ranks = args.ranks or [8]
-    layers = args.layers or (32 if device.type == "cuda" else 1)
+    layers = args.layers or (2 if args.preset == "tiny-groups" else 32 if device.type == "cuda" else 1)
     if args.worker:
         print(json.dumps(worker(args.impls[0], args.preset, args.dtypes[0], ranks[0], layers, device)))
-        return
-    rows = []
+        return 0
+    rows: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    env = environment_info(device)
+
+    def save() -> None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "preset": args.preset, "rows": rows, "failed": failed},
+                                        indent=2))
+
     for dtype in args.dtypes:
         for r in ranks:
             for impl in args.impls:
                 cmd = [sys.executable, __file__, "--worker", "--preset", args.preset, "--dtypes", dtype, "--ranks",
                        str(r), "--layers", str(layers), "--impls", impl, "--device", str(device)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-                rows.append(json.loads(out))
-                print(f"[init] {args.preset} {dtype} r={r} {impl}: {rows[-1]['time_s']:.3f}s", file=sys.stderr)
+                start = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                lines = proc.stdout.strip().splitlines()
+                if proc.returncode != 0 or not lines:
+                    print(f"[init] {args.preset} {dtype} r={r} {impl}: FAILED (exit {proc.returncode})\n"
+                          f"{proc.stderr[-3000:]}", file=sys.stderr)
+                    failed.append({"impl": impl, "dtype": dtype, "r": r, "exit_code": proc.returncode,
+                                   "stderr_tail": proc.stderr[-3000:]})
+                else:
+                    rows.append(json.loads(lines[-1]))
+                    print(f"[init] {args.preset} {dtype} r={r} {impl}: {rows[-1]['time_s']:.3f}s "
+                          f"(process {time.perf_counter() - start:.1f}s)", file=sys.stderr)
+                save()
+    if not rows:
+        print("init benchmark: every measurement failed", file=sys.stderr)
+        return 1
     print(f"init benchmark, preset {args.preset} ({rows[0]['layers']} target layers, {rows[0]['target_params'] / 1e6:.1f}M "
           f"target weights), device {device}")
     print(f"{'dtype':<5} {'r':>3} {'impl':<12} {'time (s)':>9} {'finish (s)':>10} {'get_peft (s)':>12} "
@@ -207,10 +240,10 @@ def main(argv: list[str] | None = None) -> None:
                 o, p = pair["loraga_fast"], pair["peft"]
                 print(f"{dtype:<5} {r:>3} ours/peft    {o['time_s'] / p['time_s']:>8.3f}x "
                       f"{'':>10} {'':>12} {'':>11} {o['peak_extra_bytes'] / max(p['peak_extra_bytes'], 1):>15.3f}x")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"environment": environment_info(device), "rows": rows}, indent=2))
+    save()
     print(f"results written to {args.json}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,14 @@
 """Low-memory mode benchmark: time per pass vs the fwd+bwd floor, total time and peak memory vs exact mode and
 peft, and projected accumulator memory for LLaMA 7B-70B shapes.
 
-``python bench/lowmem.py [--preset 70m] [--dtype fp32] [--batches N]``
+``python bench/lowmem.py [--preset 70m] [--dtype fp32] [--batches N] [--impls floor lowmem ...] [--out PATH]``
 
 Each implementation runs in a fresh subprocess (``--one IMPL``) on the preset's seeded random LLaMA
-(:mod:`bench.e2e` builders), after one untimed no-grad forward; memory is :class:`bench.e2e.MemoryProbe`'s extra
-peak (RSS on CPU, allocated bytes on CUDA). Implementations:
+(:mod:`bench.e2e` builders), after one untimed no-grad forward; on CUDA also after one untimed call of the
+implementation itself (Triton compilation and cuBLAS/cuSOLVER start-up are not what a pass costs; on CPU the
+measured call is the first, as RSS growth is only meaningful there). Memory is :class:`bench.e2e.MemoryProbe`'s
+extra peak (RSS on CPU, allocated bytes on CUDA). A failing implementation prints its error and the others still
+run (exit status 1); ``--out`` is rewritten after every implementation. Implementations:
 
 * ``floor``: one forward + backward over the batches with every target routed through the capture op but
   accumulating nothing (input gradients only) -- what any method must at least pay per pass;
@@ -30,16 +33,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import (
+from bench.e2e import (  # noqa: E402
+    PRESETS,
     MemoryProbe,
     build_model,
+    clear_loraga_state,
     get_preset,
     make_batches,
     make_lora_config,
     make_train_step,
 )
-from loraga_fast.memory import accumulator_bytes
-from loraga_fast.sketch_store import DEFAULT_PASSES
+from loraga_fast.memory import accumulator_bytes  # noqa: E402
+from loraga_fast.sketch_store import DEFAULT_PASSES  # noqa: E402
 
 IMPLS = ("floor", "lowmem", "exact", "peft")
 
@@ -75,7 +80,7 @@ class _NullStore:
         return self.slots[name]
 
 
-def run_one(impl: str, preset: str, dtype: str, batches: int | None) -> dict[str, Any]:
+def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: bool | None = None) -> dict[str, Any]:
     p = get_preset(preset)
     if batches is not None:
         p = dataclasses.replace(p, num_batches=batches)
@@ -106,6 +111,11 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None) -> dict[str
 
         def call() -> None:
             preprocess_loraga(model, cfg, step, mode=impl)
+    warmup = device.type == "cuda" if warmup is None else warmup
+    if warmup:
+        call()
+        clear_loraga_state(model)
+        gc.collect()
     with MemoryProbe(device) as probe:
         start = time.perf_counter()
         call()
@@ -114,14 +124,17 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None) -> dict[str
         elapsed = time.perf_counter() - start
     assert probe.reading is not None
     return {"impl": impl, "time_s": elapsed, "peak_extra_bytes": probe.reading.peak_extra_bytes,
-            "device": str(device), "num_batches": p.num_batches, "threads": torch.get_num_threads()}
+            "device": str(device), "num_batches": p.num_batches, "threads": torch.get_num_threads(),
+            "warmed_up": warmup, "passes": DEFAULT_PASSES if impl == "lowmem" else 1}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="70m")
-    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--preset", default="70m", choices=list(PRESETS))
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--batches", type=int, default=None)
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
+                        help="what to run, in this order (floor first: the others are reported relative to it)")
     parser.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -129,33 +142,68 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_one(args.one, args.preset, args.dtype, args.batches)))
         return 0
 
-    results = {}
-    for impl in IMPLS:
+    results: dict[str, dict[str, Any]] = {}
+    failed: dict[str, dict[str, Any]] = {}
+    projections = _projections()
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, "passes": DEFAULT_PASSES,
+                                                  "runs": results, "failed": failed, "projections": projections},
+                                                 indent=2))
+
+    for impl in args.impls:
         cmd = [sys.executable, __file__, "--one", impl, "--preset", args.preset, "--dtype", args.dtype]
         if args.batches is not None:
             cmd += ["--batches", str(args.batches)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-    floor = results["floor"]["time_s"]
-    print(f"preset {args.preset} ({args.dtype}, {results['floor']['num_batches']} batches, {results['floor']['device']}, "
-          f"{results['floor']['threads']} threads); lowmem passes = {DEFAULT_PASSES}")
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            print(f"[lowmem] {impl}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
+            failed[impl] = {"exit_code": proc.returncode, "stderr_tail": proc.stderr[-3000:]}
+        else:
+            results[impl] = json.loads(lines[-1])
+            print(f"[lowmem] {impl}: {results[impl]['time_s']:.3f}s (process {time.perf_counter() - start:.1f}s)",
+                  file=sys.stderr, flush=True)
+        floor_run = results.get("floor")
+        for name, res in results.items():
+            if floor_run:
+                res["x_floor"] = res["time_s"] / floor_run["time_s"]
+                res["per_pass_x_floor"] = res["time_s"] / res.get("passes", 1) / floor_run["time_s"]
+        save()
+    if not results:
+        print("lowmem benchmark: every implementation failed", file=sys.stderr)
+        return 1
+    first = next(iter(results.values()))
+    print(f"preset {args.preset} ({args.dtype}, {first['num_batches']} batches, {first['device']}, "
+          f"{first['threads']} threads); lowmem passes = {DEFAULT_PASSES}")
     print(f"{'impl':8} {'time s':>8} {'x floor':>8} {'per pass x floor':>17} {'extra peak MiB':>15}")
     for impl, res in results.items():
-        per_pass = res["time_s"] / (DEFAULT_PASSES if impl == "lowmem" else 1) / floor
-        print(f"{impl:8} {res['time_s']:8.2f} {res['time_s'] / floor:8.2f} {per_pass:17.2f} "
+        print(f"{impl:8} {res['time_s']:8.2f} {_num(res.get('x_floor')):>8} {_num(res.get('per_pass_x_floor')):>17} "
               f"{res['peak_extra_bytes'] / 2**20:15.1f}")
 
     print("\nprojected accumulator memory (fp32, all 7 projections of every block), exact vs low-memory (k = 16 r):")
     print(f"{'model':6} {'r':>3} {'exact GiB':>10} {'lowmem GiB':>11} {'ratio':>7}")
+    for p in projections:
+        exact, low = p["exact_bytes"], p["lowmem_bytes"]
+        print(f"{p['model']:6} {p['r']:3d} {exact / 2**30:10.2f} {low / 2**30:11.2f} {exact / low:7.1f}")
+    save()
+    return 1 if failed else 0
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _projections() -> list[dict[str, Any]]:
     projections = []
     for model_name, dims in LLAMA_SHAPES.items():
         for r in (8, 16, 64):
             exact, low = accumulator_bytes(layer_shapes(*dims), r)
             projections.append({"model": model_name, "r": r, "exact_bytes": exact, "lowmem_bytes": low})
-            print(f"{model_name:6} {r:3d} {exact / 2**30:10.2f} {low / 2**30:11.2f} {exact / low:7.1f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"runs": results, "projections": projections}, indent=2))
-    return 0
+    return projections
 
 
 if __name__ == "__main__":

@@ -131,48 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 1")
 
     preset = get_preset(args.preset)
-    results = []
-    for dtype in args.dtypes:
-        for impl in args.impls:
-            if args.wait_idle > 0:
-                waited = wait_for_idle(args.wait_idle)
-                if waited > 3:
-                    print(f"[bench] waited {waited:.0f}s for idle CPUs", file=sys.stderr, flush=True)
-            print(f"[bench] {preset.name} {dtype} {impl} ...", end=" ", file=sys.stderr, flush=True)
-            start = time.perf_counter()
-            result = measure(impl, dtype, preset.name, args.repeats, args.device, args.seed,
-                             isolated=not args.in_process)
-            print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-            results.append(result)
-    ratios = ratio_rows(results)
-    interleaved: dict[str, dict[str, list[float]]] = {}
-    if args.interleave > 0 and len(args.impls) > 1:
-        for dtype in args.dtypes:
-            print(f"[bench] {preset.name} {dtype} interleaved x{args.interleave} ...", end=" ", file=sys.stderr, flush=True)
-            start = time.perf_counter()
-            interleaved[dtype] = time_interleaved(dtype, preset.name, args.interleave, args.device, args.seed,
-                                                  tuple(args.impls))
-            print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-        for row in ratios:
-            times = interleaved.get(row["dtype"])
-            if times and BASELINE in times and OURS in times:
-                row["time_ratio_interleaved"] = statistics.median(times[OURS]) / statistics.median(times[BASELINE])
-
     n_params = param_count(preset)
-    print(f"preset {preset.name}: LlamaForCausalLM, {n_params:,} parameters, {preset.num_batches} batches of "
-          f"{preset.batch_size}x{preset.seq_len} tokens, targets {','.join(TARGET_MODULES)}; device "
-          f"{results[0]['device']}, {results[0]['torch_threads']} torch threads; time = median of {args.repeats}")
-    print(format_table(results, ratios))
-    for dtype, times in interleaved.items():
-        medians = "  ".join(f"{impl} {statistics.median(t):.3f}s" for impl, t in times.items())
-        ratio = next((r.get("time_ratio_interleaved") for r in ratios if r["dtype"] == dtype), None)
-        print(f"interleaved in one process, {dtype}, median of {args.interleave}: {medians}"
-              + (f"  -> ours/peft {ratio:.3f}x" if ratio is not None else ""))
-    if any(contended(r) for r in results):
-        print(f"* other processes used more than {CONTENDED:.0%} of a core during these timed calls "
-              "(other_cpu_s in the JSON): the times are unreliable, rerun on an idle machine")
-
-    report = {
+    results: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    report: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": [sys.executable, *sys.argv],
         "environment": environment_info(args.device),
@@ -190,13 +152,70 @@ def main(argv: list[str] | None = None) -> int:
             "wait_idle_s": args.wait_idle,
         },
         "results": results,
-        "ratios": ratios,
-        "interleaved_times_s": interleaved,
+        "failed": failed,
+        "ratios": [],
+        "interleaved_times_s": {},
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+    def save(ratios: list[dict[str, Any]] | None = None) -> None:
+        """Write the report (after every measurement: a run stopped by a timeout keeps what it measured)."""
+        report["ratios"] = ratio_rows(results) if ratios is None else ratios
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+    for dtype in args.dtypes:
+        for impl in args.impls:
+            if args.wait_idle > 0:
+                waited = wait_for_idle(args.wait_idle)
+                if waited > 3:
+                    print(f"[bench] waited {waited:.0f}s for idle CPUs", file=sys.stderr, flush=True)
+            print(f"[bench] {preset.name} {dtype} {impl} ...", end=" ", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            try:
+                result = measure(impl, dtype, preset.name, args.repeats, args.device, args.seed,
+                                 isolated=not args.in_process)
+            except Exception as err:  # one failing implementation must not cost the other's figures
+                print(f"FAILED after {time.perf_counter() - start:.1f}s: {err}", file=sys.stderr, flush=True)
+                failed.append({"impl": impl, "dtype": dtype, "error": str(err)[-4000:]})
+                save()
+                continue
+            print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+            results.append(result)
+            save()
+    if not results:
+        print("every measurement failed", file=sys.stderr)
+        return 1
+    ratios = ratio_rows(results)
+    interleaved: dict[str, dict[str, list[float]]] = {}
+    if args.interleave > 0 and len(args.impls) > 1:
+        for dtype in args.dtypes:
+            print(f"[bench] {preset.name} {dtype} interleaved x{args.interleave} ...", end=" ", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            interleaved[dtype] = time_interleaved(dtype, preset.name, args.interleave, args.device, args.seed,
+                                                  tuple(args.impls))
+            print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        for row in ratios:
+            times = interleaved.get(row["dtype"])
+            if times and BASELINE in times and OURS in times:
+                row["time_ratio_interleaved"] = statistics.median(times[OURS]) / statistics.median(times[BASELINE])
+
+    print(f"preset {preset.name}: LlamaForCausalLM, {n_params:,} parameters, {preset.num_batches} batches of "
+          f"{preset.batch_size}x{preset.seq_len} tokens, targets {','.join(TARGET_MODULES)}; device "
+          f"{results[0]['device']}, {results[0]['torch_threads']} torch threads; time = median of {args.repeats}")
+    print(format_table(results, ratios))
+    for dtype, times in interleaved.items():
+        medians = "  ".join(f"{impl} {statistics.median(t):.3f}s" for impl, t in times.items())
+        ratio = next((r.get("time_ratio_interleaved") for r in ratios if r["dtype"] == dtype), None)
+        print(f"interleaved in one process, {dtype}, median of {args.interleave}: {medians}"
+              + (f"  -> ours/peft {ratio:.3f}x" if ratio is not None else ""))
+    if any(contended(r) for r in results):
+        print(f"* other processes used more than {CONTENDED:.0%} of a core during these timed calls "
+              "(other_cpu_s in the JSON): the times are unreliable, rerun on an idle machine")
+
+    report["interleaved_times_s"] = interleaved
+    save(ratios)  # with the interleaved ratios
     print(f"results written to {args.json}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """pytest-benchmark suite for the accumulate op (``--benchmark-enable`` to time; never asserts on time).
 
-Shapes: ``LORAGA_BENCH_KERNEL_PRESET`` (default: ``llama-7b`` on CUDA, ``tiny`` otherwise).
+Cases: ``LORAGA_BENCH_KERNEL_PRESET`` (default: ``llama-7b`` on CUDA, ``tiny`` otherwise); implementations as in
+``bench/kernel_bench.py`` (ours, cuBLAS with fp32 output, autograd's bf16 GEMM).
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ import os
 import pytest
 import torch
 
-from bench.kernels import IMPLS, SHAPES, _make
+from bench.kernel_bench import IMPLS, SHAPES, make_call
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = os.environ.get("LORAGA_BENCH_KERNEL_PRESET", "llama-7b" if DEVICE.type == "cuda" else "tiny")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("t,m,n", SHAPES[PRESET], ids=[f"T{t}-{m}x{n}" for t, m, n in SHAPES[PRESET]])
-def test_accumulate(benchmark, impl: str, t: int, m: int, n: int) -> None:  # type: ignore[no-untyped-def]
-    fn = _make(impl, t, m, n, torch.bfloat16, DEVICE)
+@pytest.mark.parametrize("case", SHAPES[PRESET], ids=[c.label.replace(" ", "-") for c in SHAPES[PRESET]])
+def test_accumulate(benchmark, impl: str, case) -> None:  # type: ignore[no-untyped-def]
+    fn = make_call(impl, case, torch.bfloat16, DEVICE)
     if isinstance(fn, str):
         pytest.skip(fn)  # an alternative this torch/device does not offer, not a failure of ours
     sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
@@ -28,5 +29,5 @@ def test_accumulate(benchmark, impl: str, t: int, m: int, n: int) -> None:  # ty
         fn()
         sync()
 
-    benchmark.extra_info["flop"] = 2 * t * m * n
+    benchmark.extra_info["flop"] = case.flop
     benchmark(step)

