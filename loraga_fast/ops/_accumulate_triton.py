@@ -31,7 +31,7 @@ try:
 except ImportError:  # the torch path needs no triton
     triton = None
 
-__all__ = ["TABLE_ENV", "KernelConfig", "accumulate_triton", "kernel_config", "shape_class"]
+__all__ = ["TABLE_ENV", "KernelConfig", "accumulate_triton", "kernel_config", "kernel_flags", "shape_class"]
 
 TABLE_ENV = "LORAGA_FAST_KERNEL_TABLE"
 
@@ -172,6 +172,14 @@ if triton is not None:
         return triton.jit(_accumulate_kernel)
 
 
+def kernel_flags(g_dtype: torch.dtype, x_dtype: torch.dtype, interpreting: bool) -> dict[str, bool]:
+    """The kernel's operand handling: a 16-bit pair of one dtype goes to the tensor cores as is (``UPCAST`` and
+    ``IEEE`` off); any other pair is upcast tile by tile and multiplied in IEEE fp32; the interpreter always upcasts
+    (its ``tl.dot`` multiplies raw bf16 bit patterns)."""
+    tensor_cores = g_dtype == x_dtype and g_dtype in LOW_PRECISION
+    return {"UPCAST": interpreting or not tensor_cores, "IEEE": not tensor_cores}
+
+
 def _split_count(acc: torch.Tensor, t: int, m: int, n: int) -> int:
     """Token splits so a small ``M x N`` still fills the GPU: about two waves of 128x128 tiles."""
     if acc.device.type != "cuda":
@@ -199,16 +207,15 @@ def accumulate_triton(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tens
         return acc
     stride_cm, stride_cn = (acc.stride(1), acc.stride(0)) if transposed else (acc.stride(0), acc.stride(1))
     interpreting = interpreter_enabled()
-    tensor_cores = g.dtype == x.dtype and g.dtype in LOW_PRECISION
+    flags = kernel_flags(g.dtype, x.dtype, interpreting)
     if config is None:
-        config = INTERPRETER_CONFIG if interpreting else kernel_config(acc.device, tensor_cores, m, n)
+        config = INTERPRETER_CONFIG if interpreting else kernel_config(acc.device, not flags["IEEE"], m, n)
     splits = split_t if split_t is not None else _split_count(acc, t, m, n)
     splits = max(1, min(splits, t))
     t_per_split = -(-(-(-t // splits)) // config.block_k) * config.block_k
     splits = -(-t // t_per_split)
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=acc.device) if splits > 1 else acc
-    flags = {"UPCAST": interpreting or not tensor_cores, "IEEE": not tensor_cores, "TO_PARTIALS": splits > 1,
-             "T_STATIC": t_per_split if interpreting else 0}
+    flags.update(TO_PARTIALS=splits > 1, T_STATIC=t_per_split if interpreting else 0)
     grid = (-(-m // config.block_m) * -(-n // config.block_n), splits)
     _kernel(interpreting)[grid](
         g, x, acc, partials, t, m, n, t_per_split,

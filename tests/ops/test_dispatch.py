@@ -92,3 +92,20 @@ def test_ops_run_what_the_policy_chooses(op: str, monkeypatch: pytest.MonkeyPatc
             ref = g.double().t() @ (x.double() @ basis.double())
         assert bool(launches) == expected, (op, dtype)
         torch.testing.assert_close(out.double(), ref.double(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "g,x,interpreting,upcast,ieee",
+    [
+        (BF16, BF16, False, False, False),  # the 16-bit tensor-core kernel: operands read as they are
+        (FP16, FP16, False, False, False),
+        (BF16, FP32, False, True, True),  # mixed: upcast tile by tile, IEEE fp32
+        (FP32, FP32, False, True, True),
+        (BF16, FP16, False, True, True),
+        (BF16, BF16, True, True, False),  # the interpreter's tl.dot needs fp32 operands
+    ],
+)
+def test_kernel_flags(g: torch.dtype, x: torch.dtype, interpreting: bool, upcast: bool, ieee: bool) -> None:
+    from loraga_fast.ops._accumulate_triton import kernel_flags
+
+    assert kernel_flags(g, x, interpreting) == {"UPCAST": upcast, "IEEE": ieee}
