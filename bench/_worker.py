@@ -9,7 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.e2e import DTYPES, IMPLS, PRESETS, measure_in_process
+from bench.e2e import measure_in_process
+from bench.workloads import DTYPES, IMPLS, PRESETS
 
 
 def main(argv: list[str] | None = None) -> None:

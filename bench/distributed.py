@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import build_model, make_batches, make_lora_config, make_train_step
+from bench.workloads import build_model, make_batches, make_lora_config, make_train_step
 
 # (name, hidden, layers, intermediate, kv_dim): all seven projections targeted
 PROJECTIONS = {"llama-7b": (4096, 32, 11008, 4096), "llama-2-70b": (8192, 80, 28672, 1024)}

@@ -7,7 +7,7 @@
 
 Both start from their own library's estimation result (ours: fp32 grouped accumulators; peft: gradients in
 the model's dtype), which is built before the measurement starts. Each measurement runs in a fresh process:
-time of the call, and extra peak memory (RSS on CPU, the CUDA allocator's peak on GPU; see bench/e2e.py).
+time of the call, and extra peak memory (RSS on CPU, the CUDA allocator's peak on GPU; see bench/memprobe.py).
 Also reported, to show where the time goes: ours' ``finish`` vs ``get_peft_model`` time, the time spent in
 our batched SVDs, and the time peft spends inside ``torch.svd_lowrank``.
 
@@ -45,14 +45,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import (  # noqa: E402
-    MemoryProbe,
-    build_model,
-    environment_info,
-    make_batches,
-    make_train_step,
-    resolve_device,
-)
+from bench.envinfo import environment_info  # noqa: E402
+from bench.memprobe import MemoryProbe  # noqa: E402
+from bench.workloads import build_model, make_batches, make_train_step, resolve_device  # noqa: E402
 
 IMPLS = ("loraga_fast", "peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -4,9 +4,9 @@ peft, and projected accumulator memory for LLaMA 7B-70B shapes.
 ``python bench/lowmem.py [--preset 70m] [--dtype fp32] [--batches N] [--impls floor lowmem ...] [--out PATH]``
 
 Each implementation runs in a fresh subprocess (``--one IMPL``) on the preset's seeded random LLaMA
-(:mod:`bench.e2e` builders), after one untimed no-grad forward; on CUDA also after one untimed call of the
+(:mod:`bench.workloads` builders), after one untimed no-grad forward; on CUDA also after one untimed call of the
 implementation itself (Triton compilation and cuBLAS/cuSOLVER start-up are not what a pass costs; on CPU the
-measured call is the first, as RSS growth is only meaningful there). Memory is :class:`bench.e2e.MemoryProbe`'s
+measured call is the first, as RSS growth is only meaningful there). Memory is :class:`bench.memprobe.MemoryProbe`'s
 extra peak (RSS on CPU, allocated bytes on CUDA). A failing implementation prints its error and the others still
 run (exit status 1); ``--out`` is rewritten after every implementation. Implementations:
 
@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import (  # noqa: E402
+from bench.memprobe import MemoryProbe  # noqa: E402
+from bench.workloads import (  # noqa: E402
     PRESETS,
-    MemoryProbe,
     build_model,
     clear_loraga_state,
     get_preset,

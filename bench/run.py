@@ -23,17 +23,15 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (python bench/run.py): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import (  # noqa: E402
+from bench.e2e import REPO_ROOT, measure, time_interleaved  # noqa: E402
+from bench.envinfo import environment_info  # noqa: E402
+from bench.workloads import (  # noqa: E402
     DTYPES,
     IMPLS,
     PRESETS,
-    REPO_ROOT,
     TARGET_MODULES,
-    environment_info,
     get_preset,
-    measure,
     param_count,
-    time_interleaved,
 )
 
 OURS, BASELINE = IMPLS

