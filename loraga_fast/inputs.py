@@ -1,0 +1,105 @@
+"""What the ``loraga-fast init`` command reads: a model (folder, GGUF file, hub name or the embedded default) and
+text (a file or the embedded default), turned into batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+__all__ = ["ByteTokenizer", "CliError", "load_model", "make_batches", "read_text", "stdlib_text"]
+
+STDLIB_FILES = ["functools.py", "inspect.py", "argparse.py", "dataclasses.py", "typing.py", "pathlib.py"]
+
+
+class CliError(UsageError):
+    """An error in the command's arguments or inputs; printed as one line, like the library's :class:`UsageError`."""
+
+
+class ByteTokenizer:
+    """The embedded default's tokenizer: UTF-8 bytes, ids 0..255."""
+
+    vocab_size = 256
+
+    def __call__(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def stdlib_text() -> str:
+    """A real text corpus that ships with Python: some standard-library modules' source."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join((root / name).read_text(encoding="utf-8") for name in STDLIB_FILES if (root / name).exists())
+
+
+def read_text(path: str, text_field: str) -> str:
+    """Text of a ``.txt`` file, or the ``text_field`` of every line of a ``.jsonl`` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"--data file not found: {path}")
+    if p.suffix in (".jsonl", ".json"):
+        texts = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if text_field not in record:
+                raise CliError(f"{path}, line {i}: no field {text_field!r} (fields: {', '.join(record)}); set --text-field")
+            texts.append(str(record[text_field]))
+        return "\n\n".join(texts)
+    return p.read_text(encoding="utf-8")
+
+
+def load_model(model: str | None, dtype: Any, device: Any, seed: int) -> tuple[Any, Any, str]:
+    """(model, tokenizer, description). ``model``: a folder, a ``.gguf`` file, a hub name, or None (default)."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    if model is None:
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=256, intermediate_size=688,
+                             num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=1024, use_cache=False)
+        return LlamaForCausalLM(config).to(device=device, dtype=dtype), ByteTokenizer(), "embedded default (LLaMA config, 256 hidden, 4 layers, random weights)"
+    path = Path(model)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CliError(f"--model GGUF file not found: {model}")
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.exists():
+        source = str(path)
+    elif os.sep in model or model.startswith("."):
+        raise CliError(f"--model folder not found: {model}")
+    else:
+        source = model  # a hub name
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise CliError(f"could not load --model {model!r}: {str(err).splitlines()[0]}") from err
+    return loaded.to(device), tok, f"{type(loaded).__name__} from {model}"
+
+
+def make_batches(text: str, tokenizer: Any, batches: int, batch_size: int, seq_len: int) -> list[Any]:
+    import torch
+
+    ids = tokenizer(text) if isinstance(tokenizer, ByteTokenizer) else tokenizer(text)["input_ids"]
+    need = batches * batch_size * seq_len
+    if len(ids) < need:
+        raise CliError(
+            f"the data has {len(ids)} tokens, but --batches {batches} x --batch-size {batch_size} x --seq-len {seq_len} "
+            f"needs {need}: use more data or lower one of them"
+        )
+    t = torch.tensor(ids[:need], dtype=torch.long).view(batches, batch_size, seq_len)
+    return [{"input_ids": b, "labels": b} for b in t]
+
+
+# ------------------------------------------------------------------------------------------------- init
