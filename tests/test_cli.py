@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from loraga_fast import load_initialized, save_loraga_model_final
-from loraga_fast.cli import load_model, main
+from loraga_fast.cli import main
+from loraga_fast.inputs import load_model
 
 SMALL = ["--batches", "2", "--batch-size", "2", "--seq-len", "48", "--rank", "4"]
 
@@ -143,6 +144,7 @@ def test_module_entry_point() -> None:
 
 
 def test_plots_from_result_files(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
     from loraga_fast.plots import plot_results
 
     (tmp_path / "e2e.json").write_text(json.dumps({"ratios": [

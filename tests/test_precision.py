@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
-from torch import nn
 
 from loraga_fast import preprocess_loraga
 from loraga_fast.ops._precision import exact_fp32
 from loraga_fast.ops.sketch import sketch_accumulate, sketch_accumulate_ref
 from tests._helpers import (
     attached,
+    hook_reference,
     lm_loss,
     lora_ga_config,
     reference_mean_grads,
@@ -22,45 +22,6 @@ from tests._helpers import (
     token_batches,
     use_backend,
 )
-
-
-def _autocast_hook_reference(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """float64 mean of G^T X over the very operands the layers' matmuls consumed under CPU bf16 autocast (X cast to
-    the autocast dtype, as autograd's own weight gradient uses it), taken with hooks from a plain autocast run."""
-    model = copy.deepcopy(model)
-    modules = dict(model.named_modules())
-    sums = {n: torch.zeros(modules[n].weight.shape, dtype=torch.float64) for n in names}
-    saved: dict[str, torch.Tensor] = {}
-
-    def save_input(n: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            x = args[0]
-            if torch.is_autocast_enabled(x.device.type):
-                x = x.to(torch.get_autocast_dtype(x.device.type))
-            saved[n] = x.detach()
-
-        return hook
-
-    def add_product(n: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, grad_in: object, grad_out: tuple[torch.Tensor, ...]) -> None:
-            g, x = grad_out[0], saved[n]
-            assert g.dtype == x.dtype == torch.bfloat16
-            sums[n] += g.reshape(-1, g.shape[-1]).double().t() @ x.reshape(-1, x.shape[-1]).double()
-
-        return hook
-
-    hooks = []
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n in names:
-        modules[n].weight.requires_grad_(True)
-        hooks += [modules[n].register_forward_hook(save_input(n)), modules[n].register_full_backward_hook(add_product(n))]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        for b in batches:
-            lm_loss(model, b).backward()
-    for h in hooks:
-        h.remove()
-    return {n: s / len(batches) for n, s in sums.items()}
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
@@ -92,7 +53,7 @@ def test_autocast_captures_the_operands_the_matmul_consumed(backend_name: str) -
     ours = attached(model)
     assert len(ours) == 14 and all(g.dtype == torch.float32 for g in ours.values())
     assert set(seen) == {(torch.bfloat16, torch.bfloat16)}  # two 16-bit operands: the tensor-core path on CUDA
-    ref = _autocast_hook_reference(base, list(ours), batches)
+    ref = hook_reference(base, list(ours), batches, context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     worst = max(rel_err(ours[n], ref[n]) for n in ref)
     assert worst < 1e-6, worst
     # and the model is left as it was: fp32 weights, the same values and requires_grad flags
