@@ -262,3 +262,21 @@ def subspace_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     qa = torch.linalg.qr(a.double()).Q
     qb = torch.linalg.qr(b.double()).Q
     return torch.linalg.svdvals(qa.T @ qb).min().item()
+
+
+def factor_energy(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: int) -> tuple[float, float]:
+    """How much of the optimal energy LoRA-GA's default split (A from the top r right vectors, B from the next r left
+    vectors) captures with factors ``u (m, >=2r)``, ``v (n, >=2r)`` of ``grad``, against its exact float64 SVD:
+
+    A: ``||G Q_A||^2 / sum_{i<=r} s_i^2`` (Q_A spans ``v[:, :r]``); B: ``||Q_B^T (G - G_r)||^2 / sum_{r<i<=2r} s_i^2``
+    (Q_B spans ``u[:, r:2r]``, G_r is G's best rank-r part). 1 = the exact SVD. Well defined where neighbouring
+    singular values are nearly equal, unlike principal angles.
+    """
+    g = grad.double()
+    uu, s, vh = torch.linalg.svd(g, full_matrices=False)
+    q_a = torch.linalg.qr(v[:, :r].double()).Q
+    q_b = torch.linalg.qr(u[:, r : 2 * r].double()).Q
+    g_r = uu[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+    a = ((g @ q_a).square().sum() / s[:r].square().sum()).item()
+    b = ((q_b.T @ (g - g_r)).square().sum() / s[r : 2 * r].square().sum()).item()
+    return a, b
