@@ -23,7 +23,6 @@ from loraga_fast import preprocess_loraga
 from loraga_fast.sketch_store import DEFAULT_SKETCH_PER_RANK
 from tests._helpers import (
     LLAMA_TARGETS,
-    TwoBranch,
     adapters,
     assert_untouched,
     attached,
@@ -223,22 +222,6 @@ def test_get_peft_model_after_lowmem_matches_exact_mode() -> None:
 
 
 # ---- exact mode's edge cases -----------------------------------------------------------------------------------------
-
-
-def test_zero_gradient_warns_and_gets_default_init(caplog: pytest.LogCaptureFixture) -> None:
-    model = TwoBranch()
-    dead_w = model.dead.weight.detach().clone()
-    xs = [torch.randn(12, 16) for _ in range(2)]
-    cfg = lora_ga_config(["used", "dead"])
-    with caplog.at_level(logging.WARNING, logger="loraga_fast"):
-        preprocess_loraga(model, cfg, lambda: [model(x).backward() for x in xs] and None, mode="lowmem")
-    assert "all zero" in caplog.text and "dead" in caplog.text
-    pm = get_peft_model(model, cfg)
-    dead = pm.base_model.model.dead
-    assert dead.lora_A["default"].weight.abs().sum() > 0
-    assert torch.equal(dead.lora_B["default"].weight, torch.zeros(16, 4))
-    assert torch.equal(dead.get_base_layer().weight, dead_w)
-    assert pm.base_model.model.used.lora_B["default"].weight.abs().sum() > 0
 
 
 def test_non_finite_gradient_raises_before_anything_is_modified() -> None:
