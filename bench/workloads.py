@@ -65,6 +65,7 @@ class Preset:
     lora_r: int = 8
     num_kv_heads: int | None = None  # None: MHA
     tie_word_embeddings: bool = False
+    init_in_dtype: bool = False  # initialize directly in the model dtype (no fp32 copy: a 7B model on a 24 GB host)
 
     def llama_config(self) -> Any:
         """The ``transformers.LlamaConfig`` of this preset (MHA, untied embeddings, no KV cache)."""
@@ -105,6 +106,14 @@ PRESETS: dict[str, Preset] = {
     # the build and run time (bench/gpu.sh's low-memory step); GPU only
     "llama-7b-4l": Preset(name="llama-7b-4l", hidden_size=4096, num_layers=4, intermediate_size=11008, num_heads=32,
                           vocab_size=32000, batch_size=4, seq_len=512, num_batches=8),
+    # LLaMA-7B on a CPU host (bench/lowmem.py, bf16): a few short sequences, weights initialized directly in bf16
+    # (13.5 GB; an fp32 copy would not fit in 24 GB); only low-memory mode fits beside it
+    "llama-7b-cpu": Preset(name="llama-7b-cpu", hidden_size=4096, num_layers=32, intermediate_size=11008,
+                           num_heads=32, vocab_size=32000, batch_size=1, seq_len=64, num_batches=4, init_in_dtype=True),
+    # its first 4 blocks (2.1 GB in bf16): the same per-layer shapes, quick
+    "llama-7b-4l-cpu": Preset(name="llama-7b-4l-cpu", hidden_size=4096, num_layers=4, intermediate_size=11008,
+                              num_heads=32, vocab_size=32000, batch_size=1, seq_len=64, num_batches=4,
+                              init_in_dtype=True),
 }
 
 
@@ -142,16 +151,20 @@ def param_count(preset: str | Preset) -> int:
 
 
 def build_model(preset: str | Preset, dtype: str, device: str | torch.device = "auto", seed: int = 0) -> nn.Module:
-    """The preset's ``LlamaForCausalLM`` with seeded random weights (initialized in fp32, then cast), in eval
-    mode like a model from ``from_pretrained``. The same seed gives the same weights for every dtype."""
+    """The preset's ``LlamaForCausalLM`` with seeded random weights (initialized in fp32, then cast; presets with
+    ``init_in_dtype`` directly in ``dtype``), in eval mode like a model from ``from_pretrained``. The same seed
+    gives the same weights for every dtype (``init_in_dtype``: for the same dtype)."""
     from transformers import LlamaForCausalLM
 
-    if get_preset(preset).name == "smollm2":
+    p = get_preset(preset)
+    if p.name == "smollm2":
         return _smollm2().to(device=resolve_device(device), dtype=_dtype(dtype)).eval()
     torch.manual_seed(seed)
     target = resolve_device(device)
     with torch.device(target):  # built where it runs: a 7B model initializes in seconds on a GPU
-        model = LlamaForCausalLM(get_preset(preset).llama_config())
+        if p.init_in_dtype:
+            return LlamaForCausalLM._from_config(p.llama_config(), dtype=_dtype(dtype)).eval()
+        model = LlamaForCausalLM(p.llama_config())
     return model.to(dtype=_dtype(dtype)).eval()
 
 

@@ -84,12 +84,12 @@ def preprocess_loraga(
             every rank must run the same number of forward passes (a mismatch raises on every rank instead of
             hanging). See :mod:`loraga_fast.sharding`.
         mode: ``"exact"`` (default): one fp32 accumulator per target (4 bytes per weight), ``train_step`` runs once.
-            ``"lowmem"``: only skinny sketches of each gradient (``4 (m + n) k`` bytes per layer, ``k = 16 r``), from
+            ``"lowmem"``: only skinny sketches of each gradient (``4 (m + n) k`` bytes per layer, ``k = 24 r``), from
             which the top ``2r`` singular triplets are reconstructed; ``train_step`` runs ``passes`` times and must be
             re-runnable and see the same batches each time (checked; the global random state is reset before each
             pass). ``_peft_loraga_grad`` is then a placeholder, not a tensor, and ``cache_file`` holds the factors.
             See :mod:`loraga_fast.lowmem`.
-        sketch_size: low-memory mode only: sketch columns ``k`` per layer (default ``16 r``, capped at
+        sketch_size: low-memory mode only: sketch columns ``k`` per layer (default ``24 r``, capped at
             ``min(m, n)``); must be at least ``2 r``.
         passes: low-memory mode only: calls of ``train_step`` (default 3, at least 2); more passes are more
             accurate (each is one power iteration).

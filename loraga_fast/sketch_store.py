@@ -39,14 +39,14 @@ from .store import Slot, Store, all_reduce_counts, is_distributed
 __all__ = ["DEFAULT_PASSES", "DEFAULT_SKETCH_PER_RANK", "FINGERPRINT_PROBES", "SketchGroup", "SketchSlot", "SketchSpec",
            "SketchStore", "sketch_columns"]
 
-DEFAULT_SKETCH_PER_RANK = 16  # k = 16 r (8x the 2r triplets LoRA-GA needs), measured on SmolLM2 gradients
-CHUNK_LAYERS = 2  # the sketch algebra works on this many layers of a group at a time (bounded workspace)
+DEFAULT_SKETCH_PER_RANK = 24  # k = 24 r (12x the 2r triplets LoRA-GA needs): bench/accuracy.py, README "Low-memory mode"
+CHUNK_LAYERS = 1  # the sketch algebra works on one layer of a group at a time (bounded workspace, bench/sketch_memory.py)
 DEFAULT_PASSES = 3
 FINGERPRINT_PROBES = 4  # the fingerprint is a (4, 4) sketch per layer
 
 
 def sketch_columns(m: int, n: int, r: int, sketch_size: int | None) -> int:
-    """Sketch columns ``k`` of an ``(m, n)`` layer with LoRA rank ``r``: ``sketch_size`` or ``16 r``, at most
+    """Sketch columns ``k`` of an ``(m, n)`` layer with LoRA rank ``r``: ``sketch_size`` or ``24 r``, at most
     ``min(m, n)`` (where the sketch is the whole space and the result exact)."""
     k = DEFAULT_SKETCH_PER_RANK * r if sketch_size is None else sketch_size
     return max(1, min(k, m, n))
@@ -222,9 +222,13 @@ class SketchStore(Store):
             k = 2 * max(ranks[g.slots[i].name] for i in index)
             for start in range(0, len(index), CHUNK_LAYERS):  # a few layers at a time: bounded workspace
                 part = index[start : start + CHUNK_LAYERS]
+                # contiguous indices are a view (no copy of the chunk)
+                rows = slice(part[0], part[-1] + 1) if part == list(range(part[0], part[-1] + 1)) else part
                 counts = torch.tensor([float(g.slots[i].count) for i in part], dtype=torch.float32, device=g.device)
-                # forward: A ~= product basis^T; adjoint: A^T ~= product basis^T, so U and V swap
-                left, s, right = factors_from_sketch(basis[part], product[part] / counts[:, None, None], k)
+                # forward: A ~= product basis^T; adjoint: A^T ~= product basis^T, so U and V swap. The mean is the
+                # sum / count: the same singular vectors, singular values / count (no scaled copy of the product)
+                left, s, right = factors_from_sketch(basis[rows], product[rows], k)
+                s = s / counts[:, None]
                 u, v = (right, left) if adjoint else (left, right)
                 for j, i in enumerate(part):
                     slot = g.slots[i]

@@ -32,7 +32,7 @@ def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0, hidden: int = 
 
 
 def wide_llama() -> nn.Module:
-    """One LLaMA block large enough that k = 16 r is well below min(m, n): q/o 256x256, k/v 128x256,
+    """One LLaMA block large enough that k = 24 r is well below min(m, n): q/o 256x256, k/v 128x256,
     gate/up 512x256, down 256x512."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -49,7 +49,7 @@ from tests.test_real_models import (  # noqa: F401
 
 
 def test_minilm_lowmem_matches_exact_mode(minilm) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
-    """Defaults (k = 16 r, 3 passes) on a pretrained model's real gradients: the top-2r subspaces, singular values,
+    """Defaults (k = 24 r, 3 passes) on a pretrained model's real gradients: the top-2r subspaces, singular values,
     adapters, and the model's outputs after get_peft_model."""
     model, tokenizer = minilm
     batches = _pair_batches(tokenizer)
@@ -100,10 +100,10 @@ def _low_rank_plus_noise(m: int, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 # passes -> (largest 1 - subspace cosine, largest relative singular-value error) allowed: about 10x the measured
-# (1.8e-4, 1.7e-4) for the default 3 passes and (1.4e-6, 1.3e-6) for 4. Two passes (no power iteration) are
-# measurably worse (measured 1 - cos = 0.025, singular values 1.8e-2 off; the README says cos ~0.975): the old
-# bounds stay, and the test also checks that they are worse, so a `passes` argument that is ignored fails.
-CONSTRUCTED_BOUNDS = {None: (2e-3, 2e-3), 2: (0.03, 0.02), 4: (2e-5, 2e-5)}
+# (2.7e-5, 2.6e-5) for the default 3 passes (k = 24 r) and (8.5e-8, 5.9e-7) for 4. Two passes (no power iteration)
+# are measurably worse (measured 1 - cos = 8.8e-3, singular values 7.7e-3 off; the README says cos ~0.991): the
+# old bounds stay, and the test also checks that they are worse, so a `passes` argument that is ignored fails.
+CONSTRUCTED_BOUNDS = {None: (3e-4, 3e-4), 2: (0.03, 0.02), 4: (1e-6, 6e-6)}
 
 
 @pytest.mark.parametrize("passes", [None, 2, 4], ids=["default", "2", "4"])
@@ -147,7 +147,7 @@ def test_constructed_low_rank_plus_noise_on_a_llama_block(passes: int | None) ->
         assert sv_err <= 0.02 and sv_err <= sv_tol, (name, sv_err)
         worst = max(worst, 1 - cos_u, 1 - cos_v)
     if passes == 2:
-        assert worst > 1e-2  # really two passes: a third (a power iteration) brings this below 2e-4
+        assert worst > 5e-3  # really two passes: a third (a power iteration) brings this below 3e-5
     k = DEFAULT_SKETCH_PER_RANK * r
     assert k < min(mod.weight.shape[0] for _, mod in targets)  # the sketch is a real compression here
 
@@ -187,7 +187,7 @@ def test_no_gradient_sized_tensor_is_ever_allocated_in_lowmem_mode(mode: str) ->
     with _LargestAllocation() as probe:
         preprocess_loraga(model, cfg, step, mode=mode)
     if mode == "lowmem":
-        assert probe.largest == 2 * 512 * 32  # the gate/up sketch group: (B=2, m=512, k=16 r=32)
+        assert probe.largest == 2 * 512 * 48  # the gate/up sketch group: (B=2, m=512, k=24 r=48)
     else:
         assert probe.largest >= largest
 
@@ -215,7 +215,7 @@ def test_get_peft_model_after_lowmem_matches_exact_mode() -> None:
     for n, (ea, eb) in results["exact"].items():
         a, b = results["lowmem"][n]
         assert a.shape == ea.shape and b.shape == eb.shape
-        # tiny layers: k = 16 r covers the whole space, so the result is exact up to rounding (measured: 1 - cos
+        # tiny layers: k = 24 r covers the whole space, so the result is exact up to rounding (measured: 1 - cos
         # <= 2.8e-8; the bound is about 10x that)
         assert subspace_cos(a.T, ea.T) >= 0.999 and subspace_cos(b, eb) >= 0.999, n
         assert 1 - subspace_cos(a.T, ea.T) <= 3e-7 and 1 - subspace_cos(b, eb) <= 3e-7, n

@@ -28,7 +28,7 @@ def test_accumulator_memory_is_the_skinny_formula() -> None:
     store = SketchStore(specs)
     expected = sum((mod.weight.shape[0] + mod.weight.shape[1]) * k * 4 for _, mod in targets)
     assert store.sketch_nbytes == expected
-    assert expected == 4096 * 32 * 4  # sum of (m + n) over q, k, v, o, gate, up, down = 512 + 384 + 384 + 512 + 3 * 768
+    assert expected == 4096 * 48 * 4  # sum of (m + n) over q, k, v, o, gate, up, down = 512 + 384 + 384 + 512 + 3 * 768
     # documented extras: a 4x4 fingerprint per layer, one (m + n) x 4 probe pair per shape group
     extras = sum(4 * 16 for _ in targets) + sum((g.m + g.n) * 4 * 4 for g in store.groups)
     assert store.nbytes == expected + extras
@@ -38,7 +38,7 @@ def test_accumulator_memory_is_the_skinny_formula() -> None:
 
 
 def test_sketch_columns() -> None:
-    assert sketch_columns(4096, 4096, 8, None) == 128  # 16 r
+    assert sketch_columns(4096, 4096, 8, None) == 192  # 24 r
     assert sketch_columns(4096, 4096, 8, 40) == 40
     assert sketch_columns(100, 64, 8, None) == 64  # at most min(m, n): the sketch is the whole space
     assert sketch_columns(30, 64, 8, 50) == 30
