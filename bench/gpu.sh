@@ -15,6 +15,8 @@
 #   init      bench/init_bench.py --preset 7b-groups --dtypes bf16 --ranks 8: init time ours vs peft     60 s
 #   lowmem    bench/lowmem.py --preset llama-7b-4l --dtype bf16 --impls floor lowmem exact: low-memory
 #             mode's time per pass vs the fwd+bwd floor (7B widths, 4 blocks)                             60 s
+#   sketch_memory  bench/sketch_memory.py --blocks 4 32: low-memory mode's store alone on 4 and 32 LLaMA-7B
+#             blocks, max_memory_allocated vs the sketch bytes and the documented workspace               40 s
 #   [tune]    with --tune only, after the rest: bench/kernel_bench.py --tune --table $OUT/kernel_table.json 150 s
 #   summary   bench/gpu_summary.py: $OUT/gpu.json (versions, device, per-step status/exit code/seconds, the
 #             key figures of every step's own JSON) and a short table
@@ -60,7 +62,7 @@ if [ "$TUNE" = 1 ]; then BUDGET=$((BUDGET + 150)); fi
 
 STEPS="$OUT/steps.tsv"
 printf 'step\texit_code\tseconds\ttimeout_s\tstatus\n' > "$STEPS"
-rm -f "$OUT"/{gpu.json,tests.xml,kernels.json,e2e.json,init.json,lowmem.json,kernel_table.json,kernel_tune.json}
+rm -f "$OUT"/{gpu.json,tests.xml,kernels.json,e2e.json,init.json,lowmem.json,sketch_memory.json,kernel_table.json,kernel_tune.json}
 T_START=$(date +%s)
 HAVE_TIMEOUT=1
 command -v timeout > /dev/null || HAVE_TIMEOUT=0
@@ -128,6 +130,7 @@ if [ "$DRY" = 1 ]; then
     step init 60 "$PY" bench/init_bench.py --preset tiny-groups --dtypes bf16 --ranks 8 --json "$OUT/init.json"
     # (exact mode's code path is lowmem's with mode="exact", and the e2e step runs it: two workers suffice here)
     step lowmem 60 "$PY" bench/lowmem.py --preset tiny --dtype bf16 --impls floor lowmem --out "$OUT/lowmem.json"
+    step sketch_memory 60 "$PY" bench/sketch_memory.py --blocks 2 --tokens 16 --json "$OUT/sketch_memory.json"
     if [ "$TUNE" = 1 ]; then
         step tune 150 env TRITON_INTERPRET=1 "$PY" bench/kernel_bench.py --tune --preset tiny \
             --table "$OUT/kernel_table.json" --json "$OUT/kernel_tune.json"
@@ -139,6 +142,7 @@ else
     step init 60 "$PY" bench/init_bench.py --preset 7b-groups --dtypes bf16 --ranks 8 --json "$OUT/init.json"
     step lowmem 60 "$PY" bench/lowmem.py --preset llama-7b-4l --dtype bf16 --impls floor lowmem exact \
         --out "$OUT/lowmem.json"
+    step sketch_memory 40 "$PY" bench/sketch_memory.py --blocks 4 32 --json "$OUT/sketch_memory.json"
     if [ "$TUNE" = 1 ]; then
         step tune 150 "$PY" bench/kernel_bench.py --tune --table "$OUT/kernel_table.json" \
             --json "$OUT/kernel_tune.json"

@@ -23,7 +23,7 @@ from typing import Any
 
 PACKAGES = ("torch", "triton", "numpy", "transformers", "peft", "pytest", "psutil")
 STEP_FILES = {"tests": "tests.xml", "kernels": "kernels.json", "e2e": "e2e.json", "init": "init.json",
-              "lowmem": "lowmem.json", "tune": "kernel_tune.json"}
+              "lowmem": "lowmem.json", "sketch_memory": "sketch_memory.json", "tune": "kernel_tune.json"}
 GIB = 2**30
 
 
@@ -158,7 +158,15 @@ def lowmem_figures(path: Path) -> dict[str, Any]:
             "impls": {k: {"time_s": v.get("time_s"), "per_pass_x_floor": v.get("per_pass_x_floor"),
                           "peak_extra_bytes": v.get("peak_extra_bytes")} for k, v in runs.items()},
             "lowmem_per_pass_x_floor": runs.get("lowmem", {}).get("per_pass_x_floor"),
-            "failed": sorted(data.get("failed", {}))}
+            "failed": sorted(data.get("failed", {})), "refused": data.get("refused", {})}
+
+
+def sketch_memory_figures(path: Path) -> dict[str, Any]:
+    rows = _load(path)
+    keep = ("blocks", "measure", "sketch_bytes", "workspace_bytes", "estimate_bytes", "peak_extra_bytes",
+            "peak_over_sketch", "meets_bar")
+    rows = [{k: row.get(k) for k in keep} for row in rows]
+    return {"rows": rows, "all_meet_bar": all(r["meets_bar"] for r in rows if r["measure"] != "glibc default")}
 
 
 def tune_figures(path: Path) -> dict[str, Any]:
@@ -168,7 +176,7 @@ def tune_figures(path: Path) -> dict[str, Any]:
 
 
 FIGURES = {"tests": tests_figures, "kernels": kernels_figures, "e2e": e2e_figures, "init": init_figures,
-           "lowmem": lowmem_figures, "tune": tune_figures}
+           "lowmem": lowmem_figures, "sketch_memory": sketch_memory_figures, "tune": tune_figures}
 
 
 # ----------------------------------------------------------------------------------------------------- summary
@@ -218,6 +226,10 @@ def headline(name: str, fig: dict[str, Any]) -> str:
                 f"{_n(fig.get('lowmem_per_pass_x_floor'), '.2f', 'x')} floor per pass"
                 + (f"; exact {_n(imp['exact'].get('per_pass_x_floor'), '.2f', 'x')} floor" if "exact" in imp else "")
                 + (f"; failed: {', '.join(fig['failed'])}" if fig.get("failed") else ""))
+    if name == "sketch_memory":
+        return "; ".join(f"{r['blocks']} blocks ({r['measure']}): peak {_bytes(r['peak_extra_bytes'])} = "
+                         f"{_n(r['peak_over_sketch'], '.2f', 'x')} sketches" for r in fig["rows"]) + (
+            "" if fig["all_meet_bar"] else "; OVER 1.3 x sketches + workspace")
     if name == "tune":
         return f"{len(fig.get('entries') or {})} table entries -> {fig.get('table')}"
     return ""

@@ -3,6 +3,10 @@ peft, and projected accumulator memory for LLaMA 7B-70B shapes.
 
 ``python bench/lowmem.py [--preset 70m] [--dtype fp32] [--batches N] [--impls floor lowmem ...] [--out PATH]``
 
+``--preset llama-7b-cpu`` (``loraga-fast bench lowmem --preset llama-7b-cpu``) is LLaMA-7B in bf16 on a CPU host:
+the model alone is 13.5 GB, exact mode is refused by its memory check (reported as refused, with the figures) and
+peft is not run (its bf16 gradients would not fit beside the model in 24 GB; the figure is printed instead).
+
 Each implementation runs in a fresh subprocess (``--one IMPL``) on the preset's seeded random LLaMA
 (:mod:`bench.workloads` builders), after one untimed no-grad forward; on CUDA also after one untimed call of the
 implementation itself (Triton compilation and cuBLAS/cuSOLVER start-up are not what a pass costs; on CPU the
@@ -80,11 +84,14 @@ class _NullStore:
         return self.slots[name]
 
 
-def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: bool | None = None) -> dict[str, Any]:
+def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: bool | None = None,
+            sketch_size: int | None = None) -> dict[str, Any]:
     p = get_preset(preset)
     if batches is not None:
         p = dataclasses.replace(p, num_batches=batches)
+    start = time.perf_counter()
     model = build_model(p, dtype)
+    build_s = time.perf_counter() - start
     data = make_batches(p, "auto")
     cfg = make_lora_config(p)
     step = make_train_step(model, data)
@@ -110,59 +117,84 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: boo
         from loraga_fast import preprocess_loraga
 
         def call() -> None:
-            preprocess_loraga(model, cfg, step, mode=impl)
+            preprocess_loraga(model, cfg, step, mode=impl, sketch_size=sketch_size if impl == "lowmem" else None)
     warmup = device.type == "cuda" if warmup is None else warmup
     if warmup:
         call()
         clear_loraga_state(model)
         gc.collect()
+    from loraga_fast import UsageError, memory_estimate
+
+    estimate = memory_estimate(model, cfg, sketch_size=sketch_size)
+    info = {"impl": impl, "device": str(device), "num_batches": p.num_batches, "tokens": p.num_batches * p.tokens_per_batch,
+            "threads": torch.get_num_threads(), "warmed_up": warmup, "passes": DEFAULT_PASSES if impl == "lowmem" else 1,
+            "sketch_size": sketch_size,
+            "build_s": build_s, "model_bytes": sum(t.nbytes for t in model.parameters()),
+            "estimate": {"exact_bytes": estimate.exact_bytes, "lowmem_bytes": estimate.lowmem_bytes,
+                         "lowmem_peak_bytes": estimate.lowmem_peak_bytes}}
     with MemoryProbe(device) as probe:
         start = time.perf_counter()
-        call()
+        try:
+            call()
+        except UsageError as err:  # refused before the first forward pass (it cannot fit): an outcome, not a failure
+            return {**info, "refused": str(err)}
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     assert probe.reading is not None
-    return {"impl": impl, "time_s": elapsed, "peak_extra_bytes": probe.reading.peak_extra_bytes,
-            "device": str(device), "num_batches": p.num_batches, "threads": torch.get_num_threads(),
-            "warmed_up": warmup, "passes": DEFAULT_PASSES if impl == "lowmem" else 1}
+    return {**info, "time_s": elapsed, "peak_extra_bytes": probe.reading.peak_extra_bytes,
+            "peak_bytes": probe.reading.peak_bytes}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="70m", choices=list(PRESETS))
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 for the *-cpu presets, else fp32")
     parser.add_argument("--batches", type=int, default=None)
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
-                        help="what to run, in this order (floor first: the others are reported relative to it)")
+    parser.add_argument("--sketch-size", type=int, default=None, help="low-memory mode's k (default: the library's)")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
+                        help="what to run, in this order (floor first: the others are reported relative to it); "
+                             "default all, except peft for the *-cpu presets (its bf16 gradients do not fit beside a "
+                             "7B model in 24 GB: the process would be killed, not refused)")
     parser.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bf16" if get_preset(args.preset).init_in_dtype else "fp32"
+    if args.impls is None:
+        args.impls = [i for i in IMPLS if not (i == "peft" and args.preset.endswith("-cpu"))]
     if args.one:
-        print(json.dumps(run_one(args.one, args.preset, args.dtype, args.batches)))
+        print(json.dumps(run_one(args.one, args.preset, args.dtype, args.batches, sketch_size=args.sketch_size)))
         return 0
 
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, dict[str, Any]] = {}
+    refused: dict[str, str] = {}
     projections = _projections()
 
     def save() -> None:
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, "passes": DEFAULT_PASSES,
-                                                  "runs": results, "failed": failed, "projections": projections},
+                                                  "runs": results, "failed": failed, "refused": refused,
+                                                  "projections": projections},
                                                  indent=2))
 
     for impl in args.impls:
         cmd = [sys.executable, __file__, "--one", impl, "--preset", args.preset, "--dtype", args.dtype]
         if args.batches is not None:
             cmd += ["--batches", str(args.batches)]
+        if args.sketch_size is not None:
+            cmd += ["--sketch-size", str(args.sketch_size)]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = proc.stdout.strip().splitlines()
         if proc.returncode != 0 or not lines:
             print(f"[lowmem] {impl}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
             failed[impl] = {"exit_code": proc.returncode, "stderr_tail": proc.stderr[-3000:]}
+        elif "refused" in json.loads(lines[-1]):
+            refused[impl] = json.loads(lines[-1])["refused"]
+            print(f"[lowmem] {impl}: refused: {refused[impl]}", file=sys.stderr, flush=True)
         else:
             results[impl] = json.loads(lines[-1])
             print(f"[lowmem] {impl}: {results[impl]['time_s']:.3f}s (process {time.perf_counter() - start:.1f}s)",
@@ -177,14 +209,27 @@ def main(argv: list[str] | None = None) -> int:
         print("lowmem benchmark: every implementation failed", file=sys.stderr)
         return 1
     first = next(iter(results.values()))
-    print(f"preset {args.preset} ({args.dtype}, {first['num_batches']} batches, {first['device']}, "
-          f"{first['threads']} threads); lowmem passes = {DEFAULT_PASSES}")
-    print(f"{'impl':8} {'time s':>8} {'x floor':>8} {'per pass x floor':>17} {'extra peak MiB':>15}")
+    est = first["estimate"]
+    print(f"preset {args.preset} ({args.dtype}, {first['num_batches']} batches, {first['tokens']} tokens, "
+          f"{first['device']}, {first['threads']} threads); lowmem passes = {DEFAULT_PASSES}; model "
+          f"{first['model_bytes'] / 2**30:.2f} GiB (built in {first['build_s']:.0f} s); memory_estimate: exact "
+          f"{est['exact_bytes'] / 2**30:.2f} GiB, lowmem peak {est['lowmem_peak_bytes'] / 2**30:.2f} GiB")
+    print(f"{'impl':8} {'time s':>8} {'x floor':>8} {'per pass x floor':>17} {'extra peak MiB':>15} {'peak GiB':>9}")
     for impl, res in results.items():
         print(f"{impl:8} {res['time_s']:8.2f} {_num(res.get('x_floor')):>8} {_num(res.get('per_pass_x_floor')):>17} "
-              f"{res['peak_extra_bytes'] / 2**20:15.1f}")
+              f"{res['peak_extra_bytes'] / 2**20:15.1f} {res['peak_bytes'] / 2**30:9.2f}")
+    if "lowmem" in results and "floor" in results:
+        over = results["lowmem"]["peak_extra_bytes"] - results["floor"]["peak_extra_bytes"]
+        print(f"lowmem extra peak over the floor's: {over / 2**20:.1f} MiB; memory_estimate's low-memory peak "
+              f"{est['lowmem_peak_bytes'] / 2**20:.1f} MiB")
+    for impl, message in refused.items():
+        print(f"{impl:8} refused before the first forward pass: {message}")
+    if "peft" not in args.impls:
+        grads = est["exact_bytes"] // 4 * (2 if args.dtype == "bf16" else 4)
+        print(f"peft (not run): the .grad of every target weight in {args.dtype} alone would add "
+              f"{grads / 2**30:.2f} GiB to the model")
 
-    print("\nprojected accumulator memory (fp32, all 7 projections of every block), exact vs low-memory (k = 16 r):")
+    print("\nprojected accumulator memory (fp32, all 7 projections of every block), exact vs low-memory (k = 24 r, sketches + fingerprints):")
     print(f"{'model':6} {'r':>3} {'exact GiB':>10} {'lowmem GiB':>11} {'ratio':>7}")
     for p in projections:
         exact, low = p["exact_bytes"], p["lowmem_bytes"]

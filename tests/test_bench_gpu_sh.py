@@ -22,7 +22,7 @@ from loraga_fast.ops._accumulate_triton import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["versions", "tests", "kernels", "e2e", "init", "lowmem"]
+STEPS = ["versions", "tests", "kernels", "e2e", "init", "lowmem", "sketch_memory"]
 CLEARED = ("TRITON_INTERPRET", "LORAGA_FAST_BACKEND", TABLE_ENV)
 
 pytestmark = pytest.mark.slow
@@ -87,6 +87,9 @@ def test_dry_run_json_has_versions_and_figures(dry_run: tuple[subprocess.Complet
     lowmem = figures["lowmem"]
     assert set(lowmem["impls"]) == {"floor", "lowmem"} and not lowmem["failed"]
     assert lowmem["passes"] >= 2 and lowmem["lowmem_per_pass_x_floor"] > 0
+    store = figures["sketch_memory"]  # live RSS and glibc's defaults, on the CPU of a dry run
+    assert [r["measure"] for r in store["rows"]] == ["live", "glibc default"] and store["all_meet_bar"]
+    assert all(r["blocks"] == 2 and r["peak_extra_bytes"] >= r["sketch_bytes"] > 0 for r in store["rows"])
 
 
 def test_tuner_writes_a_table_the_library_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -138,6 +138,32 @@ def test_bench_7b_preset_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_bench_7b_cpu_preset_is_for_the_lowmem_suite(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "e2e", "--preset", "llama-7b-cpu"]) == 2
+    assert "bench lowmem --preset llama-7b-cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("suite", "script", "expected"), [
+    ("lowmem", "lowmem.py", ["--preset", "llama-7b-cpu", "--out"]),
+    ("accuracy", "accuracy.py", ["--json"]),
+])
+def test_bench_suites_run_their_scripts(suite: str, script: str, expected: list[str], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import loraga_fast.cli as cli
+
+    calls: list[list[str]] = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    preset = ["--preset", "llama-7b-cpu"] if suite == "lowmem" else []
+    assert main(["bench", suite, *preset, "--out", str(tmp_path)]) == 0
+    (cmd,) = calls
+    assert Path(cmd[1]).name == script and Path(cmd[1]).is_file()
+    assert cmd[2 : 2 + len(expected)] == expected and cmd[-1].startswith(str(tmp_path))
+
+
 def test_module_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "loraga_fast", "--help"], capture_output=True, text=True, check=True).stdout
     assert "init" in out and "bench" in out
