@@ -55,6 +55,13 @@ def run_one(blocks: int, r: int, tokens: int, device: torch.device) -> dict[str,
                        torch.randn(tokens, n, generator=gen, device=device).to(torch.bfloat16))
               for m, n in set(shapes)}
     ranks = {spec.name: r for spec in specs}
+    # the linear-algebra libraries' one-time set-up (thread pools, per-thread buffers) on tiny problems first: a
+    # process pays it once, whatever it computes, so it is not low-memory mode's
+    small = torch.randn(64, 8, device=device)
+    torch.linalg.svd(small, full_matrices=False)
+    torch.linalg.solve_triangular(torch.linalg.cholesky(small.T @ small + torch.eye(8, device=device)), small.T,
+                                  upper=False)
+    del small
     gc.collect()
     start = time.perf_counter()
     with MemoryProbe(device) as probe:

@@ -7,6 +7,11 @@ and returns the input gradient only when the input needs one. Weights never requ
 allocates a weight gradient. A zero-size "anchor" tensor that requires grad is passed to every capture op so
 that the outputs (and hence the loss) require grad even when nothing else in the model does.
 
+Quantized targets (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, :mod:`loraga_fast.quantized`) keep their own
+forward, which computes the output and the input gradient from the quantized weight; :class:`_CaptureOutput`
+wraps its output (identity forward) and adds ``G^T x_c`` in backward, ``x_c`` being the input as the quantized
+matmul consumed it.
+
 On exit, whatever happened inside, the model is put back as it was: original forwards, ``requires_grad`` flags
 and per-module train/eval modes.
 """
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .quantized import consumed_input, is_bnb_quantized
 from .store import Slot, Store
 
 __all__ = ["CaptureSession", "check_capturable", "conv1d_class", "is_supported_layer", "math_shape",
@@ -38,7 +44,8 @@ def conv1d_class() -> type[nn.Module] | None:
 
 
 def is_supported_layer(module: nn.Module) -> bool:
-    """True for the layer types LoRA-GA targets: ``nn.Linear`` and transformers ``Conv1D``."""
+    """True for the layer types LoRA-GA targets: ``nn.Linear`` (bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``
+    included) and transformers ``Conv1D``."""
     conv1d = conv1d_class()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
@@ -111,6 +118,29 @@ class _CaptureLinear(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None
 
 
+class _CaptureOutput(torch.autograd.Function):
+    """Identity on a quantized layer's output ``y``; backward adds ``G^T x_c`` into the layer's slot and passes
+    ``G`` on to the layer's own graph (which computes the input gradient from the quantized weight)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, x: torch.Tensor, anchor: torch.Tensor, slot: Slot,
+                on_backward: Callable[[Slot], None] | None) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.slot = slot
+        ctx.on_backward = on_backward
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        (x,) = ctx.saved_tensors
+        slot: Slot = ctx.slot
+        slot.add(grad_out, x, False)
+        slot.count += 1
+        if ctx.on_backward is not None:
+            ctx.on_backward(slot)
+        return grad_out, None, None, None, None
+
+
 class CaptureSession:
     """Context manager that routes ``targets`` through the capture op and restores the model on exit.
 
@@ -170,14 +200,23 @@ class CaptureSession:
         anchor = self._anchors[device]
         on_backward = self.on_backward
 
-        def captured_forward(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-            (x,) = (*args, *kwargs.values())  # nn.Linear.forward(input) / Conv1D.forward(x)
-            return _CaptureLinear.apply(x, module.weight, module.bias, anchor, slot, transposed, on_backward)
-
         # accelerate's hooks replace `forward` on the instance and call `module._old_forward` at call time:
         # route that one so the hook's pre/post-forward (device placement, offload) keeps running.
         attr = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
         previous = module.__dict__.get(attr, _MISSING)
+
+        if is_bnb_quantized(module):  # its own forward runs; the capture wraps its output
+            own = previous if previous is not _MISSING else type(module).forward.__get__(module)
+
+            def captured_forward(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+                (x,) = (*args, *kwargs.values())
+                y = own(x)  # sets the layer's compute dtype on its first call, so read the consumed input after
+                return _CaptureOutput.apply(y, consumed_input(module, x).detach(), anchor, slot, on_backward)
+        else:
+            def captured_forward(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+                (x,) = (*args, *kwargs.values())  # nn.Linear.forward(input) / Conv1D.forward(x)
+                return _CaptureLinear.apply(x, module.weight, module.bias, anchor, slot, transposed, on_backward)
+
         object.__setattr__(module, attr, captured_forward)
 
         def undo() -> None:
@@ -205,6 +244,11 @@ def check_capturable(targets: Sequence[tuple[str, nn.Module]]) -> None:
     for name, module in targets:
         if not is_supported_layer(module):
             raise UsageError(f"Layer '{name}' ({type(module).__name__}) is not an nn.Linear or Conv1D layer.")
+        if is_bnb_quantized(module):
+            if "forward" in module.__dict__ and not hasattr(module, "_hf_hook"):
+                raise UsageError(f"Layer '{name}' has its forward replaced on the instance; loraga_fast would bypass "
+                                 "that replacement. Remove it before calling preprocess_loraga.")
+            continue
         if type(module).forward not in standard:
             raise UsageError(
                 f"Layer '{name}' is a {type(module).__qualname__} whose forward overrides the standard linear forward; "

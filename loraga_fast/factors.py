@@ -25,6 +25,7 @@ from torch import nn
 from .dtensor import is_dtensor, local_tensor, rows_per_rank
 from .errors import UsageError
 from .ops.rsvd import batched_rsvd, gather_rows, sharded_rsvd
+from .quantized import dense_weight
 
 __all__ = ["DEFAULT_SEED", "NITER", "FactorGroup", "GradientGroup", "LayerFactors", "PreparedGroup",
            "ShardedGradientGroup", "check_finite", "factor_groups", "weight_top_sigma"]
@@ -62,6 +63,8 @@ class PreparedGroup(ABC):
     """Layers of one shape group, ready for the ``get_peft_model`` hand-off.
 
     Attributes:
+        quantized_offset: how a quantized base takes the offset ``W - s B A``
+            (:data:`loraga_fast.quantized.OFFSETS`; set by the hand-off).
         modules: ``{name: weakref to the base layer}`` (weak: the hand-off's registry maps modules to groups).
         grads: ``{name: the object attached as _peft_loraga_grad}``; the hand-off recognises a prepared layer by
             identity with it, so a gradient the user replaced goes to peft's own path.
@@ -75,6 +78,7 @@ class PreparedGroup(ABC):
         self.grads = {name: grads[name] for name in names}
         self.ranks = {name: ranks[name] for name in names}
         self.zero = {name for name in names if name in set(zero)}
+        self.quantized_offset = "requantize"
 
     @abstractmethod
     def factors(self) -> dict[str, LayerFactors]:
@@ -187,7 +191,11 @@ def weight_top_sigma(modules: list[nn.Module], ranks: list[int], gen: torch.Gene
     make ours accurate to about 1e-3 there, at a cost that is small next to the gradient factorization.
     FSDP2 ``Shard(0)`` weights are factored on their row shards (the same value on every rank).
     """
-    rows, cols = modules[0].weight.shape
+    from .capture import (
+        weight_shape,  # capture -> store -> factors: imported at call time
+    )
+
+    rows, cols = weight_shape(modules[0])
     q = min(rows, cols, max(4 * max(ranks), 16))
     if is_dtensor(modules[0].weight):
         mesh = modules[0].weight.device_mesh
@@ -200,7 +208,7 @@ def weight_top_sigma(modules: list[nn.Module], ranks: list[int], gen: torch.Gene
         return sharded_rsvd(blocks, rows, 1, q, 2 * NITER, group=mesh.get_group(), generator=gen)[1][:, 0].tolist()
     out: list[float] = []
     for start in range(0, len(modules), chunk):
-        weights = torch.stack([m.weight.detach().to(torch.float32) for m in modules[start : start + chunk]])
+        weights = torch.stack([dense_weight(m) for m in modules[start : start + chunk]])  # dequantized if quantized
         q_chunk = min(rows, cols, max(4 * max(ranks[start : start + chunk]), 16))
         out += batched_rsvd(weights, 1, q_chunk, 2 * NITER, generator=gen)[1][:, 0].tolist()
     return out

@@ -37,7 +37,8 @@ _init_bar: Any = None
 
 
 def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], estimate: Estimate, *,
-             layout: ShardLayout | None = None, cache_file: str | os.PathLike[str] | None = None) -> None:
+             layout: ShardLayout | None = None, cache_file: str | os.PathLike[str] | None = None,
+             quantized_offset: str = "requantize") -> None:
     """Everything after estimation, for every mode: checks, prepared groups, optional cache, attach, register.
 
     Nothing is attached and no weight is touched unless every check passes; each shape group is factored (exact
@@ -53,6 +54,8 @@ def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], estimat
     check_ranks({name: weight_shape(modules[name]) for name in seen}, ranks, seen)
     weight_svd = getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd"
     groups, attached = estimate.prepare(modules, ranks, weight_svd=weight_svd, zero=zero)
+    for group in groups:
+        group.quantized_offset = quantized_offset
     if cache_file is not None:
         estimate.save_cache(cache_file, names, zero)
     _attach(targets, attached)
@@ -145,7 +148,8 @@ def _lora_ga_init_from_prepared(self: Any, adapter_name: str, lora_ga_config: An
             factors = group.factors()[name]
             unit = _FSDP1_OWNERS.get(base)
             if unit is None:
-                init_layer_from_factors(self, adapter_name, lora_ga_config, factors, name=name)
+                init_layer_from_factors(self, adapter_name, lora_ga_config, factors, name=name,
+                                        quantized_offset=group.quantized_offset)
             else:  # FSDP1: the whole weight for the duration, offset in place, written back to every rank's shard
                 from torch.distributed.fsdp import FullyShardedDataParallel
 

@@ -13,10 +13,12 @@ import logging
 import torch
 from torch import nn
 
+from .capture import weight_shape
 from .dtensor import is_dtensor, rows_per_rank
 from .errors import UsageError
 from .factors import NITER, LayerFactors
 from .ops._precision import with_exact_fp32
+from .quantized import dense_weight, is_bnb_quantized, offset_weight
 
 __all__ = ["init_layer_from_factors"]
 
@@ -30,7 +32,7 @@ def _transpose(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 @torch.no_grad()
 @with_exact_fp32
 def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config: object, factors: LayerFactors, *,
-                            in_place: bool = False, name: str = "") -> None:
+                            in_place: bool = False, name: str = "", quantized_offset: str = "requantize") -> None:
     """peft's ``LoraLayer.lora_ga_init`` computed from precomputed factors (same math, same order of casts).
 
     The offset base weight replaces the weight's data, as peft does; ``in_place=True`` writes it into the existing
@@ -41,10 +43,14 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
     their A rows keep the (orthonormal, otherwise arbitrary) singular vectors, so ``B A`` gets nothing from them and
     training can grow them as in a plain LoRA init; ``weight_svd`` never divides by such a value. A warning names
     the layer (``name``) and its numerical rank. peft divides by them (its B can reach ~1e7 there).
+
+    A quantized base (bitsandbytes 4-/8-bit): the adapters keep the dtype peft gave them, ``weight_svd`` reads the
+    dequantized weight, and the offset follows ``quantized_offset`` (:func:`loraga_fast.quantized.offset_weight`).
     """
     base = layer.get_base_layer()  # type: ignore[operator]
     weight = base.weight
-    dtype = weight.dtype
+    quantized = is_bnb_quantized(base)
+    dtype = layer.lora_A[adapter_name].weight.dtype if quantized else weight.dtype  # type: ignore[index]
     r = layer.r[adapter_name]  # type: ignore[index]
     scaling = layer.scaling[adapter_name]  # type: ignore[index]
     fan_in_fan_out = layer.fan_in_fan_out  # type: ignore[attr-defined]
@@ -74,11 +80,11 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
 
     scale = lora_ga_config.scale  # type: ignore[attr-defined]
     if scale == "stable":
-        b_w = b_w * (weight.shape[0] ** 0.25 / lora_ga_config.stable_gamma**0.5)  # type: ignore[attr-defined]
+        b_w = b_w * (weight_shape(base)[0] ** 0.25 / lora_ga_config.stable_gamma**0.5)  # type: ignore[attr-defined]
     elif scale == "weight_svd":
         sigma = factors.weight_sigma
         if sigma is None:  # the config changed after preprocessing: estimate as peft does
-            w = _transpose(weight.detach().to(torch.float32), fan_in_fan_out)
+            w = _transpose(dense_weight(base), fan_in_fan_out)
             sigma = float(torch.svd_lowrank(w, q=r, niter=NITER)[1][0])
         if bool(live.any()):  # peft's ratio S_W[0] / S_B[0], over a live direction only
             b_w = b_w * (sigma / (s_b[0] if bool(live[0]) else s_b[live].max()))
@@ -93,6 +99,9 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
     layer.lora_A[adapter_name].weight.data = a_w  # type: ignore[index]
     layer.lora_B[adapter_name].weight.data = b_w  # type: ignore[index]
     # W -= scaling * B @ A in fp32 from the cast factors, as peft does; one fused GEMM into the fp32 copy
+    if quantized:
+        offset_weight(base, torch.mm(b_w.float(), a_w.float()).mul_(scaling), quantized_offset)
+        return
     if is_dtensor(weight):  # an FSDP2 DTensor (Shard(0)): offset this rank's rows in place
         _offset_shard(weight, b_w.float(), a_w.float(), scaling, fan_in_fan_out)
         return

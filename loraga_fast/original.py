@@ -27,6 +27,7 @@ from .capture import is_supported_layer, weight_shape
 from .errors import UsageError
 from .estimate import run_passes, summarize
 from .handoff import hand_off, release
+from .quantized import unsupported_quantized
 from .sharding import check_sharded_config, new_store, shard_layout
 from .steps import LossFn, train_step_from_dataloader
 from .targets import GRAD_ATTR, fill_default_target_modules, find_targets, warn_left_out
@@ -58,14 +59,20 @@ def estimate_gradient(
     Computed with the capture op (no ``.grad``, fp32 accumulation). The positional order is the original's.
 
     Args:
-        model: a floating-point model.
+        model: a floating-point model, or one quantized with bitsandbytes (4-bit nf4/fp4 or 8-bit, e.g. loaded with
+            ``BitsAndBytesConfig``): its ``Linear4bit`` / ``Linear8bitLt`` targets are captured directly (the
+            gradient with respect to the dequantized weight), with no float copy of the model.
         dataloader: batches as dicts (``model(**batch)``), tuples/lists (``model(*batch)``) or tensors.
         accelerator: optional ``accelerate.Accelerator``: the model goes to its device and the dataloader through
             ``accelerator.prepare``. Whenever ``torch.distributed`` is initialized (torchrun, ``accelerate launch``),
             the sums and counts are reduced over all processes (one collective per shape group).
-        quant_flag: the original's offloaded estimation for quantized training; not supported yet (raises).
-        origin_type, quant_type, no_split_module_classes: only used with ``quant_flag=True`` in the original
-            (where they pick the float dtype, the quantization and the offload blocks); ignored otherwise, as there.
+        quant_flag: the original's switch for quantized training (QLoRA). The original then estimates on a float
+            copy of the model, offloaded block by block, and initializes the re-quantized model; here a quantized
+            model is estimated directly, so ``quant_flag`` only says that the model will be trained quantized and
+            changes nothing in the estimation.
+        origin_type, quant_type, no_split_module_classes: accepted for the original's signature; they only served
+            its float-copy workaround (the float dtype of the copy, the quantization to re-apply, the offload
+            blocks) and are not used.
         num_batches: use only the first ``num_batches`` batches.
         lora_config: restrict the targets to those of this ``LoraConfig`` (peft's matching rules); default: every
             ``nn.Linear`` and transformers ``Conv1D`` of the model.
@@ -79,15 +86,10 @@ def estimate_gradient(
         over the model's process group (every rank must then run the same number of batches).
 
     Raises:
-        ValueError: ``quant_flag=True``; no target layer; an empty dataloader; a batch without a loss; a non-finite
+        ValueError: no target layer; a target quantized by a library other than bitsandbytes; an empty dataloader; a batch without a loss; a non-finite
             mean gradient. The model is left as it was.
     """
-    if quant_flag:
-        raise UsageError(
-            "estimate_gradient(quant_flag=True) (the original's CPU-offloaded estimation for quantized training) is "
-            "not supported by loraga_fast yet: pass the floating-point model with quant_flag=False, then quantize it "
-            f"for training (origin_type={origin_type!r}, quant_type={quant_type!r} are not used)."
-        )
+    del quant_flag, origin_type, quant_type, no_split_module_classes  # the original's workaround only (see above)
     # a DistributedDataParallel model (accelerator.prepare) runs as is, but is named like the bare model, so the
     # result matches LoraGAContext(bare_model, ...) and peft's module names
     named = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -96,6 +98,12 @@ def estimate_gradient(
         targets = find_targets(named, lora_config)
     else:
         targets = [(name, module) for name, module in named.named_modules() if is_supported_layer(module)]
+        for name, module in named.named_modules():
+            kind = unsupported_quantized(module)
+            if kind is not None:
+                raise UsageError(f"estimate_gradient: layer '{name}' is a {kind} quantized layer; loraga_fast captures "
+                                 "nn.Linear, Conv1D and bitsandbytes Linear4bit/Linear8bitLt layers (pass lora_config "
+                                 "with target_modules that leave it out, or load the model with bitsandbytes).")
     if not targets:
         raise UsageError("estimate_gradient: the model has no nn.Linear or Conv1D target layer.")
     device: Any = "auto"

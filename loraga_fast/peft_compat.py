@@ -24,6 +24,7 @@ from .errors import UsageError
 from .estimate import run_passes
 from .handoff import hand_off
 from .memory import check_fits, estimate_bytes
+from .quantized import OFFSETS
 from .sharding import (
     ShardLayout,
     check_sharded_call,
@@ -58,6 +59,7 @@ def preprocess_loraga(
     mode: str = "exact",
     sketch_size: int | None = None,
     passes: int | None = None,
+    quantized_offset: str = "requantize",
 ) -> None:
     """Estimate the mean gradient of every LoRA-GA target layer and attach it for ``peft.get_peft_model``.
 
@@ -93,6 +95,12 @@ def preprocess_loraga(
             ``min(m, n)``); must be at least ``2 r``.
         passes: low-memory mode only: calls of ``train_step`` (default 3, at least 2); more passes are more
             accurate (each is one power iteration).
+        quantized_offset: bitsandbytes 4-/8-bit targets only (QLoRA): how ``get_peft_model`` applies LoRA-GA's base
+            offset ``W - s B A``, which 4 or 8 bits cannot store exactly: ``"requantize"`` (default: dequantize,
+            subtract in fp32, quantize again with the layer's own settings, as the original LoRA-GA repository
+            does) or ``"none"`` (the quantized base is left untouched; the model's function then changes by
+            ``s B A``). Quantized targets are captured through their own forward (the gradient with respect to the
+            dequantized weight); no float copy of a weight is made.
 
     Effects:
         Each target module gets ``module._peft_loraga_grad``: fp32, the weight's shape and layout, on the
@@ -102,7 +110,8 @@ def preprocess_loraga(
         model is left as it was.
 
     Raises:
-        ValueError: ``lora_config.lora_ga_config`` is missing, a target is quantized, no supported layer matches,
+        ValueError: ``lora_config.lora_ga_config`` is missing, a target is quantized by a library other than
+            bitsandbytes, no supported layer matches,
             a target's forward is not the standard linear forward, or the cache does not match the model.
     """
     if lora_config.lora_ga_config is None:
@@ -120,6 +129,8 @@ def preprocess_loraga(
         )
     if mode not in ("exact", "lowmem"):
         raise UsageError(f"mode must be 'exact' or 'lowmem', got {mode!r}.")
+    if quantized_offset not in OFFSETS:
+        raise UsageError(f"quantized_offset must be one of {', '.join(map(repr, OFFSETS))}, got {quantized_offset!r}.")
     if mode == "exact" and (sketch_size is not None or passes is not None):
         raise UsageError("sketch_size and passes apply to mode='lowmem' only.")
     ranks = layer_ranks(lora_config, [name for name, _ in targets])
@@ -166,7 +177,7 @@ def preprocess_loraga(
         estimate = store
     writer = not is_distributed(process_group) or torch.distributed.get_rank(process_group) == 0
     hand_off(lora_config, targets, estimate, layout=layout,
-             cache_file=cache_file if not cached and writer else None)
+             cache_file=cache_file if not cached and writer else None, quantized_offset=quantized_offset)
 
 
 def _new_store(targets: list[tuple[str, nn.Module]], layout: ShardLayout | None, ranks: dict[str, int], mode: str,

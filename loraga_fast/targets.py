@@ -14,6 +14,7 @@ from torch import nn
 
 from .capture import is_supported_layer
 from .errors import UsageError
+from .quantized import unsupported_quantized
 
 __all__ = ["GRAD_ATTR", "check_ranks", "fill_default_target_modules", "find_targets", "layer_ranks", "short_list",
            "warn_left_out"]
@@ -44,22 +45,28 @@ def find_targets(model: nn.Module, lora_config: Any) -> list[tuple[str, nn.Modul
     """The ``(name, module)`` pairs LoRA-GA initializes: modules peft's own rules match whose type is
     ``nn.Linear`` or transformers ``Conv1D`` (other matched types are skipped, as in peft).
 
+    bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layers are targets like ``nn.Linear`` (their gradient with
+    respect to the dequantized weight is captured).
+
     Raises:
-        ValueError: a matched module is quantized (LoRA-GA needs full-precision gradients).
+        ValueError: a matched module is quantized by a library other than bitsandbytes.
     """
     from peft.tuners.lora.model import LoraModel
 
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if LoraModel._check_target_module_exists(lora_config, name) and is_supported_layer(module)
-    ]
-    for name, module in targets:
-        if hasattr(module, "quant_state") or hasattr(module.weight, "quant_state"):
+    targets = []
+    for name, module in model.named_modules():
+        if not LoraModel._check_target_module_exists(lora_config, name):
+            continue
+        kind = unsupported_quantized(module)
+        if kind is not None:
             raise UsageError(
-                f"LoRA-GA does not support quantized models. Found quantized module: '{name}'. "
-                "LoRA-GA requires full-precision gradients during preprocessing."
+                f"Layer '{name}' is a {kind} quantized layer ({type(module).__module__}.{type(module).__qualname__}); "
+                "loraga_fast captures nn.Linear, transformers Conv1D and bitsandbytes Linear4bit (nf4/fp4) and "
+                "Linear8bitLt layers. Load the model with bitsandbytes quantization (BitsAndBytesConfig) or in "
+                "floating point, or exclude the layer (exclude_modules=[...])."
             )
+        if is_supported_layer(module):
+            targets.append((name, module))
     return targets
 
 

@@ -125,7 +125,7 @@ def test_missing_lora_ga_config_raises() -> None:
 def test_quantized_module_raises() -> None:
     model = tiny_llama()
     model.model.layers[1].mlp.up_proj.quant_state = object()
-    with pytest.raises(ValueError, match="quantized module: 'model.layers.1.mlp.up_proj'"):
+    with pytest.raises(ValueError, match=r"Layer 'model.layers.1.mlp.up_proj' is a non-bitsandbytes .* quantized layer"):
         preprocess_loraga(model, lora_ga_config(), lambda: None)
     assert not attached(model)
 

@@ -63,7 +63,8 @@ def test_find_targets_conv1d_like_peft() -> None:
 def test_find_targets_refuses_quantized_layers() -> None:
     model = tiny_llama()
     model.model.layers[0].mlp.down_proj.weight.quant_state = object()
-    with pytest.raises(UsageError, match="quantized module: 'model.layers.0.mlp.down_proj'"):
+    # a quant_state that is not bitsandbytes' (bitsandbytes layers are targets: tests/test_quantized.py)
+    with pytest.raises(UsageError, match=r"Layer 'model.layers.0.mlp.down_proj' is a non-bitsandbytes .* quantized layer"):
         find_targets(model, LoraConfig(target_modules=["down_proj"]))
     assert find_targets(model, LoraConfig(target_modules=["up_proj"]))  # only matched layers are looked at
 
