@@ -46,6 +46,7 @@ from bench.workloads import (  # noqa: E402
     make_batches,
     make_lora_config,
     make_train_step,
+    quantize_model,
 )
 from loraga_fast.memory import accumulator_bytes  # noqa: E402
 from loraga_fast.sketch_store import DEFAULT_PASSES  # noqa: E402
@@ -85,19 +86,22 @@ class _NullStore:
 
 
 def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: bool | None = None,
-            sketch_size: int | None = None) -> dict[str, Any]:
+            sketch_size: int | None = None, quantize: str | None = None) -> dict[str, Any]:
     p = get_preset(preset)
     if batches is not None:
         p = dataclasses.replace(p, num_batches=batches)
     start = time.perf_counter()
     model = build_model(p, dtype)
+    if quantize is not None:
+        model = quantize_model(model, quantize)
     build_s = time.perf_counter() - start
     data = make_batches(p, "auto")
     cfg = make_lora_config(p)
     step = make_train_step(model, data)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        model(input_ids=data[0])
+    with torch.no_grad():  # (quantized: in train mode, as bitsandbytes repacks 4-bit weights for no-grad eval calls)
+        model.train(quantize is not None)(input_ids=data[0])
+    model.eval()
     gc.collect()
     if impl == "floor":
         from loraga_fast.capture import CaptureSession
@@ -128,8 +132,9 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: boo
     estimate = memory_estimate(model, cfg, sketch_size=sketch_size)
     info = {"impl": impl, "device": str(device), "num_batches": p.num_batches, "tokens": p.num_batches * p.tokens_per_batch,
             "threads": torch.get_num_threads(), "warmed_up": warmup, "passes": DEFAULT_PASSES if impl == "lowmem" else 1,
-            "sketch_size": sketch_size,
-            "build_s": build_s, "model_bytes": sum(t.nbytes for t in model.parameters()),
+            "sketch_size": sketch_size, "quantize": quantize,
+            "build_s": build_s, "model_bytes": sum(t.nbytes for t in model.parameters()) + sum(
+                t.nbytes for t in model.buffers()),
             "estimate": {"exact_bytes": estimate.exact_bytes, "lowmem_bytes": estimate.lowmem_bytes,
                          "lowmem_peak_bytes": estimate.lowmem_peak_bytes}}
     with MemoryProbe(device) as probe:
@@ -152,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 for the *-cpu presets, else fp32")
     parser.add_argument("--batches", type=int, default=None)
     parser.add_argument("--sketch-size", type=int, default=None, help="low-memory mode's k (default: the library's)")
+    parser.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+                        help="load the model quantized with bitsandbytes (QLoRA base; the floor and both modes "
+                             "capture through the quantized layers)")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
                         help="what to run, in this order (floor first: the others are reported relative to it); "
                              "default all, except peft for the *-cpu presets (its bf16 gradients do not fit beside a "
@@ -164,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.impls is None:
         args.impls = [i for i in IMPLS if not (i == "peft" and args.preset.endswith("-cpu"))]
     if args.one:
-        print(json.dumps(run_one(args.one, args.preset, args.dtype, args.batches, sketch_size=args.sketch_size)))
+        print(json.dumps(run_one(args.one, args.preset, args.dtype, args.batches, sketch_size=args.sketch_size,
+                                 quantize=args.quantize)))
         return 0
 
     results: dict[str, dict[str, Any]] = {}
@@ -186,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--batches", str(args.batches)]
         if args.sketch_size is not None:
             cmd += ["--sketch-size", str(args.sketch_size)]
+        if args.quantize is not None:
+            cmd += ["--quantize", args.quantize]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = proc.stdout.strip().splitlines()

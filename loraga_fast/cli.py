@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .inputs import CliError, load_model, make_batches, read_text, stdlib_text
+from .inputs import (
+    QUANTIZE,
+    CliError,
+    load_model,
+    make_batches,
+    quantize_model,
+    read_text,
+    stdlib_text,
+)
 
 __all__ = ["main"]
 
@@ -65,6 +73,9 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     with tqdm(total=2, desc="loading", unit="step") as bar:
         model, tokenizer, description = load_model(args.model, dtype, device, args.seed)
+        if args.quantize:
+            model = quantize_model(model, args.quantize, dtype, device)
+            description += f", quantized {args.quantize} (bitsandbytes)"
         bar.update(1)
         text = read_text(args.data, args.text_field) if args.data else stdlib_text()
         batches = make_batches(text, tokenizer, args.batches, args.batch_size, args.seq_len)
@@ -83,7 +94,7 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
     lowmem = {"passes": args.passes} if args.mode == "lowmem" else {}
     try:
         preprocess_loraga(model, config, step, cache_file=args.cache, num_batches=args.batches, progress=True,
-                          mode=args.mode, **lowmem)
+                          mode=args.mode, quantized_offset="none", **lowmem)
     except torch.OutOfMemoryError as err:
         hint = ("the sketches are small; lower --batch-size or --seq-len" if args.mode == "lowmem" else
                 "lower --batch-size or --seq-len (the fp32 accumulators take 4 bytes per target weight: --mode lowmem "
@@ -102,29 +113,33 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
 
     start = time.perf_counter()
     out = Path(args.out)
-    save_initialized(peft_model, out)
+    save_initialized(peft_model, out, base_untouched=bool(args.quantize))
     phases["save"] = time.perf_counter() - start
 
     n_targets = sum(1 for m in peft_model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
     summary = {
         "model": description, "targets": n_targets, "tokens": args.batches * args.batch_size * args.seq_len,
         "rank": args.rank, "phases_s": phases, "peak_memory_bytes": _peak_memory_bytes(device), "out": str(out),
-        "device": str(device), "dtype": args.dtype, "mode": args.mode,
+        "device": str(device), "dtype": args.dtype, "mode": args.mode, "quantize": args.quantize,
+        "base_untouched": bool(args.quantize),
     }
     (out / "loraga_fast_init.json").write_text(json.dumps(summary, indent=2))
     print(_summary_table(summary))
     return summary
 
 
-def save_initialized(peft_model: Any, out: Path) -> None:
+def save_initialized(peft_model: Any, out: Path, base_untouched: bool = False) -> None:
     """``out/init_lora_checkpoint`` (the initialized adapter, as save_loraga_model_init writes it) and
-    ``out/base_offset.safetensors`` (the target layers' base weights after the LoRA-GA offset)."""
+    ``out/base_offset.safetensors`` (the target layers' base weights after the LoRA-GA offset; not written for a
+    quantized base, which ``--quantize`` leaves untouched)."""
     from safetensors.torch import save_file
 
     from .original import save_loraga_model_init
 
     out.mkdir(parents=True, exist_ok=True)
     save_loraga_model_init(peft_model, out)
+    if base_untouched:
+        return
     offsets = {}
     for name, module in peft_model.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
@@ -224,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--scale", choices=["stable", "weight_svd", "gd_scale", "unit"], default="stable")
     init.add_argument("--gamma", type=int, default=16, help="stable_gamma")
     init.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    init.add_argument("--quantize", choices=list(QUANTIZE), default=None,
+                      help="QLoRA: load the model quantized with bitsandbytes (4-bit nf4/fp4 with --dtype as compute "
+                           "dtype, or 8-bit); the quantized base is left untouched (quantized_offset='none'), so the "
+                           "run folder holds the adapter only")
     init.add_argument("--device", default="auto")
     init.add_argument("--cache", default=None, help="safetensors cache (gradients; factors with --mode lowmem), reused when it exists")
     init.add_argument("--mode", choices=["exact", "lowmem"], default="exact",

@@ -3,6 +3,7 @@ text (a file or the embedded default), turned into batches."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sysconfig
@@ -11,7 +12,8 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["ByteTokenizer", "CliError", "load_model", "make_batches", "read_text", "stdlib_text"]
+__all__ = ["ByteTokenizer", "CliError", "QUANTIZE", "load_model", "make_batches", "quantize_model", "read_text",
+           "stdlib_text"]
 
 STDLIB_FILES = ["functools.py", "inspect.py", "argparse.py", "dataclasses.py", "typing.py", "pathlib.py"]
 
@@ -103,3 +105,34 @@ def make_batches(text: str, tokenizer: Any, batches: int, batch_size: int, seq_l
 
 
 # ------------------------------------------------------------------------------------------------- init
+
+
+QUANTIZE = ("nf4", "fp4", "int8")
+
+
+def quantize_model(model: Any, kind: str, dtype: Any, device: Any) -> Any:
+    """``model`` loaded back quantized by transformers with bitsandbytes (``nf4`` / ``fp4``: 4-bit with ``dtype`` as
+    compute dtype; ``int8``), through a temporary folder, on ``device``. Every linear layer but the output head is
+    quantized, as ``BitsAndBytesConfig`` does."""
+    import copy
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise CliError("--quantize needs bitsandbytes: pip install bitsandbytes")
+    options = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
+               "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=dtype),
+               "int8": dict(load_in_8bit=True)}[kind]
+    config = copy.deepcopy(model.config)  # a GGUF-loaded model cannot be saved as is: save a plain copy
+    for attr in ("quantization_config", "gguf_file"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = type(model)(config).to(dtype)
+    plain.load_state_dict(model.state_dict())
+    with tempfile.TemporaryDirectory(prefix="loraga_fast_quantize_") as folder:
+        plain.save_pretrained(folder)
+        del plain
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**options),
+                                                    device_map=str(torch.device(device)), dtype=dtype)

@@ -18,7 +18,7 @@ from .dtensor import is_dtensor, rows_per_rank
 from .errors import UsageError
 from .factors import NITER, LayerFactors
 from .ops._precision import with_exact_fp32
-from .quantized import dense_weight, is_bnb_quantized, offset_weight
+from .quantized import UNTOUCHED_BASES, dense_weight, is_bnb_quantized, offset_weight
 
 __all__ = ["init_layer_from_factors"]
 
@@ -101,6 +101,8 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
     # W -= scaling * B @ A in fp32 from the cast factors, as peft does; one fused GEMM into the fp32 copy
     if quantized:
         offset_weight(base, torch.mm(b_w.float(), a_w.float()).mul_(scaling), quantized_offset)
+        if quantized_offset == "none":
+            UNTOUCHED_BASES.add(layer)
         return
     if is_dtensor(weight):  # an FSDP2 DTensor (Shard(0)): offset this rank's rows in place
         _offset_shard(weight, b_w.float(), a_w.float(), scaling, fan_in_fan_out)

@@ -231,8 +231,13 @@ def save_loraga_model_final(model: Any, save_dir: str | os.PathLike[str]) -> Non
     (peft's ``path_initial_model_for_weight_conversion``: the result holds ``B_final A_final - B_init A_init`` as a
     rank-``2r`` adapter), then remove the initial checkpoint.
 
+    A quantized base initialized with ``quantized_offset="none"`` was never offset: its trained adapter is saved
+    as it is (rank ``r``; exact on the untouched base). With ``"requantize"`` the converted adapter on the
+    untouched quantized base differs from the trained model by the requantization error of the offset.
+
     Raises:
         FileNotFoundError: :func:`save_loraga_model_init` was not called with this ``save_dir``.
+        ValueError: the model mixes LoRA-GA layers whose base was offset with quantized ones left untouched.
     """
     save_dir = os.fspath(save_dir)
     init_dir = os.path.join(save_dir, INIT_CHECKPOINT)
@@ -241,25 +246,55 @@ def save_loraga_model_final(model: Any, save_dir: str | os.PathLike[str]) -> Non
             f"No initial adapter in '{init_dir}': call save_loraga_model_init(model, {save_dir!r}) right after "
             "get_peft_model, before training."
         )
-    model.save_pretrained(save_dir, path_initial_model_for_weight_conversion=init_dir)
+    from peft.tuners.lora.layer import LoraLayer
+
+    from .quantized import UNTOUCHED_BASES
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    untouched = [m for m in layers if m in UNTOUCHED_BASES]
+    if untouched and len(untouched) < len(layers):
+        raise UsageError(f"save_loraga_model_final: {len(untouched)} of the {len(layers)} LoRA layers have a quantized "
+                         "base left untouched (quantized_offset='none') and the others an offset base; no single "
+                         "adapter converts both. Use one quantized_offset for every target, or save with "
+                         "model.save_pretrained and keep the offset base.")
+    if untouched:  # the base was never offset: the trained adapter is the adapter for the untouched base
+        model.save_pretrained(save_dir)
+    else:
+        model.save_pretrained(save_dir, path_initial_model_for_weight_conversion=init_dir)
     shutil.rmtree(init_dir)
 
 
 def load_initialized(base_model: nn.Module, out_dir: str | os.PathLike[str]) -> Any:
     """Rebuild the LoRA-GA-initialized model that ``loraga-fast init --out DIR`` saved: apply the offset target
     weights (``DIR/base_offset.safetensors``) to ``base_model`` in place and load the initialized adapter
-    (``DIR/init_lora_checkpoint``) as a trainable ``PeftModel``. After training, ``save_loraga_model_final(model,
+    (``DIR/init_lora_checkpoint``) as a trainable ``PeftModel``. A ``--quantize`` run left its quantized base
+    untouched: ``base_model`` must then be loaded quantized the same way (``loraga_fast.inputs.quantize_model``),
+    and only the adapter is loaded. After training, ``save_loraga_model_final(model,
     DIR)`` writes a plain LoRA adapter for the untouched base model.
 
     Raises:
         FileNotFoundError: a file is missing. ValueError: the offsets do not match ``base_model``.
     """
+    import json
+
     from peft import PeftModel
     from safetensors.torch import load_file
 
     out_dir = os.fspath(out_dir)
     offsets_path = os.path.join(out_dir, "base_offset.safetensors")
     init_dir = os.path.join(out_dir, INIT_CHECKPOINT)
+    summary_path = os.path.join(out_dir, "loraga_fast_init.json")
+    summary = json.loads(open(summary_path, encoding="utf-8").read()) if os.path.isfile(summary_path) else {}
+    if summary.get("base_untouched"):  # --quantize: the quantized base was never offset
+        if not os.path.exists(init_dir):
+            raise FileNotFoundError(f"'{init_dir}' not found: is '{out_dir}' the --out folder of loraga-fast init?")
+        from .quantized import UNTOUCHED_BASES
+
+        model = PeftModel.from_pretrained(base_model, init_dir, is_trainable=True)
+        for module in model.modules():
+            if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):
+                UNTOUCHED_BASES.add(module)
+        return model
     for path in (offsets_path, init_dir):
         if not os.path.exists(path):
             raise FileNotFoundError(f"'{path}' not found: is '{out_dir}' the --out folder of loraga-fast init?")

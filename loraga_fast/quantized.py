@@ -15,17 +15,22 @@ the strategies of ``preprocess_loraga(quantized_offset=...)``.
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 from torch import nn
 
-__all__ = ["OFFSETS", "consumed_input", "dense_weight", "dequantized_weight", "is_bnb_quantized", "offset_weight",
+__all__ = ["OFFSETS", "UNTOUCHED_BASES", "consumed_input", "dense_weight", "dequantized_weight", "is_bnb_quantized", "offset_weight",
            "unsupported_quantized"]
 
 OFFSETS = ("requantize", "none")
 """``requantize``: dequantize, subtract ``s B A`` in fp32, quantize again with the layer's own settings (what the
 original LoRA-GA repository does); ``none``: leave the quantized base untouched (the model's function then
 changes by ``s B A`` at initialization)."""
+
+UNTOUCHED_BASES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""peft LoRA layers initialized by LoRA-GA whose quantized base was left as it was (``quantized_offset="none"``):
+their trained adapter is, as saved, already the adapter for the untouched base (save_loraga_model_final)."""
 
 # module path prefixes / class names of quantized linear layers peft can target, by library
 _OTHER_KINDS = {

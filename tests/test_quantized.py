@@ -215,3 +215,92 @@ def test_estimate_gradient_with_quant_flag_on_a_quantized_model(tmp_path: Path) 
         pm = get_peft_model(model, cfg)
     layer = dict(pm.base_model.model.named_modules())[names[0]]
     assert isinstance(layer.get_base_layer(), bnb.nn.Linear4bit) and layer.lora_B["default"].weight.abs().max() > 0
+
+
+def _train_a_little(peft_model: nn.Module, batches: list[torch.Tensor]) -> None:
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05)
+    for b in batches:
+        lm_loss(peft_model.train(), b).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_untouched_quantized_base_saves_the_trained_adapter_exactly(tmp_path: Path) -> None:
+    """quantized_offset="none": the base is never offset, so save_loraga_model_final writes the trained adapter as
+    it is and PeftModel.from_pretrained on a freshly loaded (untouched) quantized base reproduces the trained model."""
+    from peft import PeftModel, get_peft_model
+
+    from loraga_fast import save_loraga_model_final, save_loraga_model_init
+
+    batches = token_batches()
+    model = quantized_llama(tmp_path, "nf4")
+    cfg = lora_ga_config(LLAMA_TARGETS)
+    preprocess_loraga(model, cfg, lambda: [lm_loss(model, b).backward() for b in batches] and None,
+                      quantized_offset="none")
+    pm = get_peft_model(model, cfg)
+    save_loraga_model_init(pm, tmp_path / "run")
+    _train_a_little(pm, batches)
+    with torch.no_grad():
+        trained = pm.train()(batches[0]).logits
+    save_loraga_model_final(pm, tmp_path / "run")
+    assert not (tmp_path / "run" / "init_lora_checkpoint").exists()
+    loaded = PeftModel.from_pretrained(quantized_llama(tmp_path, "nf4"), tmp_path / "run")
+    with torch.no_grad():
+        again = loaded.train()(batches[0]).logits
+    torch.testing.assert_close(again, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_offsets_cannot_be_saved_as_one_adapter(tmp_path: Path) -> None:
+    """down_proj left in float (offset) and the 4-bit layers untouched: no single converted adapter fits both."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from loraga_fast import save_loraga_model_final, save_loraga_model_init
+
+    quantized_llama(tmp_path, "nf4")  # writes the float base
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["down_proj", "lm_head"]))
+    assert not isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    batches = token_batches()
+    cfg = lora_ga_config(LLAMA_TARGETS)
+    preprocess_loraga(model, cfg, lambda: [lm_loss(model, b).backward() for b in batches] and None,
+                      quantized_offset="none")
+    pm = get_peft_model(model, cfg)
+    save_loraga_model_init(pm, tmp_path / "run")
+    with pytest.raises(UsageError, match="12 of the 14 LoRA layers have a quantized base left untouched"):
+        save_loraga_model_final(pm, tmp_path / "run")
+
+
+def test_the_command_with_quantize(tmp_path: Path) -> None:
+    """loraga-fast init --quantize nf4 on the embedded default: the quantized base is left untouched, the run folder
+    holds the adapter only, load_initialized + save_loraga_model_final give an adapter for the untouched base."""
+    import json
+
+    from peft import PeftModel
+
+    from loraga_fast import load_initialized, save_loraga_model_final
+    from loraga_fast.cli import main
+    from loraga_fast.inputs import load_model, quantize_model
+
+    out = tmp_path / "run"
+    assert main(["init", "--quantize", "nf4", "--batches", "2", "--batch-size", "2", "--seq-len", "48",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "loraga_fast_init.json").read_text())
+    assert summary["quantize"] == "nf4" and summary["base_untouched"] is True and summary["targets"] == 28
+    assert not (out / "base_offset.safetensors").exists()
+
+    def base() -> nn.Module:
+        model, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
+        return quantize_model(model, "nf4", torch.float32, "cpu")
+
+    model = load_initialized(base(), out)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.get_base_layer(), bnb.nn.Linear4bit) and layer.lora_B["default"].weight.abs().sum() > 0
+    x = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        initialized = model.train()(x).logits
+    save_loraga_model_final(model, out)
+    again = PeftModel.from_pretrained(base(), out)
+    with torch.no_grad():
+        torch.testing.assert_close(again.train()(x).logits, initialized, rtol=1e-5, atol=1e-5)
