@@ -37,8 +37,9 @@ def _env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out = tmp_path_factory.mktemp("gpu_dry_run")
+    # gpu.sh's own dry-run deadline is 900 s (a busy 2-core machine can take minutes): it, not this, decides
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=_env(OUT=str(out), PYTHON=sys.executable))
+                          text=True, timeout=960, env=_env(OUT=str(out), PYTHON=sys.executable))
     report = json.loads((out / "gpu.json").read_text()) if (out / "gpu.json").is_file() else {}
     return proc, report
 
