@@ -219,8 +219,39 @@ def run_bench(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------- main
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (the error names the option through argparse's own message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where torch sees a GPU."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}, but torch sees no CUDA GPU on this machine: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: use auto, cpu, cuda or cuda:N")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="loraga-fast", description="Fast LoRA-GA initialization for peft.")
+    parser.add_argument("--version", action="version", version=f"loraga-fast {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of every error, including mistakes in the arguments (or {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,12 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--model", help="model folder, .gguf file or hub name (default: embedded small LLaMA config)")
     init.add_argument("--data", help=".txt file, or .jsonl with a text field (default: Python stdlib source)")
     init.add_argument("--text-field", default="text")
-    init.add_argument("--rank", type=int, default=8)
+    init.add_argument("--rank", type=_positive, default=8)
     init.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     init.add_argument("--targets", default=None, help=f"comma-separated module names (default {','.join(DEFAULT_TARGETS)})")
-    init.add_argument("--batches", type=int, default=8)
-    init.add_argument("--batch-size", type=int, default=4)
-    init.add_argument("--seq-len", type=int, default=128)
+    init.add_argument("--batches", type=_positive, default=8)
+    init.add_argument("--batch-size", type=_positive, default=4)
+    init.add_argument("--seq-len", type=_positive, default=128)
     init.add_argument("--direction", choices=["ArBr", "A2rBr", "ArB2r", "random"], default="ArB2r")
     init.add_argument("--scale", choices=["stable", "weight_svd", "gd_scale", "unit"], default="stable")
     init.add_argument("--gamma", type=int, default=16, help="stable_gamma")
@@ -243,11 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="QLoRA: load the model quantized with bitsandbytes (4-bit nf4/fp4 with --dtype as compute "
                            "dtype, or 8-bit); the quantized base is left untouched (quantized_offset='none'), so the "
                            "run folder holds the adapter only")
-    init.add_argument("--device", default="auto")
+    init.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     init.add_argument("--cache", default=None, help="safetensors cache (gradients; factors with --mode lowmem), reused when it exists")
     init.add_argument("--mode", choices=["exact", "lowmem"], default="exact",
                       help="exact: fp32 gradients (4 bytes per target weight); lowmem: skinny sketches, several passes")
-    init.add_argument("--passes", type=int, default=3, help="passes over the data with --mode lowmem")
+    init.add_argument("--passes", type=_positive, default=3, help="passes over the data with --mode lowmem (>= 2)")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", default="loraga_init")
     bench = sub.add_parser("bench", help="benchmark against peft (needs a source checkout)")

@@ -182,3 +182,36 @@ def test_plots_from_result_files(tmp_path: Path) -> None:
     written = plot_results(tmp_path)
     assert [p.name for p in written] == ["e2e.png", "init.png", "kernels.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batches", "0"], "argument --batches: must be at least 1, got 0"),
+    (["--batches", "-1"], "argument --batches: must be at least 1, got -1"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--seq-len", "0"], "argument --seq-len: must be at least 1, got 0"),
+    (["--rank", "two"], "argument --rank: expected a whole number >= 1, got 'two'"),
+    (["--device", "foo"], "argument --device: unknown device 'foo': use auto, cpu, cuda or cuda:N"),
+])
+def test_argument_mistakes_are_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["init", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"loraga-fast init: error: {message}" and "Traceback" not in "\n".join(err)
+
+
+def test_cuda_device_without_a_gpu_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid")
+    with pytest.raises(SystemExit) as exc:
+        main(["init", "--device", "cuda"])
+    assert exc.value.code == 2
+    assert "torch sees no CUDA GPU on this machine: use --device cpu" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from loraga_fast import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"loraga-fast {__version__}"
