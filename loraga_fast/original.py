@@ -229,7 +229,9 @@ def save_loraga_model_init(model: Any, save_dir: str | os.PathLike[str]) -> None
 def save_loraga_model_final(model: Any, save_dir: str | os.PathLike[str]) -> None:
     """Save the trained adapter to ``save_dir`` converted to a plain LoRA adapter for the *unmodified* base model
     (peft's ``path_initial_model_for_weight_conversion``: the result holds ``B_final A_final - B_init A_init`` as a
-    rank-``2r`` adapter), then remove the initial checkpoint.
+    rank-``2r`` adapter), then remove the initial checkpoint and, in a ``loraga-fast init`` run folder, the offset
+    base weights (``base_offset.safetensors``): the folder then holds just the adapter for the untouched base
+    (plus the run's ``loraga_fast_init.json``).
 
     A quantized base initialized with ``quantized_offset="none"`` was never offset: its trained adapter is saved
     as it is (rank ``r``; exact on the untouched base). With ``"requantize"`` the converted adapter on the
@@ -262,6 +264,9 @@ def save_loraga_model_final(model: Any, save_dir: str | os.PathLike[str]) -> Non
     else:
         model.save_pretrained(save_dir, path_initial_model_for_weight_conversion=init_dir)
     shutil.rmtree(init_dir)
+    offsets = os.path.join(save_dir, "base_offset.safetensors")
+    if os.path.isfile(offsets):  # only the initialized model needed it; the final adapter is for the untouched base
+        os.remove(offsets)
 
 
 def load_initialized(base_model: nn.Module, out_dir: str | os.PathLike[str]) -> Any:

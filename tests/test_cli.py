@@ -44,6 +44,7 @@ def test_default_init_saves_an_initialized_model_that_reloads(mode: str, tmp_pat
     # and it finishes into a plain adapter for the untouched base
     save_loraga_model_final(model, out)
     assert (out / "adapter_model.safetensors").is_file() and not (out / "init_lora_checkpoint").exists()
+    assert not (out / "base_offset.safetensors").exists()  # a folder holding the adapter for the untouched base
 
 
 def test_jsonl_data_and_targets(tmp_path: Path) -> None:
