@@ -61,7 +61,7 @@ def unsupported_quantized(module: nn.Module) -> str | None:
     if hasattr(module, "quant_state") or hasattr(weight, "quant_state"):  # quantized by something else than bnb
         return f"non-bitsandbytes ({type(module).__qualname__} with a quant_state)"
     if hasattr(module, "qweight") or hasattr(module, "W_q"):
-        return f"quantized ({type(module).__qualname__})"
+        return f"qweight-based ({type(module).__qualname__})"
     if isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, nn.Parameter) and \
             type(weight).__module__.split(".")[0] in ("torchao", "optimum", "quanto"):
         return f"{type(weight).__module__.split('.')[0]} tensor subclass ({type(weight).__qualname__})"
