@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     del float_model, plain
     res: dict[str, Any] = {"fp32_eval_loss": ref_loss, "runs": []}
     for quant in args.quant:
-        for strategy in ("plain", "requantize", "none"):
+        for strategy in args.strategies:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**QUANT[quant]),
                                                          device_map="cpu")
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["runs"].append(row)
             print(f"[qlora] {quant} {strategy}: drift vs base {row['drift_vs_base']:.4f}, eval loss {init_loss:.3f} "
                   f"-> {final_loss:.3f}", file=sys.stderr, flush=True)
+            if args.json:  # after every run: a long run that is interrupted keeps what it measured
+                Path(args.json).write_text(json.dumps(res, indent=1))
             del model, peft_model, opt
     return res
 
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quant", nargs="+", choices=list(QUANT), default=list(QUANT))
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--strategies", nargs="+", choices=["plain", "requantize", "none"],
+                        default=["plain", "requantize", "none"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     res = run(args)
