@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import re
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,9 @@ from .errors import UsageError
 
 __all__ = ["ByteTokenizer", "CliError", "QUANTIZE", "load_model", "make_batches", "quantize_model", "read_text",
            "stdlib_text"]
+
+# a hub id: "name" or "org/name" (letters, digits, "-", "_", "."), not starting with "." or "/"
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 STDLIB_FILES = ["functools.py", "inspect.py", "argparse.py", "dataclasses.py", "typing.py", "pathlib.py"]
 
@@ -78,15 +81,17 @@ def load_model(model: str | None, dtype: Any, device: Any, seed: int) -> tuple[A
         source, kwargs["gguf_file"] = str(path.parent), path.name
     elif path.exists():
         source = str(path)
-    elif os.sep in model or model.startswith("."):
+    elif not _HUB_ID.fullmatch(model):  # a path (absolute, relative, or several levels deep) that is not there
         raise CliError(f"--model folder not found: {model}")
     else:
-        source = model  # a hub name
+        source = model  # a hub id, "name" or "org/name": transformers resolves it (local cache, HF_HUB_OFFLINE)
     try:
         tok = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
         loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
-        raise CliError(f"could not load --model {model!r}: {str(err).splitlines()[0]}") from err
+        where = ("" if source != model else " (not a local folder; looked up as a hub id in the local cache and, "
+                 "unless HF_HUB_OFFLINE=1, on the hub)")
+        raise CliError(f"could not load --model {model!r}{where}: {str(err).splitlines()[0]}") from err
     return loaded.to(device), tok, f"{type(loaded).__name__} from {model}"
 
 

@@ -216,3 +216,27 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"loraga-fast {__version__}"
+
+
+def test_hub_ids_with_a_slash_are_looked_up_not_refused_as_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`org/name` is a hub id (transformers resolves it: local cache, HF_HUB_OFFLINE); a path that is not there
+    (leading "." or "/", or several levels deep) is a missing folder. The loaders are stubbed: no network."""
+    import transformers
+
+    from loraga_fast.inputs import CliError
+
+    asked: list[str] = []
+
+    def offline(source: str, **kwargs: object) -> None:
+        asked.append(source)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(CliError, match=r"could not load --model 'HuggingFaceTB/SmolLM2-135M' \(not a local folder; "
+                                       r"looked up as a hub id"):
+        load_model("HuggingFaceTB/SmolLM2-135M", torch.float32, torch.device("cpu"), 0)
+    assert asked == ["HuggingFaceTB/SmolLM2-135M"]
+    for path in ("./no/such", "/abs/none", "a/b/c"):
+        with pytest.raises(CliError, match=f"--model folder not found: {path}"):
+            load_model(path, torch.float32, torch.device("cpu"), 0)
+    assert asked == ["HuggingFaceTB/SmolLM2-135M"]
