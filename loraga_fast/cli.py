@@ -91,6 +91,7 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
     estimate = memory_estimate(model, config)
     print(f"{estimate} -> mode {args.mode}", flush=True)  # before starting, so users can pick the mode
     start = time.perf_counter()
+    cache_reused = bool(args.cache) and Path(args.cache).is_file() and Path(args.cache).stat().st_size > 0
     lowmem = {"passes": args.passes} if args.mode == "lowmem" else {}
     try:
         preprocess_loraga(model, config, step, cache_file=args.cache, num_batches=args.batches, progress=True,
@@ -117,8 +118,11 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
     phases["save"] = time.perf_counter() - start
 
     n_targets = sum(1 for m in peft_model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    params = {k: v for k, v in vars(args).items() if k not in ("command", "func", "debug")}
     summary = {
-        "model": description, "targets": n_targets, "tokens": args.batches * args.batch_size * args.seq_len,
+        "model": description, "targets": n_targets,
+        "tokens": None if cache_reused else args.batches * args.batch_size * args.seq_len,
+        "cache": args.cache, "cache_reused": cache_reused, "params": params,
         "rank": args.rank, "phases_s": phases, "peak_memory_bytes": _peak_memory_bytes(device), "out": str(out),
         "device": str(device), "dtype": args.dtype, "mode": args.mode, "quantize": args.quantize,
         "base_untouched": bool(args.quantize),
@@ -149,7 +153,9 @@ def save_initialized(peft_model: Any, out: Path, base_untouched: bool = False) -
 
 def _summary_table(s: dict[str, Any]) -> str:
     rows = [("model", s["model"]), ("device / dtype", f"{s['device']} / {s['dtype']}"),
-            ("targets", str(s["targets"])), ("tokens", str(s["tokens"])), ("rank", str(s["rank"]))]
+            ("targets", str(s["targets"])),
+            ("tokens", f"none: loaded from the cache {s['cache']}" if s.get("cache_reused") else str(s["tokens"])),
+            ("rank", str(s["rank"]))]
     rows += [(f"time: {k}", f"{v:.2f} s") for k, v in s["phases_s"].items()]
     rows += [("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"), ("saved to", s["out"])]
     width = max(len(k) for k, _ in rows)

@@ -240,3 +240,19 @@ def test_hub_ids_with_a_slash_are_looked_up_not_refused_as_paths(monkeypatch: py
         with pytest.raises(CliError, match=f"--model folder not found: {path}"):
             load_model(path, torch.float32, torch.device("cpu"), 0)
     assert asked == ["HuggingFaceTB/SmolLM2-135M"]
+
+
+def test_cache_reuse_is_reported_and_the_json_records_the_parameters(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "grads.safetensors"
+    args = ["init", "--cache", str(cache), *SMALL]
+    assert main([*args, "--out", str(tmp_path / "first")]) == 0
+    first = json.loads((tmp_path / "first" / "loraga_fast_init.json").read_text())
+    assert first["cache_reused"] is False and first["tokens"] == 2 * 2 * 48 and cache.is_file()
+    assert first["params"]["batches"] == 2 and first["params"]["seq_len"] == 48 and first["params"]["rank"] == 4
+    assert first["params"]["scale"] == "stable" and first["params"]["cache"] == str(cache)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "second")]) == 0
+    second = json.loads((tmp_path / "second" / "loraga_fast_init.json").read_text())
+    assert second["cache_reused"] is True and second["tokens"] is None
+    assert f"none: loaded from the cache {cache}" in capsys.readouterr().out
