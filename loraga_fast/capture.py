@@ -69,6 +69,15 @@ def math_shape(module: nn.Module) -> tuple[int, int]:
     return (cols, rows) if weight_layout_transposed(module) else (rows, cols)
 
 
+def _record(ctx: Any, grad_out: torch.Tensor, x: torch.Tensor, transposed: bool) -> None:
+    """One backward pass through a target: ``G^T X`` into its slot, its count, the caller's callback."""
+    slot: Slot = ctx.slot
+    slot.add(grad_out, x, transposed)
+    slot.count += 1
+    if ctx.on_backward is not None:
+        ctx.on_backward(slot)
+
+
 class _CaptureLinear(torch.autograd.Function):
     """``y = x W^T + b`` (or ``x W + b`` for Conv1D) whose backward accumulates ``G^T X`` instead of ``dW``.
 
@@ -106,11 +115,7 @@ class _CaptureLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
         x, weight = ctx.saved_tensors
-        slot: Slot = ctx.slot
-        slot.add(grad_out, x, ctx.transposed)
-        slot.count += 1
-        if ctx.on_backward is not None:
-            ctx.on_backward(slot)
+        _record(ctx, grad_out, x, ctx.transposed)
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = weight.to(grad_out.dtype)
@@ -133,11 +138,7 @@ class _CaptureOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         (x,) = ctx.saved_tensors
-        slot: Slot = ctx.slot
-        slot.add(grad_out, x, False)
-        slot.count += 1
-        if ctx.on_backward is not None:
-            ctx.on_backward(slot)
+        _record(ctx, grad_out, x, False)
         return grad_out, None, None, None, None
 
 
@@ -244,12 +245,8 @@ def check_capturable(targets: Sequence[tuple[str, nn.Module]]) -> None:
     for name, module in targets:
         if not is_supported_layer(module):
             raise UsageError(f"Layer '{name}' ({type(module).__name__}) is not an nn.Linear or Conv1D layer.")
-        if is_bnb_quantized(module):
-            if "forward" in module.__dict__ and not hasattr(module, "_hf_hook"):
-                raise UsageError(f"Layer '{name}' has its forward replaced on the instance; loraga_fast would bypass "
-                                 "that replacement. Remove it before calling preprocess_loraga.")
-            continue
-        if type(module).forward not in standard:
+        quantized = is_bnb_quantized(module)  # its own forward runs (wrapped), on a quantized weight
+        if not quantized and type(module).forward not in standard:
             raise UsageError(
                 f"Layer '{name}' is a {type(module).__qualname__} whose forward overrides the standard linear forward; "
                 "loraga_fast captures G^T X, which is the weight gradient only for y = x W^T + b. Exclude it from "
@@ -260,5 +257,5 @@ def check_capturable(targets: Sequence[tuple[str, nn.Module]]) -> None:
                 f"Layer '{name}' has its forward replaced on the instance ({module.__dict__['forward']!r}); loraga_fast "
                 "would bypass that replacement. Remove it before calling preprocess_loraga."
             )
-        if not module.weight.is_floating_point():
+        if not quantized and not module.weight.is_floating_point():
             raise UsageError(f"Layer '{name}' has a {module.weight.dtype} weight; LoRA-GA needs a floating-point weight.")
