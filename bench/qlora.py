@@ -20,7 +20,6 @@ Per quantization and strategy (``plain``: peft's default LoRA init, B = 0; ``req
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import sys
@@ -35,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.accuracy import gguf_path  # noqa: E402
 
-QUANT = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-         "int8": dict(load_in_8bit=True)}
+QUANT = ("nf4", "int8")  # 4-bit with fp32 compute (the model's dtype), and 8-bit
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -55,29 +53,29 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig, LoraGAConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from loraga_fast import preprocess_loraga
-    from loraga_fast.inputs import load_model, make_batches, stdlib_text
+    from loraga_fast.inputs import (
+        bnb_config,
+        load_model,
+        make_batches,
+        save_plain,
+        stdlib_text,
+    )
 
     float_model, tokenizer, _ = load_model(str(gguf_path()), torch.float32, torch.device("cpu"), 0)
     data = make_batches(stdlib_text(), tokenizer, 6, 2, 128)
     train, evaluation = data[:4], data[4:]
     ref_logits, ref_loss = logits(float_model, evaluation)
     folder = Path(tempfile.mkdtemp(prefix="qlora_bench_"))
-    config = copy.deepcopy(float_model.config)  # a GGUF-loaded model is not serializable: a plain copy is
-    for attr in ("quantization_config", "gguf_file"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    plain = type(float_model)(config)
-    plain.load_state_dict(float_model.state_dict())
-    plain.save_pretrained(folder)
-    del float_model, plain
+    save_plain(float_model, folder)  # saved once, loaded back quantized for every run
+    del float_model
     res: dict[str, Any] = {"fp32_eval_loss": ref_loss, "runs": []}
     for quant in args.quant:
         for strategy in args.strategies:
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**QUANT[quant]),
+            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb_config(quant, torch.float32),
                                                          device_map="cpu")
             base_logits, base_loss = logits(model, evaluation)
             ga = strategy != "plain"
@@ -116,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quant", nargs="+", choices=list(QUANT), default=list(QUANT))
+    parser.add_argument("--quant", nargs="+", choices=QUANT, default=list(QUANT))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strategies", nargs="+", choices=["plain", "requantize", "none"],
                         default=["plain", "requantize", "none"])

@@ -170,21 +170,12 @@ def build_model(preset: str | Preset, dtype: str, device: str | torch.device = "
 
 
 def quantize_model(model: nn.Module, quant: str) -> nn.Module:
-    """``model`` saved to a temporary folder and loaded back quantized by transformers (bitsandbytes ``nf4``
-    with its own dtype as compute dtype, or ``int8``), on the model's device; the float model is released."""
-    import tempfile
+    """``model`` loaded back quantized with bitsandbytes (``nf4`` with the model's dtype as compute dtype, or
+    ``int8``) on its device: :func:`loraga_fast.inputs.quantize_model`."""
+    from loraga_fast.inputs import quantize_model as quantize
 
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    kinds = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
-             "int8": dict(load_in_8bit=True)}
-    with tempfile.TemporaryDirectory(prefix="loraga_bench_") as folder:
-        model.save_pretrained(folder)
-        del model
-        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**kinds[quant]),
-                                                    device_map=str(device), dtype=dtype).eval()
+    param = next(model.parameters())
+    return quantize(model, quant, param.dtype, param.device).eval()
 
 
 def _smollm2() -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sysconfig
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["ByteTokenizer", "CliError", "QUANTIZE", "load_model", "make_batches", "quantize_model", "read_text",
+__all__ = ["ByteTokenizer", "CliError", "QUANTIZE", "bnb_config", "load_model", "make_batches", "quantize_model",
+           "read_text", "save_plain",
            "stdlib_text"]
 
 # a hub id: "name" or "org/name" (letters, digits, "-", "_", "."), not starting with "." or "/"
@@ -115,29 +117,46 @@ def make_batches(text: str, tokenizer: Any, batches: int, batch_size: int, seq_l
 QUANTIZE = ("nf4", "fp4", "int8")
 
 
-def quantize_model(model: Any, kind: str, dtype: Any, device: Any) -> Any:
-    """``model`` loaded back quantized by transformers with bitsandbytes (``nf4`` / ``fp4``: 4-bit with ``dtype`` as
-    compute dtype; ``int8``), through a temporary folder, on ``device``. Every linear layer but the output head is
-    quantized, as ``BitsAndBytesConfig`` does."""
-    import copy
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def bnb_config(kind: str, dtype: Any) -> Any:
+    """The ``transformers.BitsAndBytesConfig`` of ``kind``: ``nf4`` / ``fp4`` (4-bit, ``dtype`` as compute dtype) or
+    ``int8``."""
+    from transformers import BitsAndBytesConfig
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise CliError("--quantize needs bitsandbytes: pip install bitsandbytes")
     options = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
                "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=dtype),
                "int8": dict(load_in_8bit=True)}[kind]
-    config = copy.deepcopy(model.config)  # a GGUF-loaded model cannot be saved as is: save a plain copy
+    return BitsAndBytesConfig(**options)
+
+
+def save_plain(model: Any, folder: str | os.PathLike[str]) -> None:
+    """``model.save_pretrained(folder)``; a model transformers marks as quantized (one loaded from a GGUF file, which
+    it refuses to save) is saved through a plain copy of its current weights."""
+    import copy
+
+    if getattr(model, "hf_quantizer", None) is None:
+        model.save_pretrained(folder)
+        return
+    config = copy.deepcopy(model.config)
     for attr in ("quantization_config", "gguf_file"):
         if hasattr(config, attr):
             delattr(config, attr)
-    plain = type(model)(config).to(dtype)
+    plain = type(model)(config).to(next(model.parameters()).dtype)
     plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(folder)
+
+
+def quantize_model(model: Any, kind: str, dtype: Any, device: Any) -> Any:
+    """``model`` loaded back quantized by transformers with bitsandbytes (:func:`bnb_config`), through a temporary
+    folder, on ``device``. Every linear layer but the output head is quantized, as ``BitsAndBytesConfig`` does."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = bnb_config(kind, dtype)
     with tempfile.TemporaryDirectory(prefix="loraga_fast_quantize_") as folder:
-        plain.save_pretrained(folder)
-        del plain
-        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**options),
+        save_plain(model, folder)
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
                                                     device_map=str(torch.device(device)), dtype=dtype)
