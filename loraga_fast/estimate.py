@@ -25,7 +25,7 @@ from .errors import UsageError
 from .factors import check_finite
 from .sharding import StepGuard
 from .store import Estimate, Slot, Store
-from .targets import check_ranks
+from .targets import check_ranks, short_list
 
 __all__ = ["FINGERPRINT_RTOL", "Progress", "RandomState", "run_passes", "summarize"]
 
@@ -102,7 +102,7 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
             over this group, so ranks running different numbers of forwards raise instead of hanging.
 
     Raises:
-        ValueError: a non-finite mean gradient; a later pass saw another number of backward passes, or other batches,
+        ValueError: no backward pass reached any target; a non-finite mean gradient; a later pass saw another number of backward passes, or other batches,
             than the first (naming the layer); ``2 r > min(m, n)`` for a layer (before more passes are spent).
     """
     state = RandomState() if store.passes > 1 else None
@@ -129,6 +129,13 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
             store.reduce(process_group)
             counts = store.counts()
             active = [name for name, count in counts.items() if count > 0]
+            if not active:
+                raise UsageError(
+                    f"train_step ran no backward pass through any of the {len(targets)} target layers (e.g. "
+                    f"{short_list([name for name, _ in targets], 2)}): it must compute a loss with the model and call "
+                    "loss.backward() (under torch.no_grad(), or with a loss that does not depend on these layers, no "
+                    "gradient reaches them)."
+                )
             check_finite(store.max_abs(), active)
             if index == 0:
                 first_counts, first_prints = counts, store.fingerprints()

@@ -19,7 +19,7 @@ from peft import LoraConfig
 from torch import nn
 
 from .cache import load_factors, load_gradients
-from .capture import math_shape, weight_layout_transposed
+from .capture import math_shape, weight_layout_transposed, weight_shape
 from .errors import UsageError
 from .estimate import run_passes
 from .handoff import hand_off
@@ -40,7 +40,7 @@ from .sketch_store import (
     sketch_columns,
 )
 from .store import Estimate, Store, is_distributed
-from .targets import fill_default_target_modules, find_targets, layer_ranks
+from .targets import check_ranks, fill_default_target_modules, find_targets, layer_ranks
 
 __all__ = ["preprocess_loraga"]
 
@@ -111,8 +111,10 @@ def preprocess_loraga(
 
     Raises:
         ValueError: ``lora_config.lora_ga_config`` is missing, a target is quantized by a library other than
-            bitsandbytes, no supported layer matches,
-            a target's forward is not the standard linear forward, or the cache does not match the model.
+            bitsandbytes, no supported layer matches, ``2 r > min(m, n)`` for a target, the accumulators do not fit
+            in memory (all checked from shapes and config before ``train_step`` runs); a target's forward is not
+            the standard linear forward; ``train_step`` ran no backward pass through any target; or the cache does
+            not match the model.
     """
     if lora_config.lora_ga_config is None:
         raise UsageError(
@@ -134,6 +136,7 @@ def preprocess_loraga(
     if mode == "exact" and (sketch_size is not None or passes is not None):
         raise UsageError("sketch_size and passes apply to mode='lowmem' only.")
     ranks = layer_ranks(lora_config, [name for name, _ in targets])
+    check_ranks({name: weight_shape(module) for name, module in targets}, ranks, ranks)  # before any forward pass
     if mode == "lowmem":
         passes = DEFAULT_PASSES if passes is None else passes
         if passes < 2:

@@ -7,7 +7,6 @@ tests/test_memory.py and the checks between passes in tests/test_estimate.py."""
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import sys
 from pathlib import Path
@@ -240,20 +239,35 @@ def test_non_finite_gradient_raises_before_anything_is_modified() -> None:
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
 
 
-def test_rank_too_large_for_a_layer_raises() -> None:
+@pytest.mark.parametrize("mode", ["exact", "lowmem"])
+def test_rank_too_large_for_a_layer_raises_before_any_forward(mode: str) -> None:
     model = tiny_llama()
     cfg = lora_ga_config(["k_proj"])  # 16 x 32
     cfg.r = 9
+    calls = []
     with pytest.raises(ValueError, match=r"2 \* r <= min.*'model.layers.0.self_attn.k_proj'.*r=9"):
-        preprocess_loraga(model, cfg, train_step_for(model, token_batches(n=1)), mode="lowmem")
+        preprocess_loraga(model, cfg, lambda: calls.append(1), mode=mode)
+    assert calls == []  # checked from the shapes, before train_step ran
     assert_untouched(model)
 
 
-def test_layers_without_backward_and_bad_arguments(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("mode", ["exact", "lowmem"])
+def test_train_step_without_backward_raises(mode: str) -> None:
     model = tiny_llama()
-    with caplog.at_level(logging.WARNING, logger="loraga_fast"):
-        preprocess_loraga(model, lora_ga_config(), lambda: None, mode="lowmem")
-    assert "14 of 14 target layers saw no backward pass" in caplog.text and not attached(model)
+    batch = token_batches(n=1)[0]
+
+    def forward_only() -> None:  # a common slip: the loss is computed but never backpropagated
+        with torch.no_grad():
+            model(batch)
+
+    with pytest.raises(ValueError, match=r"train_step ran no backward pass through any of the 14 target layers .*"
+                                         r"model\.layers\.0\.self_attn\.q_proj.*loss\.backward\(\)"):
+        preprocess_loraga(model, lora_ga_config(), forward_only, mode=mode)
+    assert_untouched(model)
+
+
+def test_bad_arguments() -> None:
+    model = tiny_llama()
     with pytest.raises(ValueError, match="mode must be 'exact' or 'lowmem'"):
         preprocess_loraga(model, lora_ga_config(), lambda: None, mode="sketch")
     with pytest.raises(ValueError, match="apply to mode='lowmem' only"):
