@@ -68,6 +68,8 @@ __all__ = [
     "REPO_ROOT",
     "CallResult",
     "PreprocessCase",
+    "busy_cpu_s",
+    "interleaved_calls",
     "measure",
     "measure_in_process",
     "time_interleaved",
@@ -79,7 +81,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------ one case
 
 
-def _busy_cpu_s() -> float:
+def busy_cpu_s() -> float:
     """System-wide non-idle CPU seconds so far, all cores (stolen time counts as busy)."""
     t = psutil.cpu_times()
     return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
@@ -165,10 +167,10 @@ class PreprocessCase:
         self._synchronize()
         probe = MemoryProbe(self.device) if measure_memory else None
         with probe if probe is not None else nullcontext():
-            busy_start, cpu_start, start = _busy_cpu_s(), time.process_time(), time.perf_counter()
+            busy_start, cpu_start, start = busy_cpu_s(), time.process_time(), time.perf_counter()
             self()
             elapsed = time.perf_counter() - start
-            cpu, busy = time.process_time() - cpu_start, _busy_cpu_s() - busy_start
+            cpu, busy = time.process_time() - cpu_start, busy_cpu_s() - busy_start
         return CallResult(time_s=elapsed, cpu_s=cpu, other_cpu_s=max(busy - cpu, 0.0),
                           memory=probe.reading if probe is not None else None)
 
@@ -185,22 +187,34 @@ class PreprocessCase:
 # ---------------------------------------------------------------------------------------------- measurement
 
 
-def time_interleaved(dtype: str, preset: str | Preset, rounds: int = 3, device: str | torch.device = "auto",
-                     seed: int = 0, impls: tuple[str, ...] = IMPLS) -> dict[str, list[float]]:
-    """Call times of every implementation measured in one process, alternating implementations (ABBA order) for
-    ``rounds`` rounds after one untimed call each, so the slow drifts of a shared machine hit all of them alike.
-    Memory is not measured here (see :func:`measure` for isolated memory)."""
+def interleaved_calls(dtype: str, preset: str | Preset, rounds: int = 3, device: str | torch.device = "auto",
+                      seed: int = 0, impls: tuple[str, ...] = IMPLS) -> dict[str, list[CallResult]]:
+    """Every implementation called in one process, alternating implementations (ABBA order) for ``rounds``
+    rounds after one untimed call each, so the slow drifts of a shared machine hit all of them alike.
+
+    Returns:
+        Per implementation, its ``rounds`` timed calls in order: wall time and the CPU time of this process and
+        of the rest of the machine (``other_cpu_s``, for the contention flag of ``bench/timing_flags.py``), as
+        :func:`measure` records them. Memory is not measured here (see :func:`measure` for isolated memory).
+    """
     cases = {impl: PreprocessCase.build(impl, dtype, preset, device, seed) for impl in impls}
     for case in cases.values():
         case.warmup()
         case.timed_call(measure_memory=False)
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    calls: dict[str, list[CallResult]] = {impl: [] for impl in impls}
     for r in range(rounds):
         for impl in (impls if r % 2 == 0 else tuple(reversed(impls))):
-            times[impl].append(cases[impl].timed_call(measure_memory=False).time_s)
+            calls[impl].append(cases[impl].timed_call(measure_memory=False))
     for case in cases.values():
         case.reset()
-    return times
+    return calls
+
+
+def time_interleaved(dtype: str, preset: str | Preset, rounds: int = 3, device: str | torch.device = "auto",
+                     seed: int = 0, impls: tuple[str, ...] = IMPLS) -> dict[str, list[float]]:
+    """The wall times of :func:`interleaved_calls`, per implementation."""
+    calls = interleaved_calls(dtype, preset, rounds, device, seed, impls)
+    return {impl: [c.time_s for c in runs] for impl, runs in calls.items()}
 
 
 def measure_in_process(impl: str, dtype: str, preset: str | Preset, repeats: int = 3,

@@ -9,7 +9,9 @@ Both start from their own library's estimation result (ours: fp32 grouped accumu
 the model's dtype), which is built before the measurement starts. Each measurement runs in a fresh process:
 time of the call, and extra peak memory (RSS on CPU, the CUDA allocator's peak on GPU; see bench/memprobe.py).
 Also reported, to show where the time goes: ours' ``finish`` vs ``get_peft_model`` time, the time spent in
-our batched SVDs, and the time peft spends inside ``torch.svd_lowrank``.
+our batched SVDs, and the time peft spends inside ``torch.svd_lowrank``. Each row records ``other_cpu_s``, the CPU
+time other processes used during the call, and ``contended`` (bench/timing_flags.py: more than 10% of a core);
+the table marks contended times and ratios with `` *`` (one call per measurement: no spread rule here).
 
 Presets:
 
@@ -45,8 +47,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.e2e import busy_cpu_s  # noqa: E402
 from bench.envinfo import environment_info  # noqa: E402
 from bench.memprobe import MemoryProbe  # noqa: E402
+from bench.timing_flags import footnotes, is_contended, marks  # noqa: E402
 from bench.workloads import build_model, make_batches, make_train_step, resolve_device  # noqa: E402
 
 IMPLS = ("loraga_fast", "peft")
@@ -155,7 +159,7 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
     rsvd_time = _time_calls(ours_factors, "batched_rsvd", device)  # ours, per group
     with MemoryProbe(device) as probe:
         _sync(device)
-        start = time.perf_counter()
+        busy_start, cpu_start, start = busy_cpu_s(), time.process_time(), time.perf_counter()
         if store is not None:
             hand_off(cfg, targets, store)
         _sync(device)
@@ -163,13 +167,16 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
         peft.get_peft_model(model, cfg)
         _sync(device)
         total = time.perf_counter() - start
+        cpu, busy = time.process_time() - cpu_start, busy_cpu_s() - busy_start
+    other = max(busy - cpu, 0.0)
     svd_time.restore()
     rsvd_time.restore()
     assert probe.reading is not None
     params = sum(m.weight.numel() for _, m in targets)
     return {"impl": impl, "preset": preset, "dtype": dtype_name, "r": r, "layers": len(targets),
             "target_params": params, "time_s": total, "finish_s": t_factor, "get_peft_model_s": total - t_factor,
-            "batched_rsvd_s": rsvd_time.seconds, "peft_svd_lowrank_s": svd_time.seconds, "peak_extra_bytes": probe.reading.peak_extra_bytes}
+            "batched_rsvd_s": rsvd_time.seconds, "peft_svd_lowrank_s": svd_time.seconds, "peak_extra_bytes": probe.reading.peak_extra_bytes,
+            "cpu_s": cpu, "other_cpu_s": other, "contended": is_contended([total], [other])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,15 +233,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{'in SVDs (s)':>11} {'extra peak (MiB)':>16}")
     for row in rows:
         svd = row['batched_rsvd_s'] + row['peft_svd_lowrank_s']
-        print(f"{row['dtype']:<5} {row['r']:>3} {row['impl']:<12} {row['time_s']:>9.3f} {row['finish_s']:>10.3f} "
+        print(f"{row['dtype']:<5} {row['r']:>3} {row['impl']:<12} {row['time_s']:>9.3f}"
+              f"{marks(bool(row.get('contended'))):<2} {row['finish_s']:>8.3f} "
               f"{row['get_peft_model_s']:>12.3f} {svd:>11.3f} {row['peak_extra_bytes'] / 2**20:>16.1f}")
     for dtype in args.dtypes:
         for r in ranks:
             pair = {row["impl"]: row for row in rows if row["dtype"] == dtype and row["r"] == r}
             if len(pair) == 2:
                 o, p = pair["loraga_fast"], pair["peft"]
-                print(f"{dtype:<5} {r:>3} ours/peft    {o['time_s'] / p['time_s']:>8.3f}x "
-                      f"{'':>10} {'':>12} {'':>11} {o['peak_extra_bytes'] / max(p['peak_extra_bytes'], 1):>15.3f}x")
+                flag = marks(bool(o.get("contended") or p.get("contended")))
+                print(f"{dtype:<5} {r:>3} ours/peft    {o['time_s'] / p['time_s']:>8.3f}x{flag:<2}"
+                      f"{'':>9} {'':>12} {'':>11} {o['peak_extra_bytes'] / max(p['peak_extra_bytes'], 1):>15.3f}x")
+    for line in footnotes(any(row.get("contended") for row in rows)):
+        print(line)
     save()
     print(f"results written to {args.json}")
     return 1 if failed else 0

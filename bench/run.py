@@ -6,7 +6,9 @@
 
 Prints a table (time = median of the timed repeats, extra peak memory = see bench/README.md) with ratio rows
 ``ours/peft``, and writes every measurement, the configuration and the environment as JSON
-(default: bench/results/e2e.json).
+(default: bench/results/e2e.json). Times and time ratios that other processes disturbed are marked (`` *``
+contended, `` ~`` noisy; the rules are in bench/timing_flags.py) and every time ratio in the JSON carries its
+flags.
 """
 
 from __future__ import annotations
@@ -23,8 +25,17 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (python bench/run.py): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import REPO_ROOT, measure, time_interleaved  # noqa: E402
+from bench.e2e import REPO_ROOT, CallResult, interleaved_calls, measure  # noqa: E402
 from bench.envinfo import environment_info  # noqa: E402
+from bench.timing_flags import (  # noqa: E402
+    CONTENDED,
+    SPREAD,
+    footnotes,
+    is_contended,
+    is_noisy,
+    marks,
+    ratio_flags,
+)
 from bench.workloads import (  # noqa: E402
     DTYPES,
     IMPLS,
@@ -36,13 +47,14 @@ from bench.workloads import (  # noqa: E402
 
 OURS, BASELINE = IMPLS
 MIB = 2**20
-CONTENDED = 0.1
-"""A timing is flagged when other processes used more than this fraction of a core during the timed calls."""
+__all__ = ["CONTENDED", "add_interleaved", "contended", "format_interleaved", "format_table", "interleaved_sides",
+           "main", "noisy", "ratio_rows", "table_footnotes", "wait_for_idle"]
 DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "e2e.json"
 
 
 def ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``ours/peft`` time and memory ratios for every (preset, dtype) that has both implementations."""
+    """``ours/peft`` time and memory ratios for every (preset, dtype) that has both implementations, the time
+    ratio with its flags (``time_contended``, ``time_spread``, ``time_noisy``: see bench/timing_flags.py)."""
     rows = []
     by_key = {(r["preset"], r["dtype"], r["impl"]): r for r in results}
     for (preset, dtype, impl), ours in by_key.items():
@@ -53,6 +65,7 @@ def ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "preset": preset,
             "dtype": dtype,
             "time_ratio": _ratio(ours["time_s"], base["time_s"]),
+            **ratio_flags("time", ours, base),
             "peak_extra_ratio": _ratio(ours["peak_extra_bytes"], base["peak_extra_bytes"]),
         })
     return rows
@@ -60,6 +73,30 @@ def ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def interleaved_sides(calls: dict[str, list[CallResult]]) -> dict[str, dict[str, list[float]]]:
+    """:func:`bench.e2e.interleaved_calls`' result as plain lists per implementation: ``times_s`` and
+    ``other_cpu_s`` (the shape :func:`add_interleaved` and the JSON take)."""
+    return {impl: {"times_s": [c.time_s for c in runs], "other_cpu_s": [c.other_cpu_s for c in runs]}
+            for impl, runs in calls.items()}
+
+
+def add_interleaved(ratios: list[dict[str, Any]], interleaved: dict[str, dict[str, dict[str, list[float]]]]) -> None:
+    """Add ``time_ratio_interleaved`` (median over median) and its flags (``time_interleaved_contended``,
+    ``_spread``, ``_noisy``) to each ratio row whose dtype was interleaved with both implementations.
+
+    Args:
+        ratios: :func:`ratio_rows`' rows, changed in place.
+        interleaved: per dtype, per implementation, ``{"times_s": [...], "other_cpu_s": [...]}``
+            (:func:`interleaved_sides`).
+    """
+    for row in ratios:
+        sides = interleaved.get(row["dtype"]) or {}
+        ours, base = sides.get(OURS), sides.get(BASELINE)
+        if ours and base and ours["times_s"] and base["times_s"]:
+            row["time_ratio_interleaved"] = statistics.median(ours["times_s"]) / statistics.median(base["times_s"])
+            row.update(ratio_flags("time_interleaved", ours, base))
 
 
 def format_table(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
@@ -74,11 +111,13 @@ def format_table(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) ->
             check = "-"
             if mem.get("maxrss_extra_bytes") is not None:
                 check = f"{mem['maxrss_extra_bytes'] / MIB:.1f}" + ("" if mem["maxrss_valid"] else " (n/a)")
-            flag = " *" if contended(r) else ""
+            flag = marks(contended(r), noisy(r))
             lines.append((r["preset"], r["dtype"], r["impl"], _num(r["time_s"], ".3f") + flag,
                           f"{r['peak_extra_bytes'] / MIB:.1f}", check, f"{r['first_call_s']:.3f}"))
         if ratio is not None:
-            lines.append((ratio["preset"], ratio["dtype"], f"{OURS}/{BASELINE}", _num(ratio["time_ratio"], ".3f", "x"),
+            flag = marks(bool(ratio.get("time_contended")), bool(ratio.get("time_noisy")))
+            lines.append((ratio["preset"], ratio["dtype"], f"{OURS}/{BASELINE}",
+                          _num(ratio["time_ratio"], ".3f", "x") + flag,
                           _num(ratio["peak_extra_ratio"], ".3f", "x"), "", ""))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -87,10 +126,37 @@ def format_table(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) ->
     return "\n".join(out)
 
 
+def format_interleaved(interleaved: dict[str, dict[str, dict[str, list[float]]]], ratios: list[dict[str, Any]],
+                       rounds: int) -> list[str]:
+    """One line per interleaved dtype: each implementation's median (marked when flagged) and the ratio."""
+    lines = []
+    for dtype, sides in interleaved.items():
+        medians = "  ".join(f"{impl} {statistics.median(side['times_s']):.3f}s{marks(contended(side), noisy(side))}"
+                            for impl, side in sides.items() if side["times_s"])
+        row = next((r for r in ratios if r["dtype"] == dtype and r.get("time_ratio_interleaved") is not None), None)
+        ratio = ""
+        if row is not None:
+            flag = marks(bool(row.get("time_interleaved_contended")), bool(row.get("time_interleaved_noisy")))
+            ratio = f"  -> ours/peft {row['time_ratio_interleaved']:.3f}x{flag}"
+        lines.append(f"interleaved in one process, {dtype}, median of {rounds}: {medians}{ratio}")
+    return lines
+
+
+def table_footnotes(results: list[dict[str, Any]], interleaved: dict[str, dict[str, dict[str, list[float]]]]) -> list[str]:
+    """The footnotes for the marks the table and the interleaved lines used (none when nothing is flagged)."""
+    sides = [*results, *(side for per_impl in interleaved.values() for side in per_impl.values())]
+    return footnotes(any(contended(s) for s in sides), any(noisy(s) for s in sides))
+
+
 def contended(result: dict[str, Any]) -> bool:
-    """True when other processes competed for the CPU during the timed calls (see ``CONTENDED``)."""
-    times, others = result.get("times_s") or [], result.get("other_cpu_s") or []
-    return bool(times) and sum(others) > CONTENDED * sum(times)
+    """True when other processes competed for the CPU during the timed calls (``times_s``, ``other_cpu_s``; see
+    ``bench.timing_flags.CONTENDED``)."""
+    return is_contended(result.get("times_s"), result.get("other_cpu_s"))
+
+
+def noisy(result: dict[str, Any]) -> bool:
+    """True when the timed calls (``times_s``) spread by more than ``bench.timing_flags.SPREAD``."""
+    return is_noisy(result.get("times_s"))
 
 
 def wait_for_idle(max_wait_s: float, busy_percent: float = 5.0, window_s: float = 2.0) -> float:
@@ -149,10 +215,13 @@ def main(argv: list[str] | None = None) -> int:
             "interleave_rounds": args.interleave,
             "wait_idle_s": args.wait_idle,
         },
+        "timing_flags": {"contended_other_cpu_fraction": CONTENDED, "noisy_spread": SPREAD,
+                         "rules": "bench/timing_flags.py"},
         "results": results,
         "failed": failed,
         "ratios": [],
         "interleaved_times_s": {},
+        "interleaved_other_cpu_s": {},
     }
 
     def save(ratios: list[dict[str, Any]] | None = None) -> None:
@@ -184,33 +253,25 @@ def main(argv: list[str] | None = None) -> int:
         print("every measurement failed", file=sys.stderr)
         return 1
     ratios = ratio_rows(results)
-    interleaved: dict[str, dict[str, list[float]]] = {}
+    interleaved: dict[str, dict[str, dict[str, list[float]]]] = {}
     if args.interleave > 0 and len(args.impls) > 1:
         for dtype in args.dtypes:
             print(f"[bench] {preset.name} {dtype} interleaved x{args.interleave} ...", end=" ", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            interleaved[dtype] = time_interleaved(dtype, preset.name, args.interleave, args.device, args.seed,
-                                                  tuple(args.impls))
+            interleaved[dtype] = interleaved_sides(interleaved_calls(dtype, preset.name, args.interleave, args.device,
+                                                                     args.seed, tuple(args.impls)))
             print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-        for row in ratios:
-            times = interleaved.get(row["dtype"])
-            if times and BASELINE in times and OURS in times:
-                row["time_ratio_interleaved"] = statistics.median(times[OURS]) / statistics.median(times[BASELINE])
+        add_interleaved(ratios, interleaved)
 
     print(f"preset {preset.name}: LlamaForCausalLM, {n_params:,} parameters, {preset.num_batches} batches of "
           f"{preset.batch_size}x{preset.seq_len} tokens, targets {','.join(TARGET_MODULES)}; device "
           f"{results[0]['device']}, {results[0]['torch_threads']} torch threads; time = median of {args.repeats}")
     print(format_table(results, ratios))
-    for dtype, times in interleaved.items():
-        medians = "  ".join(f"{impl} {statistics.median(t):.3f}s" for impl, t in times.items())
-        ratio = next((r.get("time_ratio_interleaved") for r in ratios if r["dtype"] == dtype), None)
-        print(f"interleaved in one process, {dtype}, median of {args.interleave}: {medians}"
-              + (f"  -> ours/peft {ratio:.3f}x" if ratio is not None else ""))
-    if any(contended(r) for r in results):
-        print(f"* other processes used more than {CONTENDED:.0%} of a core during these timed calls "
-              "(other_cpu_s in the JSON): the times are unreliable, rerun on an idle machine")
+    for line in [*format_interleaved(interleaved, ratios, args.interleave), *table_footnotes(results, interleaved)]:
+        print(line)
 
-    report["interleaved_times_s"] = interleaved
+    report["interleaved_times_s"] = {d: {i: s["times_s"] for i, s in v.items()} for d, v in interleaved.items()}
+    report["interleaved_other_cpu_s"] = {d: {i: s["other_cpu_s"] for i, s in v.items()} for d, v in interleaved.items()}
     save(ratios)  # with the interleaved ratios
     print(f"results written to {args.json}")
     return 1 if failed else 0
