@@ -22,7 +22,7 @@ _EXPORTS = {
     "LoraGAContext": "original",
     "save_loraga_model_init": "original",
     "save_loraga_model_final": "original",
-    "load_initialized": "original",
+    "load_initialized": "runs",
     "train_step_from_dataloader": "steps",
     "train_step_from_trainer": "steps",
     "memory_estimate": "memory",
@@ -42,11 +42,11 @@ if TYPE_CHECKING:
     from .original import (
         LoraGAContext,
         estimate_gradient,
-        load_initialized,
         save_loraga_model_final,
         save_loraga_model_init,
     )
     from .peft_compat import preprocess_loraga
+    from .runs import load_initialized
     from .steps import train_step_from_dataloader, train_step_from_trainer
 
 

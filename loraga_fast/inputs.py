@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["ByteTokenizer", "CliError", "QUANTIZE", "bnb_config", "load_model", "make_batches", "quantize_model",
+__all__ = ["ByteTokenizer", "CliError", "QUANTIZE", "bnb_config", "check_causal_lm", "load_model", "make_batches", "quantize_model",
            "read_text", "save_plain",
            "stdlib_text"]
 
@@ -43,27 +43,58 @@ def stdlib_text() -> str:
 
 
 def read_text(path: str, text_field: str) -> str:
-    """Text of a ``.txt`` file, or the ``text_field`` of every line of a ``.jsonl`` file."""
+    """Text of a ``.txt`` file; the ``text_field`` of every record of a ``.jsonl`` file (one JSON object per line);
+    or of a ``.json`` file holding a list of records (or of strings)."""
     p = Path(path)
+    if p.is_dir():
+        raise CliError(f"--data {path} is a folder: give a .txt, .jsonl or .json file")
     if not p.is_file():
         raise CliError(f"--data file not found: {path}")
-    if p.suffix in (".jsonl", ".json"):
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CliError(f"--data {path} is not UTF-8 text ({err.reason} at byte {err.start}): give a .txt, .jsonl "
+                       "or .json file") from None
+    if p.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if text_field not in record:
-                raise CliError(f"{path}, line {i}: no field {text_field!r} (fields: {', '.join(record)}); set --text-field")
-            texts.append(str(record[text_field]))
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CliError(f"{path}, line {i}: not valid JSON ({err.msg} at column {err.colno}): each line of a "
+                               ".jsonl file must be one JSON object") from None
+            texts.append(_record_text(record, text_field, f"{path}, line {i}"))
         return "\n\n".join(texts)
-    return p.read_text(encoding="utf-8")
+    if p.suffix == ".json":
+        try:
+            records = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise CliError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        if not isinstance(records, list):
+            raise CliError(f"{path}: a .json file must hold a list of records (got a {type(records).__name__}); "
+                           "for one record per line use .jsonl")
+        return "\n\n".join(_record_text(r, text_field, f"{path}, record {i}") for i, r in enumerate(records, 1))
+    return raw
+
+
+def _record_text(record: Any, text_field: str, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise CliError(f"{where}: expected a JSON object with a {text_field!r} field, got a {type(record).__name__}")
+    if text_field not in record:
+        raise CliError(f"{where}: no field {text_field!r} (fields: {', '.join(map(str, record)) or 'none'}); "
+                       "set --text-field")
+    return str(record[text_field])
 
 
 def load_model(model: str | None, dtype: Any, device: Any, seed: int) -> tuple[Any, Any, str]:
     """(model, tokenizer, description). ``model``: a folder, a ``.gguf`` file, a hub name, or None (default)."""
     import torch
     from transformers import (
+        AutoConfig,
         AutoModelForCausalLM,
         AutoTokenizer,
         LlamaConfig,
@@ -87,14 +118,40 @@ def load_model(model: str | None, dtype: Any, device: Any, seed: int) -> tuple[A
         raise CliError(f"--model folder not found: {model}")
     else:
         source = model  # a hub id, "name" or "org/name": transformers resolves it (local cache, HF_HUB_OFFLINE)
+    gguf = {k: v for k, v in kwargs.items() if k == "gguf_file"}
     try:
-        tok = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        config = AutoConfig.from_pretrained(source, **gguf)
+        check_causal_lm(config, model)
+        tok = AutoTokenizer.from_pretrained(source, **gguf)
+        loaded, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except OSError as err:
         where = ("" if source != model else " (not a local folder; looked up as a hub id in the local cache and, "
                  "unless HF_HUB_OFFLINE=1, on the hub)")
         raise CliError(f"could not load --model {model!r}{where}: {str(err).splitlines()[0]}") from err
+    fresh = sorted(info.get("missing_keys") or [])
+    if fresh:  # the checkpoint lacks part of the causal-LM model: those layers would start random, and be targeted
+        raise CliError(f"--model {model}: loading it as {type(loaded).__name__} left {len(fresh)} weight(s) freshly "
+                       f"initialized ({', '.join(fresh[:3])}{', ...' if len(fresh) > 3 else ''}): the checkpoint is not "
+                       "a complete causal language model; use loraga_fast.preprocess_loraga with your own train_step")
     return loaded.to(device), tok, f"{type(loaded).__name__} from {model}"
+
+
+def check_causal_lm(config: Any, model: str) -> None:
+    """Refuse, naming the model class, a checkpoint that is not a causal LM: ``loraga-fast init`` estimates with
+    a next-token loss on text (encoders and seq2seq models need another objective: the library's
+    ``preprocess_loraga`` takes any ``train_step``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = list(getattr(config, "architectures", None) or [])
+    name = archs[0] if archs else f"model type {config.model_type!r}"
+    use = ("loraga-fast init trains causal language models (next-token loss on text); for this model call "
+           "loraga_fast.preprocess_loraga with a train_step computing its own loss (README: 'Usage: a one-line swap from peft')")
+    if getattr(config, "is_encoder_decoder", False):
+        raise CliError(f"--model {model} is {name}, an encoder-decoder (seq2seq) model: {use}")
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not causal.intersection(archs)):
+        raise CliError(f"--model {model} is {name}, which has no causal language-model head (an encoder, a "
+                       f"classifier, ...): {use}")
 
 
 def make_batches(text: str, tokenizer: Any, batches: int, batch_size: int, seq_len: int) -> list[Any]:
@@ -158,5 +215,8 @@ def quantize_model(model: Any, kind: str, dtype: Any, device: Any) -> Any:
     config = bnb_config(kind, dtype)
     with tempfile.TemporaryDirectory(prefix="loraga_fast_quantize_") as folder:
         save_plain(model, folder)
-        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
-                                                    device_map=str(torch.device(device)), dtype=dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
+                                                      device_map=str(torch.device(device)), dtype=dtype)
+    # the model's name, not the deleted temporary folder (peft records it as the adapter's base_model_name_or_path)
+    loaded.name_or_path = loaded.config._name_or_path = getattr(model, "name_or_path", "")
+    return loaded

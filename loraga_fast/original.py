@@ -28,16 +28,16 @@ from .errors import UsageError
 from .estimate import run_passes, summarize
 from .handoff import hand_off, release
 from .quantized import unsupported_quantized
+from .runs import INIT_CHECKPOINT, OFFSETS_FILE
 from .sharding import check_sharded_config, new_store, shard_layout
 from .steps import LossFn, train_step_from_dataloader
 from .targets import GRAD_ATTR, fill_default_target_modules, find_targets, warn_left_out
 
-__all__ = ["INIT_CHECKPOINT", "LoraGAContext", "estimate_gradient", "load_initialized", "save_loraga_model_final",
+__all__ = ["INIT_CHECKPOINT", "LoraGAContext", "estimate_gradient", "save_loraga_model_final",
            "save_loraga_model_init"]
 
 logger = logging.getLogger("loraga_fast")
 
-INIT_CHECKPOINT = "init_lora_checkpoint"  # the original's sub-folder for the initial adapter
 
 
 def estimate_gradient(
@@ -264,51 +264,6 @@ def save_loraga_model_final(model: Any, save_dir: str | os.PathLike[str]) -> Non
     else:
         model.save_pretrained(save_dir, path_initial_model_for_weight_conversion=init_dir)
     shutil.rmtree(init_dir)
-    offsets = os.path.join(save_dir, "base_offset.safetensors")
+    offsets = os.path.join(save_dir, OFFSETS_FILE)
     if os.path.isfile(offsets):  # only the initialized model needed it; the final adapter is for the untouched base
         os.remove(offsets)
-
-
-def load_initialized(base_model: nn.Module, out_dir: str | os.PathLike[str]) -> Any:
-    """Rebuild the LoRA-GA-initialized model that ``loraga-fast init --out DIR`` saved: apply the offset target
-    weights (``DIR/base_offset.safetensors``) to ``base_model`` in place and load the initialized adapter
-    (``DIR/init_lora_checkpoint``) as a trainable ``PeftModel``. A ``--quantize`` run left its quantized base
-    untouched: ``base_model`` must then be loaded quantized the same way (``loraga_fast.inputs.quantize_model``),
-    and only the adapter is loaded. After training, ``save_loraga_model_final(model,
-    DIR)`` writes a plain LoRA adapter for the untouched base model.
-
-    Raises:
-        FileNotFoundError: a file is missing. ValueError: the offsets do not match ``base_model``.
-    """
-    import json
-
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    out_dir = os.fspath(out_dir)
-    offsets_path = os.path.join(out_dir, "base_offset.safetensors")
-    init_dir = os.path.join(out_dir, INIT_CHECKPOINT)
-    summary_path = os.path.join(out_dir, "loraga_fast_init.json")
-    summary = json.loads(open(summary_path, encoding="utf-8").read()) if os.path.isfile(summary_path) else {}
-    if summary.get("base_untouched"):  # --quantize: the quantized base was never offset
-        if not os.path.exists(init_dir):
-            raise FileNotFoundError(f"'{init_dir}' not found: is '{out_dir}' the --out folder of loraga-fast init?")
-        from .quantized import UNTOUCHED_BASES
-
-        model = PeftModel.from_pretrained(base_model, init_dir, is_trainable=True)
-        for module in model.modules():
-            if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):
-                UNTOUCHED_BASES.add(module)
-        return model
-    for path in (offsets_path, init_dir):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"'{path}' not found: is '{out_dir}' the --out folder of loraga-fast init?")
-    params = dict(base_model.named_parameters())
-    offsets = load_file(offsets_path)
-    for key, value in offsets.items():
-        if key not in params or params[key].shape != value.shape:
-            raise UsageError(f"'{offsets_path}' does not match the model: no parameter '{key}' of shape {tuple(value.shape)}.")
-    with torch.no_grad():
-        for key, value in offsets.items():
-            params[key].copy_(value)
-    return PeftModel.from_pretrained(base_model, init_dir, is_trainable=True)

@@ -42,7 +42,7 @@ from .sketch_store import (
 from .store import Estimate, Store, is_distributed
 from .targets import check_ranks, fill_default_target_modules, find_targets, layer_ranks
 
-__all__ = ["preprocess_loraga"]
+__all__ = ["check_preprocess", "preprocess_loraga"]
 
 logger = logging.getLogger("loraga_fast")
 
@@ -116,6 +116,67 @@ def preprocess_loraga(
             the standard linear forward; ``train_step`` ran no backward pass through any target; or the cache does
             not match the model.
     """
+    targets, ranks, passes, cached = _checked_plan(model, lora_config, mode, sketch_size, passes, quantized_offset,
+                                                   cache_file)
+    logger.info("%s", estimate_bytes(targets, ranks, sketch_size))
+    layout = shard_layout(targets, model)
+    if layout is not None:
+        check_sharded_config(layout, lora_config)
+        if mode == "exact":
+            check_sharded_call(layout, cache_file, process_group)
+        elif process_group is not None and process_group is not layout.group:
+            check_sharded_call(layout, None, process_group)
+        process_group = layout.group  # FSDP: everything is reduced over the model's group
+
+    start = time.perf_counter()
+    if layout is None and not (cached and mode == "lowmem"):  # FSDP shards the accumulators over its ranks
+        check_fits(targets, ranks, mode, sketch_size)
+    estimate: Estimate
+    if cached and mode == "lowmem":
+        estimate = load_factors(cache_file, dict(targets), ranks)  # type: ignore[arg-type]
+        source = f"loaded from {os.fspath(cache_file)}"  # type: ignore[arg-type]
+    else:
+        store = _new_store(targets, layout, ranks, mode, sketch_size, passes)
+        if cached:
+            load_gradients(cache_file, store)  # type: ignore[arg-type]
+            source = f"loaded from {os.fspath(cache_file)}"  # type: ignore[arg-type]
+        else:
+            run_passes(model, targets, store, train_step, ranks=ranks, process_group=process_group,
+                       guard_group=layout.group if layout is not None else None, num_batches=num_batches,
+                       progress=progress)
+            backwards = max(store.counts().values(), default=0)
+            source = (f"estimated in {store.passes} passes over {backwards} backward passes each" if store.passes > 1
+                      else f"estimated over {backwards} backward passes")
+        logger.info("LoRA-GA: %d target layers %s in %.2fs (%s: %.1f MiB)", len(targets), source,
+                    time.perf_counter() - start, "sketches" if mode == "lowmem" else "fp32 accumulators",
+                    store.nbytes / 2**20)
+        estimate = store
+    writer = not is_distributed(process_group) or torch.distributed.get_rank(process_group) == 0
+    hand_off(lora_config, targets, estimate, layout=layout,
+             cache_file=cache_file if not cached and writer else None, quantized_offset=quantized_offset)
+
+
+def check_preprocess(model: nn.Module, lora_config: LoraConfig, cache_file: str | os.PathLike[str] | None = None, *,
+                     mode: str = "exact", sketch_size: int | None = None, passes: int | None = None,
+                     quantized_offset: str = "requantize") -> None:
+    """Every check :func:`preprocess_loraga` makes from shapes and config before it runs ``train_step`` (LoRA-GA
+    config, targets, ``2 r <= min(m, n)``, arguments, cache path, memory fit), without running anything: for
+    callers that want to fail before spending time on data preparation. Fills ``lora_config.target_modules`` from
+    peft's defaults when it is None, as :func:`preprocess_loraga` does.
+
+    Raises:
+        ValueError: the first failed check, with the message :func:`preprocess_loraga` would give.
+    """
+    targets, ranks, _, cached = _checked_plan(model, lora_config, mode, sketch_size, passes, quantized_offset,
+                                              cache_file)
+    if shard_layout(targets, model) is None and not (cached and mode == "lowmem"):
+        check_fits(targets, ranks, mode, sketch_size)
+
+
+def _checked_plan(model: nn.Module, lora_config: LoraConfig, mode: str, sketch_size: int | None, passes: int | None,
+                  quantized_offset: str, cache_file: str | os.PathLike[str] | None
+                  ) -> tuple[list[tuple[str, nn.Module]], dict[str, int], int | None, bool]:
+    """``(targets, ranks, passes, cached)`` after the checks that need only shapes and config."""
     if lora_config.lora_ga_config is None:
         raise UsageError(
             "If you want to use LoRA-GA, please initialize the LoraConfig with "
@@ -144,43 +205,14 @@ def preprocess_loraga(
         if sketch_size is not None and sketch_size < 2 * max(ranks.values()):
             raise UsageError(f"sketch_size={sketch_size} must be at least 2 * r = {2 * max(ranks.values())} (the "
                              f"default, {DEFAULT_SKETCH_PER_RANK} r, meets LoRA-GA's accuracy needs).")
-    logger.info("%s", estimate_bytes(targets, ranks, sketch_size))
-    layout = shard_layout(targets, model)
-    if layout is not None:
-        check_sharded_config(layout, lora_config)
-        if mode == "exact":
-            check_sharded_call(layout, cache_file, process_group)
-        elif process_group is not None and process_group is not layout.group:
-            check_sharded_call(layout, None, process_group)
-        process_group = layout.group  # FSDP: everything is reduced over the model's group
-
-    start = time.perf_counter()
-    cached = cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0
-    if layout is None and not (cached and mode == "lowmem"):  # FSDP shards the accumulators over its ranks
-        check_fits(targets, ranks, mode, sketch_size)
-    estimate: Estimate
-    if cached and mode == "lowmem":
-        estimate = load_factors(cache_file, dict(targets), ranks)  # type: ignore[arg-type]
-        source = f"loaded from {os.fspath(cache_file)}"  # type: ignore[arg-type]
-    else:
-        store = _new_store(targets, layout, ranks, mode, sketch_size, passes)
-        if cached:
-            load_gradients(cache_file, store)  # type: ignore[arg-type]
-            source = f"loaded from {os.fspath(cache_file)}"  # type: ignore[arg-type]
-        else:
-            run_passes(model, targets, store, train_step, ranks=ranks, process_group=process_group,
-                       guard_group=layout.group if layout is not None else None, num_batches=num_batches,
-                       progress=progress)
-            backwards = max(store.counts().values(), default=0)
-            source = (f"estimated in {store.passes} passes over {backwards} backward passes each" if store.passes > 1
-                      else f"estimated over {backwards} backward passes")
-        logger.info("LoRA-GA: %d target layers %s in %.2fs (%s: %.1f MiB)", len(targets), source,
-                    time.perf_counter() - start, "sketches" if mode == "lowmem" else "fp32 accumulators",
-                    store.nbytes / 2**20)
-        estimate = store
-    writer = not is_distributed(process_group) or torch.distributed.get_rank(process_group) == 0
-    hand_off(lora_config, targets, estimate, layout=layout,
-             cache_file=cache_file if not cached and writer else None, quantized_offset=quantized_offset)
+    cached = False
+    if cache_file is not None:
+        path = os.fspath(cache_file)
+        if os.path.isdir(path):
+            raise UsageError(f"cache_file '{path}' is a folder: give a file path (e.g. "
+                             f"{os.path.join(path, 'loraga_cache.safetensors')!r}).")
+        cached = os.path.isfile(path) and os.path.getsize(path) > 0
+    return targets, ranks, passes, cached
 
 
 def _new_store(targets: list[tuple[str, nn.Module]], layout: ShardLayout | None, ranks: dict[str, int], mode: str,

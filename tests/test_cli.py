@@ -23,11 +23,13 @@ def test_default_init_saves_an_initialized_model_that_reloads(mode: str, tmp_pat
     out = tmp_path / "out"
     assert main(["init", "--out", str(out), "--mode", mode, *SMALL]) == 0
     printed = capsys.readouterr().out
-    assert "LoRA-GA initialization" in printed and "targets         28" in printed
+    # peft's default targets for LLaMA: q_proj and v_proj in each of the 4 layers
+    assert "LoRA-GA initialization" in printed and "targets         8 layers (q_proj, v_proj)" in printed
     # the memory estimate of both modes is printed before the estimation starts
-    assert "accumulator memory for 28 target layers: exact mode" in printed and f"-> mode {mode}" in printed
+    assert "accumulator memory for 8 target layers: exact mode" in printed and f"-> mode {mode}" in printed
     summary = json.loads((out / "loraga_fast_init.json").read_text())
-    assert summary["mode"] == mode and summary["targets"] == 28 and summary["tokens"] == 2 * 2 * 48 and set(summary["phases_s"]) == {"load", "estimate", "init", "save"}
+    assert summary["target_modules"] == ["q_proj", "v_proj"] and len(summary["run_id"]) == 12
+    assert summary["mode"] == mode and summary["targets"] == 8 and summary["tokens"] == 2 * 2 * 48 and set(summary["phases_s"]) == {"load", "estimate", "init", "save"}
 
     # the saved offset base + adapter is the initialized model, whose function equals the original's
     original, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
@@ -51,8 +53,10 @@ def test_jsonl_data_and_targets(tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"body": "def f(x):\n    return x * 2\n" * 8}) for _ in range(20)))
     out = tmp_path / "out"
-    assert main(["init", "--data", str(data), "--text-field", "body", "--targets", "q_proj,v_proj", "--out", str(out), *SMALL]) == 0
-    assert json.loads((out / "loraga_fast_init.json").read_text())["targets"] == 8
+    assert main(["init", "--data", str(data), "--text-field", "body", "--targets", "o_proj, down_proj,up_proj",
+                 "--out", str(out), *SMALL]) == 0
+    summary = json.loads((out / "loraga_fast_init.json").read_text())
+    assert summary["targets"] == 12 and summary["target_modules"] == ["o_proj", "down_proj", "up_proj"]
 
 
 @pytest.mark.parametrize(
@@ -61,7 +65,7 @@ def test_jsonl_data_and_targets(tmp_path: Path) -> None:
         (["--data", "/nonexistent/file.txt"], "--data file not found: /nonexistent/file.txt"),
         (["--model", "/nonexistent/model.gguf"], "--model GGUF file not found"),
         (["--model", "./no/such/folder"], "--model folder not found"),
-        (["--targets", "q_proj,qkv"], "unknown target(s) qkv: this model's linear layers are down_proj, gate_proj, k_proj, lm_head"),
+        (["--targets", "q_proj,qkv"], "unknown --targets qkv: this model's linear layers are down_proj, gate_proj, k_proj, lm_head"),
         (["--rank", "200"], "2 * r <= min"),
         (["--batches", "100000"], "the data has"),
     ],
@@ -129,7 +133,8 @@ def test_debug_shows_the_traceback_of_user_errors_too(how: str, tmp_path: Path, 
 def test_ctrl_c_prints_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     _fail_with(monkeypatch, KeyboardInterrupt())
     assert main(["init", "--out", str(tmp_path / "o"), *SMALL]) == 130
-    assert _error_lines(capsys.readouterr().err) == ["loraga-fast: interrupted"]
+    assert _error_lines(capsys.readouterr().err) == [f"loraga-fast: interrupted; --out {tmp_path / 'o'} was left as it was"]
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
 
 
 def test_bench_7b_preset_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
@@ -231,7 +236,7 @@ def test_hub_ids_with_a_slash_are_looked_up_not_refused_as_paths(monkeypatch: py
         asked.append(source)
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
     with pytest.raises(CliError, match=r"could not load --model 'HuggingFaceTB/SmolLM2-135M' \(not a local folder; "
                                        r"looked up as a hub id"):
         load_model("HuggingFaceTB/SmolLM2-135M", torch.float32, torch.device("cpu"), 0)

@@ -287,7 +287,7 @@ def test_the_command_with_quantize(tmp_path: Path) -> None:
     assert main(["init", "--quantize", "nf4", "--batches", "2", "--batch-size", "2", "--seq-len", "48",
                  "--out", str(out)]) == 0
     summary = json.loads((out / "loraga_fast_init.json").read_text())
-    assert summary["quantize"] == "nf4" and summary["base_untouched"] is True and summary["targets"] == 28
+    assert summary["quantize"] == "nf4" and summary["base_untouched"] is True and summary["targets"] == 8
     assert not (out / "base_offset.safetensors").exists()
 
     def base() -> nn.Module:
