@@ -1,4 +1,5 @@
-"""loraga_fast: a fast, memory-lean drop-in replacement for peft's LoRA-GA preprocessing.
+"""loraga_fast: a drop-in replacement for peft's LoRA-GA preprocessing (fp32 gradient accumulation without
+``.grad``, batched factorization, a low-memory mode; see the README for what is measured).
 
 Usage (the only change from peft)::
 
