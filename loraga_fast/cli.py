@@ -30,6 +30,7 @@ from .inputs import (
     CliError,
     load_model,
     make_batches,
+    model_skeleton,
     quantize_model,
     read_text,
     stdlib_text,
@@ -137,20 +138,24 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
     run_id = new_run_id()
 
     start = time.perf_counter()
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,
+                        target_modules=None, init_lora_weights="lora_ga",
+                        lora_ga_config=LoraGAConfig(direction=args.direction, scale=args.scale, stable_gamma=args.gamma))
+    lowmem = {"passes": args.passes} if args.mode == "lowmem" else {}
+    # model kind, targets, ranks and arguments from the config alone (a meta-device skeleton), and the text, before
+    # any weight is read
+    skeleton = model_skeleton(args.model)
+    targets = _resolve_targets(skeleton, config, args.targets)
+    check_preprocess(skeleton, config, args.cache, mode=args.mode, quantized_offset="none", **lowmem)
+    del skeleton
+    text = read_text(args.data, args.text_field) if args.data else stdlib_text()
     with tqdm(total=2, desc="loading", unit="step") as bar:
         model, tokenizer, description = load_model(args.model, dtype, device, args.seed)
         if args.quantize:
             model = quantize_model(model, args.quantize, dtype, device)
             description += f", quantized {args.quantize} (bitsandbytes)"
         bar.update(1)
-        config = LoraConfig(r=args.rank, lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,
-                            target_modules=None, init_lora_weights="lora_ga",
-                            lora_ga_config=LoraGAConfig(direction=args.direction, scale=args.scale,
-                                                        stable_gamma=args.gamma))
-        targets = _resolve_targets(model, config, args.targets)
-        lowmem = {"passes": args.passes} if args.mode == "lowmem" else {}
-        check_preprocess(model, config, args.cache, mode=args.mode, quantized_offset="none", **lowmem)
-        text = read_text(args.data, args.text_field) if args.data else stdlib_text()
+        check_preprocess(model, config, args.cache, mode=args.mode, quantized_offset="none", **lowmem)  # memory fit
         batches = make_batches(text, tokenizer, args.batches, args.batch_size, args.seq_len)
         bar.update(1)
     phases["load"] = time.perf_counter() - start

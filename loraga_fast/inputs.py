@@ -13,9 +13,8 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["ByteTokenizer", "CliError", "QUANTIZE", "bnb_config", "check_causal_lm", "load_model", "make_batches", "quantize_model",
-           "read_text", "save_plain",
-           "stdlib_text"]
+__all__ = ["ByteTokenizer", "CliError", "QUANTIZE", "bnb_config", "check_causal_lm", "load_model", "make_batches",
+           "model_skeleton", "quantize_model", "read_text", "save_plain", "stdlib_text"]
 
 # a hub id: "name" or "org/name" (letters, digits, "-", "_", "."), not starting with "." or "/"
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
@@ -90,6 +89,56 @@ def _record_text(record: Any, text_field: str, where: str) -> str:
     return str(record[text_field])
 
 
+def _default_config() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=256, intermediate_size=688,
+                       num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=1024, use_cache=False)
+
+
+def _source(model: str) -> tuple[str, dict[str, Any]]:
+    """Where transformers loads ``model`` from, and the ``gguf_file`` argument for a GGUF file."""
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CliError(f"--model GGUF file not found: {model}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        return str(path), {}
+    if not _HUB_ID.fullmatch(model):  # a path (absolute, relative, or several levels deep) that is not there
+        raise CliError(f"--model folder not found: {model}")
+    return model, {}  # a hub id, "name" or "org/name": transformers resolves it (local cache, HF_HUB_OFFLINE)
+
+
+def _not_loaded(model: str, source: str, err: OSError) -> CliError:
+    where = ("" if source != model else " (not a local folder; looked up as a hub id in the local cache and, "
+             "unless HF_HUB_OFFLINE=1, on the hub)")
+    return CliError(f"could not load --model {model!r}{where}: {str(err).splitlines()[0]}")
+
+
+def model_skeleton(model: str | None) -> Any:
+    """The model's modules on the meta device, built from its config alone (no weight is read): for the checks
+    that need only shapes (targets, ranks), before the weights and the tokenizer are loaded.
+
+    Raises:
+        CliError: the model cannot be found, or is not a causal LM (:func:`check_causal_lm`).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model is None:
+        config = _default_config()
+    else:
+        source, gguf = _source(model)
+        try:
+            config = AutoConfig.from_pretrained(source, **gguf)
+        except OSError as err:
+            raise _not_loaded(model, source, err) from err
+        check_causal_lm(config, model)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_model(model: str | None, dtype: Any, device: Any, seed: int) -> tuple[Any, Any, str]:
     """(model, tokenizer, description). ``model``: a folder, a ``.gguf`` file, a hub name, or None (default)."""
     import torch
@@ -97,37 +146,20 @@ def load_model(model: str | None, dtype: Any, device: Any, seed: int) -> tuple[A
         AutoConfig,
         AutoModelForCausalLM,
         AutoTokenizer,
-        LlamaConfig,
         LlamaForCausalLM,
     )
 
     if model is None:
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=256, intermediate_size=688,
-                             num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=1024, use_cache=False)
-        return LlamaForCausalLM(config).to(device=device, dtype=dtype), ByteTokenizer(), "embedded default (LLaMA config, 256 hidden, 4 layers, random weights)"
-    path = Path(model)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise CliError(f"--model GGUF file not found: {model}")
-        source, kwargs["gguf_file"] = str(path.parent), path.name
-    elif path.exists():
-        source = str(path)
-    elif not _HUB_ID.fullmatch(model):  # a path (absolute, relative, or several levels deep) that is not there
-        raise CliError(f"--model folder not found: {model}")
-    else:
-        source = model  # a hub id, "name" or "org/name": transformers resolves it (local cache, HF_HUB_OFFLINE)
-    gguf = {k: v for k, v in kwargs.items() if k == "gguf_file"}
+        return (LlamaForCausalLM(_default_config()).to(device=device, dtype=dtype), ByteTokenizer(),
+                "embedded default (LLaMA config, 256 hidden, 4 layers, random weights)")
+    source, gguf = _source(model)
     try:
-        config = AutoConfig.from_pretrained(source, **gguf)
-        check_causal_lm(config, model)
+        check_causal_lm(AutoConfig.from_pretrained(source, **gguf), model)
         tok = AutoTokenizer.from_pretrained(source, **gguf)
-        loaded, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+        loaded, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, dtype=dtype, **gguf)
     except OSError as err:
-        where = ("" if source != model else " (not a local folder; looked up as a hub id in the local cache and, "
-                 "unless HF_HUB_OFFLINE=1, on the hub)")
-        raise CliError(f"could not load --model {model!r}{where}: {str(err).splitlines()[0]}") from err
+        raise _not_loaded(model, source, err) from err
     fresh = sorted(info.get("missing_keys") or [])
     if fresh:  # the checkpoint lacks part of the causal-LM model: those layers would start random, and be targeted
         raise CliError(f"--model {model}: loading it as {type(loaded).__name__} left {len(fresh)} weight(s) freshly "
