@@ -90,14 +90,18 @@ def _peak_memory_bytes(device: Any) -> int:
 @contextmanager
 def _quiet_upstream() -> Iterator[None]:
     """Silence upstream messages that are noise to a user of the command and break its progress bars: peft calls
-    transformers' deprecated ``is_gradient_checkpointing`` (FutureWarning on every run), and bitsandbytes logs that
-    an optional CPU kernel package is missing whenever peft imports it."""
+    transformers' deprecated ``is_gradient_checkpointing`` (FutureWarning on every run); peft's save looks for a
+    ``config.json`` beside the base model to see whether the vocabulary changed (never, here) and warns when the
+    model came from a GGUF file; bitsandbytes logs that an optional CPU kernel package is missing whenever peft
+    imports it."""
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
     level = bnb.level
     bnb.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the "
+                                    r"vocabulary was not modified", category=UserWarning)
             yield
     finally:
         bnb.setLevel(level)

@@ -223,3 +223,14 @@ def test_cache_reuse_is_reported_and_the_json_records_the_parameters(tmp_path: P
     second = json.loads((tmp_path / "second" / "loraga_fast_init.json").read_text())
     assert second["cache_reused"] is True and second["tokens"] is None
     assert f"none: loaded from the cache {cache}" in capsys.readouterr().out
+
+
+def test_upstream_warnings_stay_off_the_progress_bars(tmp_path: Path) -> None:
+    """peft's call of transformers' deprecated is_gradient_checkpointing (a FutureWarning on every run) and
+    bitsandbytes' optional-kernel notice used to be printed into the progress bars: stderr holds only the bars."""
+    run = subprocess.run([sys.executable, "-m", "loraga_fast", "init", "--out", str(tmp_path / "o"), *SMALL],
+                         capture_output=True, text=True, check=True)
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in run.stderr.splitlines()]
+    others = [line for line in lines if line and not line.startswith(("loading:", "LoRA-GA gradient estimation:",
+                                                                       "LoRA-GA initialization:"))]
+    assert others == [], others
