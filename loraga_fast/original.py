@@ -86,8 +86,9 @@ def estimate_gradient(
         over the model's process group (every rank must then run the same number of batches).
 
     Raises:
-        ValueError: no target layer; a target quantized by a library other than bitsandbytes; an empty dataloader; a batch without a loss; a non-finite
-            mean gradient. The model is left as it was.
+        ValueError: no target layer; a target quantized by a library other than bitsandbytes; an empty dataloader;
+            a batch without a loss; no backward pass reaching any target; a non-finite mean gradient. The model is
+            left as it was.
     """
     del quant_flag, origin_type, quant_type, no_split_module_classes  # the original's workaround only (see above)
     # a DistributedDataParallel model (accelerator.prepare) runs as is, but is named like the bare model, so the
