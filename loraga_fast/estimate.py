@@ -102,8 +102,9 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
             over this group, so ranks running different numbers of forwards raise instead of hanging.
 
     Raises:
-        ValueError: no backward pass reached any target; a non-finite mean gradient; a later pass saw another number of backward passes, or other batches,
-            than the first (naming the layer); ``2 r > min(m, n)`` for a layer (before more passes are spent).
+        ValueError: no backward pass reached any target; a non-finite mean gradient; a later pass saw another number
+            of backward passes, or other batches, than the first (naming the layer); ``2 r > min(m, n)`` for a layer
+            (before more passes are spent).
     """
     state = RandomState() if store.passes > 1 else None
     bar = Progress(num_batches, progress, store.passes)

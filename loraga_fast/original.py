@@ -39,7 +39,6 @@ __all__ = ["INIT_CHECKPOINT", "LoraGAContext", "estimate_gradient", "save_loraga
 logger = logging.getLogger("loraga_fast")
 
 
-
 def estimate_gradient(
     model: nn.Module,
     dataloader: Iterable[Any],

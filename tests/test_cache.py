@@ -77,3 +77,15 @@ def test_pickle_cache_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a safetensors file"):
         preprocess_loraga(model, lora_ga_config(), _never, cache_file=path)
     assert not attached(model)
+
+
+def test_cache_path_that_is_a_folder_is_refused_before_train_step(tmp_path: Path) -> None:
+    from loraga_fast.peft_compat import check_preprocess
+
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=f"cache_file '{tmp_path}' is a folder: give a file path"):
+        check_preprocess(model, lora_ga_config(), tmp_path)
+    with pytest.raises(ValueError, match="is a folder"):
+        preprocess_loraga(model, lora_ga_config(), _never, cache_file=tmp_path)
+    assert not attached(model)
+    check_preprocess(model, lora_ga_config(), tmp_path / "grads.safetensors")  # a file path: every check passes
