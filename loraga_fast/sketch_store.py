@@ -34,7 +34,7 @@ from .factors import DEFAULT_SEED, LayerFactors, PreparedGroup, factor_groups
 from .ops.rsvd import orthonormalize
 from .ops.sketch import factors_from_sketch, probe_accumulate, sketch_accumulate
 from .placeholder import LowMemGradient
-from .store import Slot, Store, all_reduce_counts, is_distributed
+from .store import Slot, Store, all_reduce_counts, is_distributed, row_max_abs
 
 __all__ = ["DEFAULT_PASSES", "DEFAULT_SKETCH_PER_RANK", "FINGERPRINT_PROBES", "SketchGroup", "SketchSlot", "SketchSpec",
            "SketchStore", "sketch_columns"]
@@ -205,7 +205,7 @@ class SketchStore(Store):
         almost surely, ``A`` times a Gaussian or an orthonormal basis of its own range)."""
         out: dict[str, float] = {}
         for g in self.groups:
-            values = torch.linalg.vector_norm(self._sides(g)[1].flatten(1), ord=float("inf"), dim=1).tolist()
+            values = row_max_abs(self._sides(g)[1]).tolist()
             out.update({slot.name: v for slot, v in zip(g.slots, values)})
         return out
 

@@ -85,3 +85,17 @@ def test_reduce_is_a_no_op_without_torch_distributed() -> None:
     assert not is_distributed()
     store.reduce()
     assert store.counts() == {"a": 2} and torch.equal(store["a"].acc, torch.ones(2, 2))
+
+
+def test_row_max_abs_matches_the_inf_norm_and_propagates_nan_and_inf() -> None:
+    from loraga_fast.store import row_max_abs
+
+    x = torch.randn(5, 7, 3, generator=torch.Generator().manual_seed(0))
+    x[1, 2, 0] = -40.0  # a negative extreme is found through the minimum
+    x[3, 0, 1], x[4, 6, 2] = float("nan"), float("-inf")
+    expected = torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=1)
+    got = row_max_abs(x)
+    assert got[1] == 40.0 and torch.isnan(got[3]) and got[4] == float("inf")
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    assert row_max_abs(torch.empty(0, 4, 4)).shape == (0,)
+    assert row_max_abs(torch.empty(3, 0, 4)).tolist() == [0.0, 0.0, 0.0]  # an empty row shard on this rank
