@@ -155,7 +155,8 @@ examples:
 BENCH_DESCRIPTION = """\
 Run benchmark suites of a source checkout (bench/) against peft's preprocess_loraga, measured in the same run,
 and print ratio tables (ours / peft: time and extra peak memory, lower is better). Results are written as JSON
-to --out (and PNG charts with --plot). Ratios whose timed calls overlapped other processes' CPU work are marked *.
+to --out (and PNG charts with --plot). Ratios whose timed calls overlapped other processes' CPU work are marked *,
+those whose calls spread by more than 1.5x are marked ~ (see bench/README.md, "Unreliable timings").
 Tests never time anything; this command is where speed and memory are measured."""
 
 BENCH_EXAMPLES = """\
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description=BENCH_DESCRIPTION, epilog=BENCH_EXAMPLES, formatter_class=_Help)
     bench.add_argument("suite", nargs="?", choices=["all", "kernels", "init", "e2e", "lowmem", "accuracy"], default="all",
                        help="all = kernels, init and e2e; kernels: the fp32 accumulate kernel vs torch; init: "
-                            "factoring and initialization vs peft; e2e: preprocess_loraga + get_peft_model vs peft; "
+                            "factoring and initialization vs peft; e2e: preprocess_loraga (gradient estimation) vs peft's; "
                             "lowmem: low-memory mode vs exact mode, peft and the forward+backward floor; accuracy: "
                             "factor accuracy on SmolLM2's real gradients")
     bench.add_argument("--preset", choices=["70m", "smollm2", "llama-7b", "llama-7b-cpu"], default=None,
