@@ -28,15 +28,17 @@ from .errors import UsageError
 from .estimate import run_passes, summarize
 from .handoff import hand_off, release
 from .quantized import unsupported_quantized
-from .runs import INIT_CHECKPOINT, OFFSETS_FILE
 from .sharding import check_sharded_config, new_store, shard_layout
 from .steps import LossFn, train_step_from_dataloader
 from .targets import GRAD_ATTR, fill_default_target_modules, find_targets, warn_left_out
 
-__all__ = ["INIT_CHECKPOINT", "LoraGAContext", "estimate_gradient", "save_loraga_model_final",
+__all__ = ["INIT_CHECKPOINT", "OFFSETS_FILE", "LoraGAContext", "estimate_gradient", "save_loraga_model_final",
            "save_loraga_model_init"]
 
 logger = logging.getLogger("loraga_fast")
+
+INIT_CHECKPOINT = "init_lora_checkpoint"  # the original's sub-folder for the initial adapter
+OFFSETS_FILE = "base_offset.safetensors"  # a loraga-fast init run folder's offset base weights (loraga_fast.runs)
 
 
 def estimate_gradient(

@@ -29,12 +29,11 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .original import INIT_CHECKPOINT, OFFSETS_FILE, save_loraga_model_init
 
 __all__ = ["ADAPTER_WEIGHTS", "INIT_CHECKPOINT", "OFFSETS_FILE", "RUN_ID_KEY", "SUMMARY_FILE", "check_out",
            "load_initialized", "new_run_id", "run_ids", "save_initialized", "write_atomically"]
 
-INIT_CHECKPOINT = "init_lora_checkpoint"  # the original's sub-folder for the initial adapter
-OFFSETS_FILE = "base_offset.safetensors"
 SUMMARY_FILE = "loraga_fast_init.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name
 RUN_ID_KEY = "loraga_fast.run_id"  # safetensors metadata key
@@ -106,8 +105,6 @@ def save_initialized(peft_model: Any, folder: Path, run_id: str, *, base_untouch
     """Write the adapter and (unless ``base_untouched``) the offset base weights of ``peft_model`` into ``folder``,
     both stamped with ``run_id``. Use through :func:`write_atomically`."""
     from safetensors.torch import save_file
-
-    from .original import save_loraga_model_init
 
     save_loraga_model_init(peft_model, folder)
     _stamp(folder / INIT_CHECKPOINT / ADAPTER_WEIGHTS, run_id)
