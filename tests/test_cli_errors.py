@@ -218,3 +218,17 @@ def test_a_finalized_folder_says_so(tmp_path: Path) -> None:
         load_initialized(base, out)
     assert _init(out) == 2  # still a run folder: refused without --overwrite, replaced with it
     assert _init(out, "--overwrite") == 0 and (out / "init_lora_checkpoint").is_dir()
+
+
+def test_write_atomically_leaves_nothing_when_the_writer_fails(tmp_path: Path) -> None:
+    from loraga_fast.runs import write_atomically
+
+    def half_written(folder: Path) -> None:
+        (folder / "base_offset.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(tmp_path / "run", "0123456789ab", half_written)
+    assert list(tmp_path.iterdir()) == []
+    write_atomically(tmp_path / "run", "0123456789ab", lambda folder: (folder / "x").write_text("done"))
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and (tmp_path / "run" / "x").read_text() == "done"
