@@ -72,7 +72,6 @@ __all__ = [
     "interleaved_calls",
     "measure",
     "measure_in_process",
-    "time_interleaved",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -208,13 +207,6 @@ def interleaved_calls(dtype: str, preset: str | Preset, rounds: int = 3, device:
     for case in cases.values():
         case.reset()
     return calls
-
-
-def time_interleaved(dtype: str, preset: str | Preset, rounds: int = 3, device: str | torch.device = "auto",
-                     seed: int = 0, impls: tuple[str, ...] = IMPLS) -> dict[str, list[float]]:
-    """The wall times of :func:`interleaved_calls`, per implementation."""
-    calls = interleaved_calls(dtype, preset, rounds, device, seed, impls)
-    return {impl: [c.time_s for c in runs] for impl, runs in calls.items()}
 
 
 def measure_in_process(impl: str, dtype: str, preset: str | Preset, repeats: int = 3,
