@@ -20,7 +20,7 @@ How each figure is obtained:
 
 1. reference: plain autograd (the target weights require grad, nothing of loraga_fast runs), the mean of the
    weight gradients over the batches, then ``torch.linalg.svd`` in float64;
-2. end to end, through the public API and the hand-off (``loraga_fast.handoff.prepared``): exact mode and
+2. end to end, through the public API and the hand-off (``loraga_fast.core.handoff.prepared``): exact mode and
    low-memory mode with the library's defaults;
 3. replay: the library's ``SketchStore`` (the same ``begin_pass``, orthonormalization, seeds and ``factors()``)
    fed the reference gradient once per pass (``slot.add`` with ``G = A^T``, ``X = I``: the capture op's own
@@ -121,8 +121,8 @@ class Reference:
 
 def handoff_factors(targets: list[tuple[str, torch.nn.Module]]) -> Factors:
     """The factors ``get_peft_model`` would use, then the hand-off state released (the model is left untouched)."""
-    from loraga_fast.handoff import prepared, release
-    from loraga_fast.targets import GRAD_ATTR
+    from loraga_fast.core.handoff import prepared, release
+    from loraga_fast.layers.targets import GRAD_ATTR
 
     out = {}
     for name, module in targets:
@@ -140,7 +140,7 @@ def handoff_factors(targets: list[tuple[str, torch.nn.Module]]) -> Factors:
 
 def replay(grads: dict[str, torch.Tensor], r: int, k: int | None, passes: list[int], seed: int) -> dict[int, Factors]:
     """The library's SketchStore fed the reference gradient once per pass; ``{P: factors after P passes}``."""
-    from loraga_fast.sketch_store import SketchSpec, SketchStore, sketch_columns
+    from loraga_fast.stores.sketch import SketchSpec, SketchStore, sketch_columns
 
     fp32 = {n: g.float() for n, g in grads.items()}
     specs = [SketchSpec(n, *g.shape, sketch_columns(*g.shape, r, k), torch.device("cpu")) for n, g in fp32.items()]
@@ -181,21 +181,17 @@ def sv_diff(a: Factors, b: Factors, r: int) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from loraga_fast import preprocess_loraga
-    from loraga_fast.factors import NITER
-    from loraga_fast.inputs import load_model, make_batches, stdlib_text
-    from loraga_fast.sketch_store import (
-        DEFAULT_PASSES,
-        DEFAULT_SKETCH_PER_RANK,
-        sketch_columns,
-    )
-    from loraga_fast.targets import find_targets
+    from loraga_fast.stores.factors import NITER
+    from loraga_fast.command.inputs import load_model, make_batches, stdlib_text
+    from loraga_fast.stores.sketch import DEFAULT_PASSES, DEFAULT_SKETCH_PER_LORA_RANK, sketch_columns
+    from loraga_fast.layers.targets import find_targets
 
     t0 = time.perf_counter()
     model, tokenizer, _ = load_model(str(gguf_path()), torch.float32, torch.device("cpu"), 0)
     data = make_batches(stdlib_text(), tokenizer, args.batches, args.batch_size, args.seq_len)
     res: dict[str, Any] = {"data": f"{args.batches} x {args.batch_size} x {args.seq_len} tokens",
                            "tokens": args.batches * args.batch_size * args.seq_len, "layers": args.layers,
-                           "defaults": {"passes": DEFAULT_PASSES, "k_per_rank": DEFAULT_SKETCH_PER_RANK,
+                           "defaults": {"passes": DEFAULT_PASSES, "k_per_rank": DEFAULT_SKETCH_PER_LORA_RANK,
                                         "exact_q_per_r": 4, "exact_niter": NITER},
                            "threads": torch.get_num_threads(), "torch": torch.__version__}
     targets = find_targets(model, lora_config(args.ranks[0], args.layers))
@@ -229,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for seed in range(args.seeds):
                 for p, f in replay(ref.g, r, k, args.passes, seed).items():
                     row = {"r": r, "k_per_r": c, "passes": p, "seed": seed, "sketch_bytes": nbytes, **ref.measure(r, f)}
-                    if seed == 0 and c == DEFAULT_SKETCH_PER_RANK and p == DEFAULT_PASSES:
+                    if seed == 0 and c == DEFAULT_SKETCH_PER_LORA_RANK and p == DEFAULT_PASSES:
                         row["vs_e2e_sv"] = sv_diff(f, e2e["lowmem"], r)
                     res["replay"].append(row)
         for item in args.rsvd:

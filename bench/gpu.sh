@@ -22,7 +22,7 @@
 #             key figures of every step's own JSON) and a short table
 # --dry-run runs the same steps on the CPU (CUDA_VISIBLE_DEVICES="") with tiny presets in a minute or two (twice
 # the timeouts): the cuda-marked tests skip, the kernel step runs the Triton kernel through the interpreter. CI runs it
-# (tests/test_bench_gpu_sh.py), so this script cannot rot unseen.
+# (tests/bench/test_bench_gpu_sh.py), so this script cannot rot unseen.
 # Exit status: 0 when every step succeeded, 1 otherwise. Each step's output is in $OUT/<step>.log.
 set -u -o pipefail  # deliberately no -e: every step runs whatever the previous one did
 

@@ -1,6 +1,6 @@
 """Initialization benchmark: everything after estimation until ``peft.get_peft_model`` returns.
 
-* ours -- :func:`loraga_fast.handoff.hand_off` (checks, means, attach) followed by ``get_peft_model``, in
+* ours -- :func:`loraga_fast.core.handoff.hand_off` (checks, means, attach) followed by ``get_peft_model``, in
   which each shape group is factored by one batched randomized SVD when its first layer is initialized and
   every layer then gets peft's LoRA-GA math applied to its factors;
 * peft -- ``get_peft_model`` after peft's own ``preprocess_loraga`` (one ``torch.svd_lowrank`` per layer inside).
@@ -119,10 +119,10 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
     """One measurement in this process."""
     import peft
 
-    from loraga_fast.estimate import run_passes
-    from loraga_fast.handoff import hand_off
-    from loraga_fast.store import AccumulatorStore
-    from loraga_fast.targets import find_targets, layer_ranks
+    from loraga_fast.core.passes import run_passes
+    from loraga_fast.core.handoff import hand_off
+    from loraga_fast.stores.exact import AccumulatorStore
+    from loraga_fast.layers.targets import find_targets, layer_ranks
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     cfg = _lora_config(r)

@@ -48,8 +48,8 @@ from bench.workloads import (  # noqa: E402
     make_train_step,
     quantize_model,
 )
-from loraga_fast.memory import accumulator_bytes  # noqa: E402
-from loraga_fast.sketch_store import DEFAULT_PASSES  # noqa: E402
+from loraga_fast.core.memory import accumulator_bytes  # noqa: E402
+from loraga_fast.stores.sketch import DEFAULT_PASSES  # noqa: E402
 
 IMPLS = ("floor", "lowmem", "exact", "peft")
 
@@ -73,7 +73,7 @@ class _NullStore:
     """Capture slots that accumulate nothing: the capture op then only computes input gradients."""
 
     def __init__(self, names: list[str]):
-        from loraga_fast.store import Slot
+        from loraga_fast.layers.capture import Slot
 
         class NullSlot(Slot):
             def add(self, grad_out: torch.Tensor, x: torch.Tensor, transposed: bool) -> None:
@@ -104,8 +104,8 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: boo
     model.eval()
     gc.collect()
     if impl == "floor":
-        from loraga_fast.capture import CaptureSession
-        from loraga_fast.targets import find_targets
+        from loraga_fast.layers.capture import CaptureSession
+        from loraga_fast.layers.targets import find_targets
 
         targets = find_targets(model, cfg)
 

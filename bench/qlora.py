@@ -56,13 +56,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from loraga_fast import preprocess_loraga
-    from loraga_fast.inputs import (
-        bnb_config,
-        load_model,
-        make_batches,
-        save_plain,
-        stdlib_text,
-    )
+    from loraga_fast.api.quantize import bnb_config, save_plain
+    from loraga_fast.command.inputs import load_model, make_batches, stdlib_text
 
     float_model, tokenizer, _ = load_model(str(gguf_path()), torch.float32, torch.device("cpu"), 0)
     data = make_batches(stdlib_text(), tokenizer, 6, 2, 128)

@@ -12,8 +12,8 @@ RSS on a CPU, allocated bytes on CUDA), against
 
 * the sketch bytes ``4 (m + n) k`` per layer (what the README and ``memory_estimate`` call the sketches);
 * the estimate: ``memory_estimate``'s low-memory peak (sketches + fingerprints/probes + the top-2r factors kept
-  after the last pass + the bounded workspace: :func:`loraga_fast.memory.factor_bytes`, ``workspace_bytes``) +
-  one layer's capture temporaries for ``T`` tokens (:func:`loraga_fast.memory.capture_bytes`).
+  after the last pass + the bounded workspace: :func:`loraga_fast.core.memory.factor_bytes`, ``workspace_bytes``) +
+  one layer's capture temporaries for ``T`` tokens (:func:`loraga_fast.core.memory.capture_bytes`).
 
 Issue 14's bar: extra peak <= 1.3 x sketch bytes + workspace (on a CPU judged on live memory: see ``main``).
 """
@@ -39,13 +39,8 @@ from bench.memprobe import MemoryProbe  # noqa: E402
 
 
 def run_one(blocks: int, r: int, tokens: int, device: torch.device) -> dict[str, Any]:
-    from loraga_fast.memory import capture_bytes, factor_bytes, workspace_bytes
-    from loraga_fast.sketch_store import (
-        DEFAULT_PASSES,
-        SketchSpec,
-        SketchStore,
-        sketch_columns,
-    )
+    from loraga_fast.core.memory import capture_bytes, factor_bytes, workspace_bytes
+    from loraga_fast.stores.sketch import DEFAULT_PASSES, SketchSpec, SketchStore, sketch_columns
 
     hidden, inter, _, kv = LLAMA_SHAPES["7B"]
     shapes = layer_shapes(hidden, inter, blocks, kv)

@@ -171,8 +171,8 @@ def build_model(preset: str | Preset, dtype: str, device: str | torch.device = "
 
 def quantize_model(model: nn.Module, quant: str) -> nn.Module:
     """``model`` loaded back quantized with bitsandbytes (``nf4`` with the model's dtype as compute dtype, or
-    ``int8``) on its device: :func:`loraga_fast.inputs.quantize_model`."""
-    from loraga_fast.inputs import quantize_model as quantize
+    ``int8``) on its device: :func:`loraga_fast.api.quantize.quantize_model`."""
+    from loraga_fast.api.quantize import quantize_model as quantize
 
     param = next(model.parameters())
     return quantize(model, quant, param.dtype, param.device).eval()

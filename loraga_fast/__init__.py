@@ -15,40 +15,50 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from . import _moved
+
+__version__ = "0.2.0"
 
 _EXPORTS = {
-    "preprocess_loraga": "peft_compat",
-    "estimate_gradient": "original",
-    "LoraGAContext": "original",
-    "save_loraga_model_init": "original",
-    "save_loraga_model_final": "original",
-    "load_initialized": "runs",
-    "train_step_from_dataloader": "steps",
-    "train_step_from_trainer": "steps",
-    "memory_estimate": "memory",
+    "preprocess_loraga": "api.preprocess",
+    "check_preprocess": "api.preprocess",
+    "estimate_gradient": "api.original",
+    "LoraGAContext": "api.original",
+    "save_loraga_model_init": "api.original",
+    "save_loraga_model_final": "api.original",
+    "load_initialized": "api.runs",
+    "quantize_model": "api.quantize",
+    "train_step_from_dataloader": "api.steps",
+    "train_step_from_trainer": "api.steps",
+    "memory_estimate": "core.memory",
+    "LowMemGradientUnavailable": "stores.placeholder",
     "UsageError": "errors",
 }
 
 __all__ = [  # noqa: RUF022 (the order of _EXPORTS)
-    "__version__", "preprocess_loraga", "estimate_gradient", "LoraGAContext", "save_loraga_model_init",
-    "save_loraga_model_final", "load_initialized", "train_step_from_dataloader", "train_step_from_trainer",
-    "memory_estimate", "UsageError",
+    "__version__", "preprocess_loraga", "check_preprocess", "estimate_gradient", "LoraGAContext",
+    "save_loraga_model_init", "save_loraga_model_final", "load_initialized", "quantize_model",
+    "train_step_from_dataloader", "train_step_from_trainer", "memory_estimate", "LowMemGradientUnavailable",
+    "UsageError",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 
+_moved.install()  # the 0.1 module paths (loraga_fast.peft_compat, ...) keep importing, with a DeprecationWarning
+
 if TYPE_CHECKING:
-    from .errors import UsageError
-    from .memory import memory_estimate
-    from .original import (
+    from .api.original import (
         LoraGAContext,
         estimate_gradient,
         save_loraga_model_final,
         save_loraga_model_init,
     )
-    from .peft_compat import preprocess_loraga
-    from .runs import load_initialized
-    from .steps import train_step_from_dataloader, train_step_from_trainer
+    from .api.preprocess import check_preprocess, preprocess_loraga
+    from .api.quantize import quantize_model
+    from .api.runs import load_initialized
+    from .api.steps import train_step_from_dataloader, train_step_from_trainer
+    from .core.memory import memory_estimate
+    from .errors import UsageError
+    from .stores.placeholder import LowMemGradientUnavailable
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loraga_fast import preprocess_loraga
-from loraga_fast.estimate import run_passes
+from loraga_fast.core.passes import run_passes
 from loraga_fast.ops.sketch import (
     factors_from_sketch,
     factors_from_sketch_ref,
@@ -16,7 +16,7 @@ from loraga_fast.ops.sketch import (
     sketch_accumulate,
     sketch_accumulate_ref,
 )
-from loraga_fast.sketch_store import SketchSpec, SketchStore
+from loraga_fast.stores.sketch import SketchSpec, SketchStore
 from tests._helpers import (
     lora_ga_config,
     prepared_factors,

@@ -1,0 +1,157 @@
+"""The drop-in surface: :func:`preprocess_loraga`, with peft's contract.
+
+``from loraga_fast import preprocess_loraga`` replaces ``from peft import preprocess_loraga``; the user's
+``peft.get_peft_model(model, lora_config)`` then initializes LoRA-GA from what is attached here. The work goes
+through the one flow every mode shares: plan (:mod:`~loraga_fast.core.plan`: targets, checks, store) -> capture
+passes (:mod:`~loraga_fast.core.passes`) -> hand-off (:mod:`~loraga_fast.core.handoff`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from ..core.handoff import hand_off
+from ..core.passes import run_passes
+from ..core.plan import Plan, make_plan
+from ..distributed.collectives import is_distributed
+from ..stores.base import GradientSource
+from ..stores.cached import load_factors, load_gradients
+
+__all__ = ["check_preprocess", "preprocess_loraga", "run_plan"]
+
+logger = logging.getLogger("loraga_fast")
+
+
+def preprocess_loraga(
+    model: nn.Module,
+    lora_config: LoraConfig,
+    train_step: Callable[[], None],
+    cache_file: str | os.PathLike[str] | None = None,
+    *,
+    num_batches: int | None = None,
+    progress: bool | None = None,
+    process_group: Any = None,
+    mode: str = "exact",
+    sketch_size: int | None = None,
+    passes: int | None = None,
+    quantized_offset: str = "requantize",
+) -> None:
+    """Estimate the mean gradient of every LoRA-GA target layer and attach it for ``peft.get_peft_model``.
+
+    A drop-in replacement for ``peft.preprocess_loraga`` with the same arguments and effects, computed without
+    autograd weight gradients: each target ``nn.Linear`` / ``Conv1D`` is routed through a capture op whose
+    backward adds ``G^T X`` (output gradient times input, all tokens) into an fp32 accumulator.
+
+    Args:
+        model: the model to preprocess (not yet wrapped by peft).
+        lora_config: a ``LoraConfig`` with ``init_lora_weights="lora_ga"`` and ``lora_ga_config`` set. When its
+            ``target_modules`` is None, it is filled from peft's defaults for the model type (as peft does).
+        train_step: callback that runs forward and backward passes (``loss.backward()``) over the estimation
+            batches. It may call ``model.zero_grad()``; the result is still the mean over all backward passes.
+        cache_file: optional safetensors file. If it exists and is non-empty, gradients are loaded from it and
+            ``train_step`` is not called; otherwise they are estimated and saved there.
+        num_batches: optional number of backward passes ``train_step`` will run, for the progress bar.
+        progress: show a progress bar (default: only when ``num_batches`` is given).
+        process_group: data parallel. When ``torch.distributed`` is initialized, every rank runs ``train_step`` on
+            its own batches and the sums and pass counts are reduced over this group (default: the world) with one
+            collective per shape group, so every rank ends with the mean over all ranks' backward passes (ranks may
+            run different numbers of batches). Only rank 0 writes ``cache_file``. FSDP-sharded models (FSDP2
+            ``fully_shard`` with ``Shard(0)`` on a 1-D mesh; FSDP1 with ``use_orig_params=True``) are handled too: the
+            accumulators are row-sharded over the model's process group (``process_group`` must be left unset) and
+            every rank must run the same number of forward passes (a mismatch raises on every rank instead of
+            hanging). See :mod:`loraga_fast.distributed.layout`.
+        mode: ``"exact"`` (default): one fp32 accumulator per target (4 bytes per weight), ``train_step`` runs once.
+            ``"lowmem"``: only skinny sketches of each gradient (``4 (m + n) k`` bytes per layer, ``k = 24 r``), from
+            which the top ``2r`` singular triplets are reconstructed; ``train_step`` runs ``passes`` times and must be
+            re-runnable and see the same batches each time (checked; the global random state is reset before each
+            pass). ``_peft_loraga_grad`` is then a placeholder, not a tensor, and ``cache_file`` holds the factors.
+            See :mod:`loraga_fast.stores.sketch`.
+        sketch_size: low-memory mode only: sketch columns ``k`` per layer (default ``24 r``, capped at
+            ``min(m, n)``); must be at least ``2 r``.
+        passes: low-memory mode only: calls of ``train_step`` (default 3, at least 2); more passes are more
+            accurate (each is one power iteration).
+        quantized_offset: bitsandbytes 4-/8-bit targets only (QLoRA): how ``get_peft_model`` applies LoRA-GA's base
+            offset ``W - s B A``, which 4 or 8 bits cannot store exactly: ``"requantize"`` (default: dequantize,
+            subtract in fp32, quantize again with the layer's own settings, as the original LoRA-GA repository
+            does) or ``"none"`` (the quantized base is left untouched; the model's function then changes by
+            ``s B A``). Quantized targets are captured through their own forward (the gradient with respect to the
+            dequantized weight); no float copy of a weight is made.
+
+    Effects:
+        Each target module gets ``module._peft_loraga_grad``: fp32, the weight's shape and layout, on the
+        weight's device, equal to the sum of the weight gradients over the backward passes through the module
+        divided by their number (for an FSDP-sharded model: a ``DTensor`` row-sharded over the model's group). Targets that
+        saw no backward pass get none (peft then falls back to its default init for them). If anything fails, the
+        model is left as it was.
+
+    Raises:
+        ValueError: ``lora_config.lora_ga_config`` is missing, a target is quantized by a library other than
+            bitsandbytes, no supported layer matches, ``2 r > min(m, n)`` for a target, the accumulators do not fit
+            in memory (all checked from shapes and config before ``train_step`` runs); a target's forward is not
+            the standard linear forward; ``train_step`` ran no backward pass through any target; or the cache does
+            not match the model.
+    """
+    plan = make_plan(model, lora_config, cache_file, mode=mode, sketch_size=sketch_size, passes=passes,
+                     quantized_offset=quantized_offset, process_group=process_group)
+    run_plan(model, plan, train_step, num_batches=num_batches, progress=progress)
+
+
+def run_plan(model: nn.Module, plan: Plan, train_step: Callable[[], None], *, num_batches: int | None = None,
+             progress: bool | None = None) -> None:
+    """:func:`preprocess_loraga` after its checks: the memory fit, then the passes (or the cache) and the hand-off,
+    for a :class:`~loraga_fast.core.plan.Plan` made (and possibly bound) by the caller."""
+    logger.info("%s", plan.memory)
+    plan.check_fits()
+    start = time.perf_counter()
+    source: GradientSource
+    if plan.cached and plan.mode == "lowmem":
+        source = load_factors(plan.cache_file, dict(plan.targets), plan.ranks)  # type: ignore[arg-type]
+        how = f"loaded from {plan.cache_file}"
+    else:
+        store = plan.new_store()
+        if plan.cached:
+            load_gradients(plan.cache_file, store)  # type: ignore[arg-type]
+            how = f"loaded from {plan.cache_file}"
+        else:
+            guard = plan.layout.process_group if plan.layout is not None else None
+            run_passes(model, plan.targets, store, train_step, ranks=plan.ranks, process_group=plan.process_group,
+                       guard_group=guard, num_batches=num_batches, progress=progress)
+            backwards = max(store.counts().values(), default=0)
+            how = (f"estimated in {store.passes} passes over {backwards} backward passes each" if store.passes > 1
+                   else f"estimated over {backwards} backward passes")
+        logger.info("LoRA-GA: %d target layers %s in %.2fs (%s: %.1f MiB)", len(plan.targets), how,
+                    time.perf_counter() - start, "sketches" if plan.mode == "lowmem" else "fp32 accumulators",
+                    store.nbytes / 2**20)
+        source = store
+    writer = not is_distributed(plan.process_group) or torch.distributed.get_rank(plan.process_group) == 0
+    hand_off(plan.lora_config, plan.targets, source, layout=plan.layout,
+             cache_file=plan.cache_file if not plan.cached and writer else None,
+             quantized_offset=plan.quantized_offset)
+
+
+def check_preprocess(model: nn.Module, lora_config: LoraConfig, cache_file: str | os.PathLike[str] | None = None, *,
+                     mode: str = "exact", sketch_size: int | None = None, passes: int | None = None,
+                     quantized_offset: str = "requantize", process_group: Any = None) -> Plan:
+    """Every check :func:`preprocess_loraga` makes from shapes and config before it runs ``train_step`` (LoRA-GA
+    config, targets, ``2 r <= min(m, n)``, arguments, cache path, sharded layout, memory fit), without running
+    anything: for callers that want to fail before spending time on data preparation. Fills
+    ``lora_config.target_modules`` from peft's defaults when it is None, as :func:`preprocess_loraga` does.
+
+    Returns:
+        The :class:`~loraga_fast.core.plan.Plan` (targets, ranks, memory), which :func:`run_plan` can carry out.
+
+    Raises:
+        ValueError: the first failed check, with the message :func:`preprocess_loraga` would give.
+    """
+    plan = make_plan(model, lora_config, cache_file, mode=mode, sketch_size=sketch_size, passes=passes,
+                     quantized_offset=quantized_offset, process_group=process_group)
+    plan.check_fits()
+    return plan

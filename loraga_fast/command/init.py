@@ -1,0 +1,203 @@
+"""``loraga-fast init``: load a causal LM and text, estimate LoRA-GA gradients, initialize the adapter with peft,
+save the run folder (:mod:`loraga_fast.api.runs`). Every check that needs no data runs before any weight is read."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..api.names import SUMMARY_FILE
+from ..api.quantize import quantize_model
+from ..errors import UsageError
+from .inputs import CliError, load_model, make_batches, model_skeleton, read_text, stdlib_text
+
+__all__ = ["run_init"]
+
+
+def _linear_suffixes(model: Any) -> list[str]:
+    from ..layers.kinds import is_supported_layer
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_supported_layer(m)})
+
+
+def _check_targets(model: Any, targets: list[str]) -> None:
+    from ..layers.kinds import is_supported_layer
+
+    names = [n for n, m in model.named_modules() if is_supported_layer(m)]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        raise CliError(f"unknown --targets {', '.join(unknown)}: this model's linear layers are "
+                       f"{', '.join(_linear_suffixes(model))}")
+
+
+def _resolve_targets(model: Any, config: Any, given: str | None) -> list[str]:
+    """The target module names: ``--targets`` (checked against the model), else peft's default for the model type
+    (``config.target_modules`` is filled as ``preprocess_loraga`` would)."""
+    from ..layers.targets import fill_default_target_modules
+
+    if given is not None:
+        targets = [t.strip() for t in given.split(",") if t.strip()]
+        if not targets:
+            raise CliError(f"--targets {given!r} names no module: give comma-separated names, e.g. q_proj,v_proj")
+        _check_targets(model, targets)
+        config.target_modules = targets
+        return targets
+    try:
+        fill_default_target_modules(model, config)
+    except UsageError:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise CliError(f"peft has no default target modules for model type {model_type!r}: pass --targets (this "
+                       f"model's linear layers are {', '.join(_linear_suffixes(model))})") from None
+    t = config.target_modules
+    return [t] if isinstance(t, str) else sorted(t)
+
+
+def _peak_memory_bytes(device: Any) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+@contextmanager
+def _quiet_upstream() -> Iterator[None]:
+    """Silence upstream messages that are noise to a user of the command and break its progress bars: peft calls
+    transformers' deprecated ``is_gradient_checkpointing`` (FutureWarning on every run); peft's save looks for a
+    ``config.json`` beside the base model to see whether the vocabulary changed (never, here) and warns when the
+    model came from a GGUF file; bitsandbytes logs that an optional CPU kernel package is missing whenever peft
+    imports it."""
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = bnb.level
+    bnb.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the "
+                                    r"vocabulary was not modified", category=UserWarning)
+            yield
+    finally:
+        bnb.setLevel(level)
+
+
+def run_init(args: argparse.Namespace) -> dict[str, Any]:
+    """Estimate LoRA-GA gradients of a causal language model on text, initialize the adapter and save the run
+    folder (see :mod:`loraga_fast.api.runs`). Every check that needs no data (``--out``, ``--cache``, model kind,
+    targets, ranks, memory) runs before the data is read and before the first forward pass."""
+    with _quiet_upstream():
+        return _run_init(args)
+
+
+def _run_init(args: argparse.Namespace) -> dict[str, Any]:
+    # torch, peft and the modules that import them are imported here, not at the top, so that `loraga-fast --help`
+    # and argument errors answer without spending seconds on imports
+    import torch
+    from peft import LoraConfig, LoraGAConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    from ..api.preprocess import run_plan
+    from ..api.runs import check_out, new_run_id, save_initialized, write_atomically
+    from ..api.steps import train_step_from_dataloader
+    from ..core.handoff import init_progress
+    from ..core.plan import make_plan
+
+    out = Path(args.out)
+    check_out(out, args.overwrite)
+    if args.cache and Path(args.cache).is_dir():
+        raise CliError(f"--cache {args.cache} is a folder: give a file path, e.g. {Path(args.cache) / 'grads.safetensors'}")
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    phases: dict[str, float] = {}
+    run_id = new_run_id()
+
+    start = time.perf_counter()
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,
+                        target_modules=None, init_lora_weights="lora_ga",
+                        lora_ga_config=LoraGAConfig(direction=args.direction, scale=args.scale, stable_gamma=args.gamma))
+    lowmem = {"passes": args.passes} if args.mode == "lowmem" else {}
+    # model kind, targets, ranks and arguments from the config alone (a meta-device skeleton), and the text, before
+    # any weight is read
+    skeleton = model_skeleton(args.model)
+    targets = _resolve_targets(skeleton, config, args.targets)
+    plan = make_plan(skeleton, config, args.cache, mode=args.mode, quantized_offset="none", **lowmem)
+    del skeleton
+    text = read_text(args.data, args.text_field) if args.data else stdlib_text()
+    with tqdm(total=2, desc="loading", unit="step") as bar:
+        model, tokenizer, description = load_model(args.model, dtype, device, args.seed)
+        if args.quantize:
+            model = quantize_model(model, args.quantize, dtype, device)
+            description += f", quantized {args.quantize} (bitsandbytes)"
+        bar.update(1)
+        plan = plan.bind(model)  # the checked targets, on the loaded weights
+        plan.check_fits()
+        batches = make_batches(text, tokenizer, args.batches, args.batch_size, args.seq_len)
+        bar.update(1)
+    phases["load"] = time.perf_counter() - start
+
+    step = train_step_from_dataloader(model, batches, device=device)
+    print(f"{plan.memory} -> mode {args.mode}", flush=True)  # before starting: users can pick
+    start = time.perf_counter()
+    cache_reused = plan.cached
+    try:
+        run_plan(model, plan, step, num_batches=args.batches, progress=True)
+    except torch.OutOfMemoryError as err:
+        hint = ("the sketches are small; lower --batch-size or --seq-len" if args.mode == "lowmem" else
+                "lower --batch-size or --seq-len (the fp32 accumulators take 4 bytes per target weight: --mode lowmem "
+                "or fewer --targets lowers that)")
+        raise CliError(f"out of memory during gradient estimation ({str(err).splitlines()[0]}): {hint}") from err
+    phases["estimate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    n_targets = sum(1 for m in model.modules() if hasattr(m, "_peft_loraga_grad"))
+    try:
+        with init_progress(n_targets):
+            peft_model = get_peft_model(model, config)
+    except torch.OutOfMemoryError as err:
+        raise CliError(f"out of memory during initialization ({str(err).splitlines()[0]}): lower --rank or use fewer --targets") from err
+    phases["init"] = time.perf_counter() - start
+
+    n_targets = sum(1 for m in peft_model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    params = {k: v for k, v in vars(args).items() if k not in ("command", "func", "debug")}
+    summary = {
+        "run_id": run_id, "model": description, "targets": n_targets, "target_modules": targets,
+        "tokens": None if cache_reused else args.batches * args.batch_size * args.seq_len,
+        "cache": args.cache, "cache_reused": cache_reused, "params": params,
+        "rank": args.rank, "phases_s": phases, "peak_memory_bytes": 0, "out": str(out),
+        "device": str(device), "dtype": args.dtype, "mode": args.mode, "quantize": args.quantize,
+        "base_untouched": bool(args.quantize),
+    }
+
+    def write(folder: Path) -> None:
+        start = time.perf_counter()
+        save_initialized(peft_model, folder, run_id, base_untouched=bool(args.quantize))
+        phases["save"] = time.perf_counter() - start
+        summary["peak_memory_bytes"] = _peak_memory_bytes(device)
+        (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+
+    write_atomically(out, run_id, write)
+    print(_summary_table(summary))
+    return summary
+
+
+def _summary_table(s: dict[str, Any]) -> str:
+    rows = [("model", s["model"]), ("device / dtype", f"{s['device']} / {s['dtype']}"),
+            ("targets", f"{s['targets']} layers ({', '.join(s['target_modules'])})"),
+            ("tokens", f"none: loaded from the cache {s['cache']}" if s.get("cache_reused") else str(s["tokens"])),
+            ("rank", str(s["rank"]))]
+    rows += [(f"time: {k}", f"{v:.2f} s") for k, v in s["phases_s"].items()]
+    rows += [("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"), ("saved to", f"{s['out']} (run {s['run_id']})")]
+    width = max(len(k) for k, _ in rows)
+    lines = ["LoRA-GA initialization"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines.append(f"  next: loraga_fast.load_initialized(base_model, {s['out']!r}) -> trainable PeftModel; after training, "
+                 f"save_loraga_model_final(model, {s['out']!r}) writes a LoRA adapter for the untouched base")
+    return "\n".join(lines)

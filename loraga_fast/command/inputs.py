@@ -1,0 +1,200 @@
+"""What the ``loraga-fast init`` command reads: a model (folder, GGUF file, hub name or the embedded default) and
+text (a file or the embedded default), turned into batches."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+__all__ = ["ByteTokenizer", "CliError", "check_causal_lm", "load_model", "make_batches", "model_skeleton", "read_text",
+           "stdlib_text"]
+
+# a hub id: "name" or "org/name" (letters, digits, "-", "_", "."), not starting with "." or "/"
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+STDLIB_FILES = ["functools.py", "inspect.py", "argparse.py", "dataclasses.py", "typing.py", "pathlib.py"]
+
+
+class CliError(UsageError):
+    """An error in the command's arguments or inputs; printed as one line, like the library's :class:`UsageError`."""
+
+
+class ByteTokenizer:
+    """The embedded default's tokenizer: UTF-8 bytes, ids 0..255."""
+
+    vocab_size = 256
+
+    def __call__(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def stdlib_text() -> str:
+    """A real text corpus that ships with Python: some standard-library modules' source."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join((root / name).read_text(encoding="utf-8") for name in STDLIB_FILES if (root / name).exists())
+
+
+def read_text(path: str, text_field: str) -> str:
+    """Text of a ``.txt`` file; the ``text_field`` of every record of a ``.jsonl`` file (one JSON object per line);
+    or of a ``.json`` file holding a list of records (or of strings)."""
+    p = Path(path)
+    if p.is_dir():
+        raise CliError(f"--data {path} is a folder: give a .txt, .jsonl or .json file")
+    if not p.is_file():
+        raise CliError(f"--data file not found: {path}")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CliError(f"--data {path} is not UTF-8 text ({err.reason} at byte {err.start}): give a .txt, .jsonl "
+                       "or .json file") from None
+    if p.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CliError(f"{path}, line {i}: not valid JSON ({err.msg} at column {err.colno}): each line of a "
+                               ".jsonl file must be one JSON object") from None
+            texts.append(_record_text(record, text_field, f"{path}, line {i}"))
+        return "\n\n".join(texts)
+    if p.suffix == ".json":
+        try:
+            records = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise CliError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        if not isinstance(records, list):
+            raise CliError(f"{path}: a .json file must hold a list of records (got a {type(records).__name__}); "
+                           "for one record per line use .jsonl")
+        return "\n\n".join(_record_text(r, text_field, f"{path}, record {i}") for i, r in enumerate(records, 1))
+    return raw
+
+
+def _record_text(record: Any, text_field: str, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise CliError(f"{where}: expected a JSON object with a {text_field!r} field, got a {type(record).__name__}")
+    if text_field not in record:
+        raise CliError(f"{where}: no field {text_field!r} (fields: {', '.join(map(str, record)) or 'none'}); "
+                       "set --text-field")
+    return str(record[text_field])
+
+
+def _default_config() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=256, intermediate_size=688,
+                       num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=1024, use_cache=False)
+
+
+def _source(model: str) -> tuple[str, dict[str, Any]]:
+    """Where transformers loads ``model`` from, and the ``gguf_file`` argument for a GGUF file."""
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CliError(f"--model GGUF file not found: {model}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        return str(path), {}
+    if not _HUB_ID.fullmatch(model):  # a path (absolute, relative, or several levels deep) that is not there
+        raise CliError(f"--model folder not found: {model}")
+    return model, {}  # a hub id, "name" or "org/name": transformers resolves it (local cache, HF_HUB_OFFLINE)
+
+
+def _not_loaded(model: str, source: str, err: OSError) -> CliError:
+    where = ("" if source != model else " (not a local folder; looked up as a hub id in the local cache and, "
+             "unless HF_HUB_OFFLINE=1, on the hub)")
+    return CliError(f"could not load --model {model!r}{where}: {str(err).splitlines()[0]}")
+
+
+def model_skeleton(model: str | None) -> Any:
+    """The model's modules on the meta device, built from its config alone (no weight is read): for the checks
+    that need only shapes (targets, ranks), before the weights and the tokenizer are loaded.
+
+    Raises:
+        CliError: the model cannot be found, or is not a causal LM (:func:`check_causal_lm`).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model is None:
+        config = _default_config()
+    else:
+        source, gguf = _source(model)
+        try:
+            config = AutoConfig.from_pretrained(source, **gguf)
+        except OSError as err:
+            raise _not_loaded(model, source, err) from err
+        check_causal_lm(config, model)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_model(model: str | None, dtype: Any, device: Any, seed: int) -> tuple[Any, Any, str]:
+    """(model, tokenizer, description). ``model``: a folder, a ``.gguf`` file, a hub name, or None (default)."""
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaForCausalLM,
+    )
+
+    if model is None:
+        torch.manual_seed(seed)
+        return (LlamaForCausalLM(_default_config()).to(device=device, dtype=dtype), ByteTokenizer(),
+                "embedded default (LLaMA config, 256 hidden, 4 layers, random weights)")
+    source, gguf = _source(model)
+    try:
+        check_causal_lm(AutoConfig.from_pretrained(source, **gguf), model)
+        tok = AutoTokenizer.from_pretrained(source, **gguf)
+        loaded, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, dtype=dtype, **gguf)
+    except OSError as err:
+        raise _not_loaded(model, source, err) from err
+    fresh = sorted(info.get("missing_keys") or [])
+    if fresh:  # the checkpoint lacks part of the causal-LM model: those layers would start random, and be targeted
+        raise CliError(f"--model {model}: loading it as {type(loaded).__name__} left {len(fresh)} weight(s) freshly "
+                       f"initialized ({', '.join(fresh[:3])}{', ...' if len(fresh) > 3 else ''}): the checkpoint is not "
+                       "a complete causal language model; use loraga_fast.preprocess_loraga with your own train_step")
+    return loaded.to(device), tok, f"{type(loaded).__name__} from {model}"
+
+
+def check_causal_lm(config: Any, model: str) -> None:
+    """Refuse, naming the model class, a checkpoint that is not a causal LM: ``loraga-fast init`` estimates with
+    a next-token loss on text (encoders and seq2seq models need another objective: the library's
+    ``preprocess_loraga`` takes any ``train_step``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = list(getattr(config, "architectures", None) or [])
+    name = archs[0] if archs else f"model type {config.model_type!r}"
+    use = ("loraga-fast init trains causal language models (next-token loss on text); for this model call "
+           "loraga_fast.preprocess_loraga with a train_step computing its own loss (README: 'Usage: a one-line swap from peft')")
+    if getattr(config, "is_encoder_decoder", False):
+        raise CliError(f"--model {model} is {name}, an encoder-decoder (seq2seq) model: {use}")
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not causal.intersection(archs)):
+        raise CliError(f"--model {model} is {name}, which has no causal language-model head (an encoder, a "
+                       f"classifier, ...): {use}")
+
+
+def make_batches(text: str, tokenizer: Any, batches: int, batch_size: int, seq_len: int) -> list[Any]:
+    import torch
+
+    ids = tokenizer(text) if isinstance(tokenizer, ByteTokenizer) else tokenizer(text)["input_ids"]
+    need = batches * batch_size * seq_len
+    if len(ids) < need:
+        raise CliError(
+            f"the data has {len(ids)} tokens, but --batches {batches} x --batch-size {batch_size} x --seq-len {seq_len} "
+            f"needs {need}: use more data or lower one of them"
+        )
+    t = torch.tensor(ids[:need], dtype=torch.long).view(batches, batch_size, seq_len)
+    return [{"input_ids": b, "labels": b} for b in t]

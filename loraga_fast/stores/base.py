@@ -1,0 +1,95 @@
+"""The store interface: where captured gradients go, one implementation per mode.
+
+One estimation flow (:mod:`loraga_fast.core.passes`) serves every mode; a mode is a store:
+
+* :class:`~loraga_fast.stores.exact.AccumulatorStore` -- exact mode: one fp32 ``(m, n)`` sum per layer; all layers
+  of the same shape and device share one contiguous ``(B, m, n)`` tensor, so a shape group is factored, reduced or
+  saved without copies;
+* :class:`~loraga_fast.stores.sharded.ShardedStore` -- exact mode on FSDP models: this process's rows of those sums;
+* :class:`~loraga_fast.stores.sketch.SketchStore` -- low-memory mode: skinny sketches, several passes.
+
+A store hands out one :class:`~loraga_fast.layers.capture.Slot` per layer (the capture op calls its ``add`` per
+backward pass), says how many passes it needs, reduces itself over a process group, and at the end turns itself
+into prepared shape groups for the ``get_peft_model`` hand-off (:class:`GradientSource`, which a factor cache
+implements too: :class:`~loraga_fast.stores.cached.CachedFactors`).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers.capture import Slot
+from .factors import PreparedGroup
+
+__all__ = ["GradientSource", "Store", "row_max_abs"]
+
+
+class GradientSource(ABC):
+    """What the hand-off reads after the passes: a filled store, or a cache. Per-layer pass counts and magnitudes,
+    and the prepared shape groups."""
+
+    @abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Backward passes through each layer (summed over processes once reduced)."""
+
+    @abstractmethod
+    def max_abs(self) -> dict[str, float]:
+        """A per-layer magnitude: 0 for an all-zero gradient, NaN/Inf for a non-finite one."""
+
+    @abstractmethod
+    def prepare(self, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *, weight_svd: bool,
+                zero: Collection[str]) -> tuple[list[PreparedGroup], dict[str, Any]]:
+        """The prepared groups of the layers in ``ranks`` and ``{name: object to attach as _peft_loraga_grad}``."""
+
+    @abstractmethod
+    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str]) -> None:
+        """Write what a later run can start from (after :meth:`prepare`)."""
+
+
+class Store(GradientSource):
+    """A :class:`GradientSource` that is filled by the capture op over :attr:`passes` calls of ``train_step``."""
+
+    passes: int = 1
+    slots: dict[str, Slot]
+
+    def __getitem__(self, name: str) -> Slot:
+        return self.slots[name]
+
+    def counts(self) -> dict[str, int]:
+        return {name: slot.count for name, slot in self.slots.items()}
+
+    def begin_pass(self, index: int) -> None:
+        """Called before pass ``index`` (0-based) runs ``train_step``."""
+
+    def fingerprints(self) -> dict[str, torch.Tensor] | None:
+        """Per-layer summaries of the data a pass saw (compared between passes), or None for single-pass stores."""
+        return None
+
+    @abstractmethod
+    def reduce(self, process_group: Any = None) -> None:
+        """After each pass: sum what this pass added over the processes of ``process_group`` when distributed."""
+
+    def release(self) -> None:
+        """Free transient workspaces once the passes are over."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes this store holds in this process."""
+
+
+def row_max_abs(stacked: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` of each ``stacked[i]`` (NaN and Inf propagate), one read of each row and no full-size temporary:
+    ``aminmax`` per row is several times faster on CPU than ``vector_norm(ord=inf)`` (75.8 vs 13.6 ms for 16 x
+    2752 x 1024 fp32 on 2 cores)."""
+    if stacked.numel() == 0:  # no layer, or an empty row shard on this rank
+        return stacked.new_zeros(stacked.shape[0])
+    pairs = torch.stack([torch.stack(torch.aminmax(row)) for row in stacked])  # (B, 2): min, max
+    return torch.maximum(pairs[:, 1], pairs[:, 0].neg())
+

@@ -1,0 +1,126 @@
+"""Cache files: safetensors, never pickle. Exact mode caches mean gradients, low-memory mode factors.
+
+Gradient keys follow peft's cache naming (``"{module_name}._peft_loraga_grad"``); factor keys are
+``"{module_name}.loraga_fast.{u,s,v}"``. The metadata names the mode and every target, including layers that saw
+no backward pass (and so have no tensor), so a reload can tell "no gradient" from "wrong model". Both kinds are
+checked against the model by one validator (:class:`CacheFile`) before anything is copied; reading them back into
+a store is :mod:`loraga_fast.stores.cached`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import __version__
+from ..errors import UsageError
+from .factors import LayerFactors
+
+__all__ = ["GRAD_SUFFIX", "PARTS", "ZERO_KEY", "CacheFile", "save_factors", "save_gradients", "write_atomic"]
+
+GRAD_SUFFIX = "._peft_loraga_grad"
+TARGETS_KEY = "loraga_fast.targets"
+ZERO_KEY = "loraga_fast.zero"
+MODE_KEY = "loraga_fast.mode"  # "lowmem" for factor caches; gradient caches (ours and peft's) have none
+PARTS = ("u", "s", "v")
+
+
+def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file through a temporary file and a rename (no half-written file at ``path``, ever),
+    with loraga_fast's version and ``metadata``; parent folders are created."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(dict(tensors), tmp, metadata={"format": "pt", "loraga_fast.version": __version__, **metadata})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_gradients(path: str | os.PathLike[str], grads: Mapping[str, torch.Tensor], target_names: Sequence[str]) -> None:
+    """Write ``grads`` (``{module_name: fp32 mean gradient}``) to ``path`` atomically."""
+    tensors = {f"{name}{GRAD_SUFFIX}": grads[name] for name in target_names if name in grads}
+    write_atomic(path, tensors, {TARGETS_KEY: json.dumps(list(target_names))})
+
+
+def save_factors(path: str | os.PathLike[str], factors: Mapping[str, LayerFactors], target_names: Sequence[str],
+                 zero: Iterable[str]) -> None:
+    """Write low-memory factors (fp32) atomically; metadata names the mode, every target and the all-zero layers."""
+    tensors = {f"{name}.loraga_fast.{part}": getattr(f, part).contiguous()
+               for name, f in factors.items() for part in PARTS}
+    write_atomic(path, tensors, {MODE_KEY: "lowmem", TARGETS_KEY: json.dumps(list(target_names)),
+                                 ZERO_KEY: json.dumps(sorted(zero))})
+
+
+class CacheFile:
+    """An open cache file checked against the targets: right kind, same names, same shapes."""
+
+    def __init__(self, path: str | os.PathLike[str], shapes: Mapping[str, tuple[int, int]], mode: str):
+        self.path = os.fspath(path)
+        try:
+            self.handle = safe_open(self.path, framework="pt", device="cpu")
+        except SafetensorError as err:
+            raise UsageError(
+                f"Cache file '{self.path}' is not a safetensors file ({err}). loraga_fast writes its caches with "
+                "safetensors and never unpickles (peft's own caches are pickles): delete the file or pass another "
+                "cache_file."
+            ) from err
+        try:
+            self._check(shapes, mode)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, shapes: Mapping[str, tuple[int, int]], mode: str) -> None:
+        self.keys = set(self.handle.keys())
+        self.metadata = self.handle.metadata() or {}
+        found = self.metadata.get(MODE_KEY, "exact")
+        if found != mode:
+            held = ("low-memory factors (written by preprocess_loraga(mode='lowmem'))" if found == "lowmem" else
+                    "exact-mode mean gradients (written by preprocess_loraga(mode='exact') or peft)")
+            raise UsageError(f"Cache file '{self.path}' holds {held}: pass mode='{found}' to use it, or another "
+                             f"cache_file for mode='{mode}'.")
+        names = (json.loads(self.metadata[TARGETS_KEY]) if TARGETS_KEY in self.metadata
+                 else [k[: -len(GRAD_SUFFIX)] for k in sorted(self.keys) if k.endswith(GRAD_SUFFIX)])
+        for name in shapes:
+            if name not in names:
+                raise UsageError(f"Cache file '{self.path}' does not match the model: it has no entry for target "
+                                 f"module '{name}'.")
+        extra = [name for name in names if name not in shapes]
+        if extra:
+            raise UsageError(f"Cache file '{self.path}' does not match the model: it holds module '{extra[0]}', which "
+                             "is not a target of this model and lora_config.")
+        for name, shape in shapes.items():
+            cached = self.cached_shape(name)
+            if cached is not None and cached != tuple(shape):
+                raise UsageError(f"Cache file '{self.path}' does not match the model: module '{name}' has a cached "
+                                 f"{'gradient' if mode == 'exact' else 'factorization'} of shape {cached} but a weight "
+                                 f"of shape {tuple(shape)}.")
+
+    def cached_shape(self, name: str) -> tuple[int, ...] | None:
+        """The weight shape the cache holds for ``name``, or None when it holds no tensor for it."""
+        if f"{name}{GRAD_SUFFIX}" in self.keys:
+            return tuple(self.handle.get_slice(f"{name}{GRAD_SUFFIX}").get_shape())
+        if f"{name}.loraga_fast.u" in self.keys:
+            u, v = (self.handle.get_slice(f"{name}.loraga_fast.{p}").get_shape() for p in ("u", "v"))
+            return (u[0], v[0])
+        return None
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.handle.get_tensor(key)
+
+    def close(self) -> None:
+        self.handle.__exit__(None, None, None)
+
+

@@ -1,0 +1,236 @@
+"""The loraga-fast command: the embedded default end to end, reloading what it saved, how errors are reported (the
+table of user mistakes is in test_cli_errors.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraga_fast import load_initialized, save_loraga_model_final
+from loraga_fast.command.main import main
+from loraga_fast.command.inputs import load_model
+
+SMALL = ["--batches", "2", "--batch-size", "2", "--seq-len", "48", "--rank", "4"]
+
+
+@pytest.mark.parametrize("mode", ["exact", "lowmem"])
+def test_default_init_saves_an_initialized_model_that_reloads(mode: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["init", "--out", str(out), "--mode", mode, *SMALL]) == 0
+    printed = capsys.readouterr().out
+    # peft's default targets for LLaMA: q_proj and v_proj in each of the 4 layers
+    assert "LoRA-GA initialization" in printed and "targets         8 layers (q_proj, v_proj)" in printed
+    # the memory estimate of both modes is printed before the estimation starts
+    assert "accumulator memory for 8 target layers: exact mode" in printed and f"-> mode {mode}" in printed
+    summary = json.loads((out / "loraga_fast_init.json").read_text())
+    assert summary["target_modules"] == ["q_proj", "v_proj"] and len(summary["run_id"]) == 12
+    assert summary["mode"] == mode and summary["targets"] == 8 and summary["tokens"] == 2 * 2 * 48 and set(summary["phases_s"]) == {"load", "estimate", "init", "save"}
+
+    # the saved offset base + adapter is the initialized model, whose function equals the original's
+    original, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
+    x = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        before = original(x).logits
+    base, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
+    model = load_initialized(base, out)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_B["default"].weight.abs().sum() > 0 and layer.lora_B["default"].weight.requires_grad
+    assert not torch.equal(layer.get_base_layer().weight, original.model.layers[0].self_attn.q_proj.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, rtol=1e-4, atol=1e-4)
+    # and it finishes into a plain adapter for the untouched base
+    save_loraga_model_final(model, out)
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "init_lora_checkpoint").exists()
+    assert not (out / "base_offset.safetensors").exists()  # a folder holding the adapter for the untouched base
+
+
+def test_jsonl_data_and_targets(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"body": "def f(x):\n    return x * 2\n" * 8}) for _ in range(20)))
+    out = tmp_path / "out"
+    assert main(["init", "--data", str(data), "--text-field", "body", "--targets", "o_proj, down_proj,up_proj",
+                 "--out", str(out), *SMALL]) == 0
+    summary = json.loads((out / "loraga_fast_init.json").read_text())
+    assert summary["targets"] == 12 and summary["target_modules"] == ["o_proj", "down_proj", "up_proj"]
+
+
+def _error_lines(err: str) -> list[str]:
+    """stderr without the progress bars (tqdm's lines and carriage-return updates), which must be all that is left
+    besides the error itself."""
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in err.splitlines()]
+    return [line for line in lines if line and not line.startswith("loading:")]
+
+
+def _fail_with(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """Make the estimation step raise ``error`` (as the library would)."""
+    import loraga_fast.api.preprocess
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(loraga_fast.api.preprocess, "run_plan", boom)
+
+
+def test_user_errors_print_one_line_internal_errors_keep_their_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from loraga_fast import UsageError
+
+    args = ["init", "--out", str(tmp_path / "o"), *SMALL]
+    _fail_with(monkeypatch, UsageError("layer 'x' needs a smaller r"))
+    assert main(args) == 2
+    assert _error_lines(capsys.readouterr().err) == ["loraga-fast: error: layer 'x' needs a smaller r"]
+    # a ValueError that is not a UsageError is a bug somewhere: it is not swallowed into one line
+    _fail_with(monkeypatch, ValueError("internal shape mismatch"))
+    with pytest.raises(ValueError, match="internal shape mismatch"):
+        main(args)
+    _fail_with(monkeypatch, RuntimeError("kernel failed"))
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        main(args)
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback_of_user_errors_too(how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraga_fast import UsageError
+
+    _fail_with(monkeypatch, UsageError("bad rank"))
+    args = ["init", "--out", str(tmp_path / "o"), *SMALL]
+    if how == "flag":
+        args = ["--debug", *args]
+    else:
+        monkeypatch.setenv("LORAGA_FAST_DEBUG", "1")
+    with pytest.raises(UsageError, match="bad rank"):
+        main(args)
+
+
+def test_ctrl_c_prints_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _fail_with(monkeypatch, KeyboardInterrupt())
+    assert main(["init", "--out", str(tmp_path / "o"), *SMALL]) == 130
+    assert _error_lines(capsys.readouterr().err) == [f"loraga-fast: interrupted; --out {tmp_path / 'o'} was left as it was"]
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bench_7b_preset_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the preset runs")
+    assert main(["bench", "--preset", "llama-7b"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_7b_cpu_preset_is_for_the_lowmem_suite(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "e2e", "--preset", "llama-7b-cpu"]) == 2
+    assert "bench lowmem --preset llama-7b-cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("suite", "script", "expected"), [
+    ("lowmem", "lowmem.py", ["--preset", "llama-7b-cpu", "--out"]),
+    ("accuracy", "accuracy.py", ["--json"]),
+])
+def test_bench_suites_run_their_scripts(suite: str, script: str, expected: list[str], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import loraga_fast.command.bench as cli
+
+    calls: list[list[str]] = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    preset = ["--preset", "llama-7b-cpu"] if suite == "lowmem" else []
+    assert main(["bench", suite, *preset, "--out", str(tmp_path)]) == 0
+    (cmd,) = calls
+    assert Path(cmd[1]).name == script and Path(cmd[1]).is_file()
+    assert cmd[2 : 2 + len(expected)] == expected and cmd[-1].startswith(str(tmp_path))
+
+
+def test_module_entry_point() -> None:
+    out = subprocess.run([sys.executable, "-m", "loraga_fast", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "init" in out and "bench" in out
+
+
+def test_plots_from_result_files(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from loraga_fast.plots import plot_results
+
+    (tmp_path / "e2e.json").write_text(json.dumps({"ratios": [
+        {"preset": "70m", "dtype": "fp32", "time_ratio": 0.9, "peak_extra_ratio": 0.8}]}))
+    (tmp_path / "init.json").write_text(json.dumps({"rows": [
+        {"impl": impl, "dtype": "bf16", "r": 8, "time_s": t, "peak_extra_bytes": 100} for impl, t in (("loraga_fast", 1.0), ("peft", 2.0))]}))
+    (tmp_path / "kernels.json").write_text(json.dumps({"results": [
+        {"impl": "loraga_fast", "t": 64, "m": 8, "n": 8, "tflops": 1.0}, {"impl": "autograd", "t": 64, "m": 8, "n": 8, "tflops": None}]}))
+    written = plot_results(tmp_path)
+    assert [p.name for p in written] == ["e2e.png", "init.png", "kernels.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_cuda_device_without_a_gpu_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid")
+    with pytest.raises(SystemExit) as exc:
+        main(["init", "--device", "cuda"])
+    assert exc.value.code == 2
+    assert "torch sees no CUDA GPU on this machine: use --device cpu" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from loraga_fast import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"loraga-fast {__version__}"
+
+
+def test_hub_ids_with_a_slash_are_looked_up_not_refused_as_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`org/name` is a hub id (transformers resolves it: local cache, HF_HUB_OFFLINE); a path that is not there
+    (leading "." or "/", or several levels deep) is a missing folder. The loaders are stubbed: no network."""
+    import transformers
+
+    from loraga_fast.command.inputs import CliError
+
+    asked: list[str] = []
+
+    def offline(source: str, **kwargs: object) -> None:
+        asked.append(source)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(CliError, match=r"could not load --model 'HuggingFaceTB/SmolLM2-135M' \(not a local folder; "
+                                       r"looked up as a hub id"):
+        load_model("HuggingFaceTB/SmolLM2-135M", torch.float32, torch.device("cpu"), 0)
+    assert asked == ["HuggingFaceTB/SmolLM2-135M"]
+    for path in ("./no/such", "/abs/none", "a/b/c"):
+        with pytest.raises(CliError, match=f"--model folder not found: {path}"):
+            load_model(path, torch.float32, torch.device("cpu"), 0)
+    assert asked == ["HuggingFaceTB/SmolLM2-135M"]
+
+
+def test_cache_reuse_is_reported_and_the_json_records_the_parameters(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "grads.safetensors"
+    args = ["init", "--cache", str(cache), *SMALL]
+    assert main([*args, "--out", str(tmp_path / "first")]) == 0
+    first = json.loads((tmp_path / "first" / "loraga_fast_init.json").read_text())
+    assert first["cache_reused"] is False and first["tokens"] == 2 * 2 * 48 and cache.is_file()
+    assert first["params"]["batches"] == 2 and first["params"]["seq_len"] == 48 and first["params"]["rank"] == 4
+    assert first["params"]["scale"] == "stable" and first["params"]["cache"] == str(cache)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "second")]) == 0
+    second = json.loads((tmp_path / "second" / "loraga_fast_init.json").read_text())
+    assert second["cache_reused"] is True and second["tokens"] is None
+    assert f"none: loaded from the cache {cache}" in capsys.readouterr().out
+
+
+def test_upstream_warnings_stay_off_the_progress_bars(tmp_path: Path) -> None:
+    """peft's call of transformers' deprecated is_gradient_checkpointing (a FutureWarning on every run) and
+    bitsandbytes' optional-kernel notice used to be printed into the progress bars: stderr holds only the bars."""
+    run = subprocess.run([sys.executable, "-m", "loraga_fast", "init", "--out", str(tmp_path / "o"), *SMALL],
+                         capture_output=True, text=True, check=True)
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in run.stderr.splitlines()]
+    others = [line for line in lines if line and not line.startswith(("loading:", "LoRA-GA gradient estimation:",
+                                                                       "LoRA-GA initialization:"))]
+    assert others == [], others

