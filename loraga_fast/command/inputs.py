@@ -3,11 +3,15 @@ text (a file or the embedded default), turned into batches."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
 import re
+import struct
 import sysconfig
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,18 +100,74 @@ def _default_config() -> Any:
                        num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=1024, use_cache=False)
 
 
+_MODEL_KINDS = "give a model folder (with a config.json), a .gguf file or a hub id such as org/name"
+
+
 def _source(model: str) -> tuple[str, dict[str, Any]]:
-    """Where transformers loads ``model`` from, and the ``gguf_file`` argument for a GGUF file."""
+    """Where transformers loads ``model`` from, and the ``gguf_file`` argument for a GGUF file.
+
+    Raises:
+        CliError: ``model`` is empty, a missing path, a file that is not ``.gguf``, a folder with no
+            ``config.json``, or a ``.gguf`` file that does not start with the GGUF magic bytes.
+    """
+    if not model.strip():  # e.g. --model "$MODEL" with MODEL unset: Path("") would be the current folder
+        raise CliError(f"--model {model!r} is empty: {_MODEL_KINDS}")
     path = Path(model)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CliError(f"--model GGUF file not found: {model}")
+        _check_gguf_magic(path, model)
         return str(path.parent), {"gguf_file": path.name}
-    if path.exists():
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = (f"it holds {', '.join(ggufs[:3])}: pass --model {path / ggufs[0]}" if ggufs else _MODEL_KINDS)
+            raise CliError(f"--model {model} is a folder with no config.json (not a transformers model folder): {hint}")
         return str(path), {}
+    if path.exists():
+        raise CliError(f"--model {model} is a file but not a .gguf file: {_MODEL_KINDS}")
     if not _HUB_ID.fullmatch(model):  # a path (absolute, relative, or several levels deep) that is not there
         raise CliError(f"--model folder not found: {model}")
     return model, {}  # a hub id, "name" or "org/name": transformers resolves it (local cache, HF_HUB_OFFLINE)
+
+
+def _check_gguf_magic(path: Path, model: str) -> None:
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        raise CliError(f"--model {model} is not a GGUF file (it does not start with the GGUF magic bytes): give a "
+                       ".gguf file as llama.cpp writes it, or a model folder")
+
+
+# what a GGUF reader raises on a file that is cut short or damaged: numpy's reshape or view (ValueError), struct
+# unpacking past the end (struct.error), an offset out of range (IndexError)
+_GGUF_READ_ERRORS = (ValueError, struct.error, IndexError, EOFError)
+
+
+@contextmanager
+def _reading(model: str, gguf: dict[str, Any]) -> Iterator[None]:
+    """Turn what transformers raises while reading ``model``'s config or a GGUF file into one-line
+    :class:`CliError` s: a GGUF file that cannot be parsed, a missing ``gguf`` package, a config.json that names no
+    model type."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ImportError as err:
+        if not gguf or "gguf" not in str(err).lower():
+            raise
+        raise CliError(f"--model {model} is a GGUF file, which needs the gguf package: pip install gguf") from err
+    except _GGUF_READ_ERRORS as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if gguf and "not supported" in message:  # transformers read the file but has no loader for its architecture
+            raise CliError(f"--model {model}: {message}") from err
+        if gguf:
+            raise CliError(f"--model {model} could not be read as a GGUF file (truncated or corrupt?): {message}; "
+                           "download or convert it again") from err
+        if isinstance(err, ValueError) and message.startswith("Unrecognized model"):
+            raise CliError(f"--model {model}: its config.json names no model type (no 'model_type' key): "
+                           "give a folder saved with save_pretrained, a .gguf file or a hub id") from err
+        raise
 
 
 def _not_loaded(model: str, source: str, err: OSError) -> CliError:
@@ -131,7 +191,8 @@ def model_skeleton(model: str | None) -> Any:
     else:
         source, gguf = _source(model)
         try:
-            config = AutoConfig.from_pretrained(source, **gguf)
+            with _reading(model, gguf):
+                config = AutoConfig.from_pretrained(source, **gguf)
         except OSError as err:
             raise _not_loaded(model, source, err) from err
         check_causal_lm(config, model)
@@ -155,9 +216,10 @@ def load_model(model: str | None, dtype: Any, device: Any, seed: int) -> tuple[A
                 "embedded default (LLaMA config, 256 hidden, 4 layers, random weights)")
     source, gguf = _source(model)
     try:
-        check_causal_lm(AutoConfig.from_pretrained(source, **gguf), model)
-        tok = AutoTokenizer.from_pretrained(source, **gguf)
-        loaded, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, dtype=dtype, **gguf)
+        with _reading(model, gguf):
+            check_causal_lm(AutoConfig.from_pretrained(source, **gguf), model)
+            tok = AutoTokenizer.from_pretrained(source, **gguf)
+            loaded, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, dtype=dtype, **gguf)
     except OSError as err:
         raise _not_loaded(model, source, err) from err
     fresh = sorted(info.get("missing_keys") or [])

