@@ -17,6 +17,7 @@ the initial adapter if ever wanted).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -33,7 +34,8 @@ from ..layers.quantized import UNTOUCHED_BASES
 from .names import ADAPTER_WEIGHTS, INIT_CHECKPOINT, OFFSETS_FILE, RUN_ENTRIES, RUN_ID_KEY, SUMMARY_FILE
 from .original import save_loraga_model_init
 
-__all__ = ["check_out", "load_initialized", "new_run_id", "run_ids", "save_initialized", "write_atomically"]
+__all__ = ["check_out", "load_initialized", "new_run_id", "out_problem", "run_ids", "save_initialized",
+           "write_atomically"]
 
 
 def new_run_id() -> str:
@@ -42,48 +44,115 @@ def new_run_id() -> str:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``--out`` the run would clobber, before any work is done.
+    """Refuse an ``--out`` the run would clobber or could not write, before any work is done.
 
     Raises:
-        UsageError: ``out`` is a file; or a non-empty folder and ``overwrite`` is False; or, with ``overwrite``, a
-            folder holding files that are not a run folder's (so ``--overwrite`` never deletes unrelated files).
+        UsageError: ``out`` is a file; or a mount point (a run folder is put in place by a rename, which cannot
+            replace one); or a non-empty folder and ``overwrite`` is False; or, with ``overwrite``, a folder holding
+            files that are not a run folder's (so ``--overwrite`` never deletes unrelated files); or no folder can
+            be created where the run folder goes (a read-only file system, no permission, no space).
     """
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder: choose another --out")
+    if out.is_dir() and os.path.ismount(out):
+        raise UsageError(f"--out {out} is a mount point, which the finished run folder cannot replace (it is put in "
+                         f"place by a rename): give a folder inside it, e.g. --out {out / 'loraga_init'}")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if not entries:
-        return
-    foreign = [name for name in entries if name not in RUN_ENTRIES]
-    if foreign:
-        raise UsageError(f"--out {out} holds files that are not from a loraga-fast run ({', '.join(foreign[:3])}"
-                         f"{', ...' if len(foreign) > 3 else ''}): choose an empty or new --out")
-    if not overwrite:
-        ids = {i for i in run_ids(out).values() if i}
-        which = f"run {', '.join(sorted(ids))}" if ids else "another run"
-        raise UsageError(f"--out {out} already holds the files of {which}: pass --overwrite to replace them, or "
-                         "choose another --out")
+    if entries:
+        foreign = [name for name in entries if name not in RUN_ENTRIES]
+        if foreign:
+            raise UsageError(f"--out {out} holds files that are not from a loraga-fast run ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}): choose an empty or new --out")
+        if not overwrite:
+            ids = {i for i in run_ids(out).values() if i}
+            which = f"run {', '.join(sorted(ids))}" if ids else "another run"
+            raise UsageError(f"--out {out} already holds the files of {which}: pass --overwrite to replace them, or "
+                             "choose another --out")
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    """Create and remove a probe folder where :func:`write_atomically` will create its temporary folder (in the
+    nearest existing folder above ``out``), so that a read-only or full disk is refused before the run, not after."""
+    out = out.absolute()
+    base = out.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    probe = base / f".{out.name}.probe-{new_run_id()}"
+    try:
+        probe.mkdir()
+    except OSError as err:
+        raise UsageError(out_problem(out, err, f"{err.strerror or err}, creating a folder in {base}")) from err
+    probe.rmdir()
+
+
+# what the file system can answer that the user fixes by choosing another --out (or freeing space)
+_OUT_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY, errno.ENOSPC, errno.EDQUOT, errno.EXDEV}
+
+
+def out_problem(out: Path, err: OSError, detail: str | None = None) -> str:
+    """One line for an :class:`OSError` met while creating or renaming the run folder ``out``: what happened
+    (``detail``, by default the error's message and file names) and what to do."""
+    if detail is None:
+        names = " -> ".join(str(f) for f in (err.filename, err.filename2) if f)
+        detail = f"{err.strerror or err}: {names}" if names else f"{err.strerror or err}"
+    where = f" ({detail})"
+    if err.errno == errno.EROFS:
+        return f"--out {out} is on a read-only file system{where}: choose an --out on a writable disk"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"--out {out} cannot be written{where}: choose an --out in a folder you can write to"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"--out {out}: no space left{where}: free some space or choose an --out on another disk"
+    if err.errno in (errno.EBUSY, errno.EXDEV):
+        return (f"--out {out} could not be replaced by the new run folder{where}: is it a mount point or in use? "
+                "Give a folder inside it or another --out")
+    return f"--out {out} could not be written{where}: choose another --out"
 
 
 def write_atomically(out: Path, run_id: str, write: Callable[[Path], None]) -> None:
     """Call ``write(folder)`` on a fresh temporary folder beside ``out``, then put it in place of ``out`` (an
     existing ``out`` is replaced only once the new folder is complete). On any error or Ctrl-C the temporary
-    folder is removed and ``out`` is left as it was."""
+    folder (and any parent folder created for it) is removed and ``out`` is left as it was.
+
+    Raises:
+        UsageError: the file system refused to create or rename the folders (read-only, no permission, no
+            space, a mount point: :func:`out_problem`), or the writer met such an error; ``out`` is then as it was.
+    """
     out = out.absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     partial = out.parent / f".{out.name}.partial-{run_id}"
     old = out.parent / f".{out.name}.old-{run_id}"
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         partial.mkdir()
         write(partial)
         if out.exists():
             os.replace(out, old)
         os.replace(partial, out)
-    except BaseException:
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException as err:
+        restored = _undo(out, partial, old, created)
+        if isinstance(err, OSError) and err.errno in _OUT_ERRNOS:
+            raise UsageError(out_problem(out, err) + restored) from err
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _undo(out: Path, partial: Path, old: Path, created: list[Path]) -> str:
+    """Put the previous run back in place, remove the temporary folder and the parent folders created for it;
+    ``""``, or what the user must do by hand when the previous run could not be put back."""
+    left = ""
+    if old.exists() and not out.exists():
+        try:
+            os.replace(old, out)
+        except OSError:
+            left = f"; the previous run is in {old}: rename it to {out}"
+    shutil.rmtree(partial, ignore_errors=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+    return left
 
 
 def _stamp(path: Path, run_id: str) -> None:

@@ -296,3 +296,125 @@ def test_write_atomically_leaves_nothing_when_the_writer_fails(tmp_path: Path) -
     assert list(tmp_path.iterdir()) == []
     write_atomically(tmp_path / "run", "0123456789ab", lambda folder: (folder / "x").write_text("done"))
     assert [p.name for p in tmp_path.iterdir()] == ["run"] and (tmp_path / "run" / "x").read_text() == "done"
+
+
+# ---- --out on a file system that refuses ------------------------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_read_only_out_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The defect: the whole run (model, estimation, initialization) went through, then creating the run folder
+    printed 'OSError: [Errno 30] Read-only file system' with a traceback. CI cannot mount a read-only file system:
+    every folder creation under tmp_path fails as it would there."""
+    import errno
+    import os
+
+    real = Path.mkdir
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        if self.is_relative_to(tmp_path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    out = tmp_path / "runs" / "run"
+    line, err = _one_line_error(["--out", str(out)], tmp_path, capsys)
+    assert line == (f"loraga-fast: error: --out {out} is on a read-only file system (Read-only file system, creating a "
+                    f"folder in {tmp_path}): choose an --out on a writable disk")
+    assert "loading:" not in err and list(tmp_path.iterdir()) == []  # refused before the model was loaded
+
+
+@pytest.mark.parametrize("where", ["chmod", "sysfs"])
+def test_a_real_folder_that_cannot_be_written_is_refused(where: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Without monkeypatching: a folder without write permission (not as root, where chmod stops nothing), and
+    Linux's /sys, where no folder can be created even by root."""
+    import os
+
+    if where == "chmod":
+        if os.geteuid() == 0:
+            pytest.skip("running as root: a chmod 555 folder can still be written")
+        folder = tmp_path / "ro"
+        folder.mkdir(mode=0o555)
+    else:
+        folder = Path("/sys")
+        if not os.path.ismount(folder):
+            pytest.skip("no sysfs at /sys")
+    out = folder / "loraga_fast_test_run"
+    try:
+        line, err = _one_line_error(["--out", str(out)], tmp_path, capsys)
+    finally:
+        if where == "chmod":
+            folder.chmod(0o755)
+    assert line.startswith(f"loraga-fast: error: --out {out} cannot be written ("), line
+    assert line.endswith(f", creating a folder in {folder}): choose an --out in a folder you can write to"), line
+    assert "loading:" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("errno_name", ["EBUSY", "EROFS"])
+@pytest.mark.parametrize("step", ["move-the-old-run-aside", "put-the-new-run-in-place"])
+def test_a_failed_rename_leaves_the_previous_run_intact(step: str, errno_name: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The defect: ``--overwrite`` of an --out that is a mount point printed 'OSError: [Errno 16] Device or
+    resource busy' with a traceback after the whole run. Each of the two renames that put the new run folder in
+    place now fails as one line, with the previous run back in place and no temporary folder left beside it."""
+    import errno
+    import os
+
+    import loraga_fast.api.runs as runs
+
+    out = tmp_path / "run"
+    assert _init(out) == 0
+    before = _snapshot(out)
+    code = getattr(errno, errno_name)
+    real = os.replace
+
+    def refuse(src: object, dst: object) -> None:
+        moving = Path(src) == out if step == "move-the-old-run-aside" else Path(dst) == out and ".partial-" in str(src)
+        if moving:
+            raise OSError(code, os.strerror(code), str(src), None, str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(runs.os, "replace", refuse)
+    capsys.readouterr()
+    assert _init(out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("loraga-fast")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    expected = ("could not be replaced by the new run folder" if errno_name == "EBUSY" else
+                "is on a read-only file system")
+    src, dst = (out, "/.run.old-") if step == "move-the-old-run-aside" else ("/.run.partial-", out)
+    assert lines[0].startswith(f"loraga-fast: error: --out {out} {expected} ({os.strerror(code)}: "), lines[0]
+    assert f"{src}" in lines[0].split(" -> ")[0] and f"{dst}" in lines[0].split(" -> ")[1], lines[0]
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_mount_point_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A mount point cannot be renamed: refused up front (even empty, without --overwrite), naming a folder inside."""
+    import os
+
+    out = tmp_path / "mnt"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))
+    line, err = _one_line_error(["--out", str(out), "--overwrite"], tmp_path, capsys)
+    assert line == (f"loraga-fast: error: --out {out} is a mount point, which the finished run folder cannot replace "
+                    f"(it is put in place by a rename): give a folder inside it, e.g. --out {out}/loraga_init")
+    assert "loading:" not in err and [p.name for p in tmp_path.iterdir()] == ["mnt"] and not list(out.iterdir())
+
+
+def test_write_atomically_removes_the_parent_folders_it_created(tmp_path: Path) -> None:
+    from loraga_fast.api.runs import write_atomically
+
+    def fails(folder: Path) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(tmp_path / "a" / "b" / "run", "0123456789ab", fails)
+    assert list(tmp_path.iterdir()) == []
