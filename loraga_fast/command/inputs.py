@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import os
 import re
@@ -45,20 +46,53 @@ def stdlib_text() -> str:
     return "\n\n".join((root / name).read_text(encoding="utf-8") for name in STDLIB_FILES if (root / name).exists())
 
 
+# data files refused by name, with what to do instead: (what the file is, the fix)
+_TO_JSONL = "convert it to .jsonl first, e.g. "
+_NOT_TEXT_DATA = {
+    ".parquet": ("a Parquet file", _TO_JSONL + "pandas.read_parquet({path!r}).to_json('data.jsonl', orient='records', lines=True)"),
+    ".arrow": ("an Arrow file", _TO_JSONL + "datasets.Dataset.from_file({path!r}).to_json('data.jsonl')"),
+    ".feather": ("a Feather file", _TO_JSONL + "pandas.read_feather({path!r}).to_json('data.jsonl', orient='records', lines=True)"),
+    ".xlsx": ("an Excel workbook", "save the sheet as .csv"),
+    ".xls": ("an Excel workbook", "save the sheet as .csv"),
+    ".gz": ("gzip-compressed", "decompress it first (gunzip -k {path})"),
+    ".bz2": ("bzip2-compressed", "decompress it first (bunzip2 -k {path})"),
+    ".xz": ("xz-compressed", "decompress it first (unxz -k {path})"),
+    ".zst": ("zstd-compressed", "decompress it first (unzstd {path})"),
+    ".zip": ("a zip archive", "extract it (unzip {path}) and pass one of its files"),
+    ".tar": ("a tar archive", "extract it (tar -xf {path}) and pass one of its files"),
+    ".tgz": ("a compressed tar archive", "extract it (tar -xzf {path}) and pass one of its files"),
+    ".7z": ("a 7-Zip archive", "extract it and pass one of its files"),
+    **{suffix: ("not a text format", "") for suffix in (".pkl", ".pickle", ".npy", ".npz", ".pt", ".pth",
+                                                        ".safetensors", ".bin", ".h5", ".hdf5", ".sqlite", ".db")},
+}
+DATA_FORMATS = ".txt (or any UTF-8 text), .jsonl, .json, .csv or .tsv"
+
+
 def read_text(path: str, text_field: str) -> str:
-    """Text of a ``.txt`` file; the ``text_field`` of every record of a ``.jsonl`` file (one JSON object per line);
-    or of a ``.json`` file holding a list of records (or of strings)."""
+    """The text to estimate on, by the file's suffix: the ``text_field`` of every record of a ``.jsonl`` file (one
+    JSON object per line) or of a ``.json`` file holding a list of records (or of strings); the ``text_field``
+    column of a ``.csv`` or ``.tsv`` file with a header row; any other file as plain UTF-8 text, except the binary,
+    columnar and compressed formats of ``_NOT_TEXT_DATA``, refused by name with what to do.
+
+    Raises:
+        CliError: the file is missing, not UTF-8, malformed, lacks ``text_field``, or is of a refused format.
+    """
     p = Path(path)
     if p.is_dir():
-        raise CliError(f"--data {path} is a folder: give a .txt, .jsonl or .json file")
+        raise CliError(f"--data {path} is a folder: give a {DATA_FORMATS} file")
     if not p.is_file():
         raise CliError(f"--data file not found: {path}")
+    suffix = p.suffix.lower()
+    if suffix in _NOT_TEXT_DATA:
+        what, fix = _NOT_TEXT_DATA[suffix]
+        raise CliError(f"--data {path} is {what}, which loraga-fast init does not read (it reads {DATA_FORMATS}): "
+                       f"{fix.format(path=path) if fix else 'give a text file'}")
     try:
-        raw = p.read_text(encoding="utf-8")
+        raw = p.read_text(encoding="utf-8").removeprefix("\ufeff")  # a byte-order mark is not text
     except UnicodeDecodeError as err:
-        raise CliError(f"--data {path} is not UTF-8 text ({err.reason} at byte {err.start}): give a .txt, .jsonl "
-                       "or .json file") from None
-    if p.suffix == ".jsonl":
+        raise CliError(f"--data {path} is not UTF-8 text ({err.reason} at byte {err.start}): give a {DATA_FORMATS} "
+                       "file") from None
+    if suffix == ".jsonl":
         texts = []
         for i, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
@@ -70,7 +104,7 @@ def read_text(path: str, text_field: str) -> str:
                                ".jsonl file must be one JSON object") from None
             texts.append(_record_text(record, text_field, f"{path}, line {i}"))
         return "\n\n".join(texts)
-    if p.suffix == ".json":
+    if suffix == ".json":
         try:
             records = json.loads(raw)
         except json.JSONDecodeError as err:
@@ -79,7 +113,47 @@ def read_text(path: str, text_field: str) -> str:
             raise CliError(f"{path}: a .json file must hold a list of records (got a {type(records).__name__}); "
                            "for one record per line use .jsonl")
         return "\n\n".join(_record_text(r, text_field, f"{path}, record {i}") for i, r in enumerate(records, 1))
+    if suffix in (".csv", ".tsv"):
+        return _table_text(raw, path, "\t" if suffix == ".tsv" else ",", text_field)
     return raw
+
+
+def _table_text(raw: str, path: str, delimiter: str, text_field: str) -> str:
+    """The ``text_field`` column of every row of a CSV/TSV text whose first row names the columns."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # one document per cell can be far longer than csv's 128 KiB default
+    try:
+        # strict: a quote left open (which would swallow the rest of the file into one cell) is an error
+        reader = csv.DictReader(io.StringIO(raw, newline=""), delimiter=delimiter, strict=True)
+        start = 1
+        columns = reader.fieldnames
+        if not columns:
+            raise CliError(f"{path}: empty; a {'.tsv' if delimiter == chr(9) else '.csv'} file needs a header row "
+                           f"naming its columns (one of them {text_field!r}, or set --text-field)")
+        if text_field not in columns:
+            other = "\t" if delimiter == "," else ","
+            hint = (f" (is it {'tab' if other == chr(9) else 'comma'}-separated? name it "
+                    f"{'.tsv' if other == chr(9) else '.csv'})" if len(columns) == 1 and other in columns[0] else "")
+            raise CliError(f"{path}: no column {text_field!r} (columns: {', '.join(map(repr, columns))}){hint}; "
+                           "set --text-field")
+        texts = []
+        while True:
+            start = reader.line_num + 1  # where the row begins (a quoted cell may span lines)
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            value = row[text_field]
+            if value is None:
+                raise CliError(f"{path}, line {start}: no value in column {text_field!r} (the row has fewer fields "
+                               f"than the header's {len(columns)})")
+            texts.append(value)
+    except csv.Error as err:
+        hint = "; is a quote opened there left unclosed?" if "end of data" in str(err) else ""
+        raise CliError(f"{path}, line {start}: not valid CSV ({err}{hint})") from None
+    finally:
+        csv.field_size_limit(limit)
+    return "\n\n".join(texts)
 
 
 def _record_text(record: Any, text_field: str, where: str) -> str:

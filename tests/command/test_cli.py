@@ -115,57 +115,9 @@ def test_ctrl_c_prints_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_bench_7b_preset_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the preset runs")
-    assert main(["bench", "--preset", "llama-7b"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
-
-
-def test_bench_7b_cpu_preset_is_for_the_lowmem_suite(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "e2e", "--preset", "llama-7b-cpu"]) == 2
-    assert "bench lowmem --preset llama-7b-cpu" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(("suite", "script", "expected"), [
-    ("lowmem", "lowmem.py", ["--preset", "llama-7b-cpu", "--out"]),
-    ("accuracy", "accuracy.py", ["--json"]),
-])
-def test_bench_suites_run_their_scripts(suite: str, script: str, expected: list[str], tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import loraga_fast.command.bench as cli
-
-    calls: list[list[str]] = []
-
-    class Done:
-        returncode = 0
-
-    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
-    preset = ["--preset", "llama-7b-cpu"] if suite == "lowmem" else []
-    assert main(["bench", suite, *preset, "--out", str(tmp_path)]) == 0
-    (cmd,) = calls
-    assert Path(cmd[1]).name == script and Path(cmd[1]).is_file()
-    assert cmd[2 : 2 + len(expected)] == expected and cmd[-1].startswith(str(tmp_path))
-
-
 def test_module_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "loraga_fast", "--help"], capture_output=True, text=True, check=True).stdout
     assert "init" in out and "bench" in out
-
-
-def test_plots_from_result_files(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    from loraga_fast.plots import plot_results
-
-    (tmp_path / "e2e.json").write_text(json.dumps({"ratios": [
-        {"preset": "70m", "dtype": "fp32", "time_ratio": 0.9, "peak_extra_ratio": 0.8}]}))
-    (tmp_path / "init.json").write_text(json.dumps({"rows": [
-        {"impl": impl, "dtype": "bf16", "r": 8, "time_s": t, "peak_extra_bytes": 100} for impl, t in (("loraga_fast", 1.0), ("peft", 2.0))]}))
-    (tmp_path / "kernels.json").write_text(json.dumps({"results": [
-        {"impl": "loraga_fast", "t": 64, "m": 8, "n": 8, "tflops": 1.0}, {"impl": "autograd", "t": 64, "m": 8, "n": 8, "tflops": None}]}))
-    written = plot_results(tmp_path)
-    assert [p.name for p in written] == ["e2e.png", "init.png", "kernels.png"]
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
 
 
 def test_cuda_device_without_a_gpu_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -234,3 +186,37 @@ def test_upstream_warnings_stay_off_the_progress_bars(tmp_path: Path) -> None:
     others = [line for line in lines if line and not line.startswith(("loading:", "LoRA-GA gradient estimation:",
                                                                        "LoRA-GA initialization:"))]
     assert others == [], others
+
+
+def test_csv_and_tsv_data_take_the_text_field_column(tmp_path: Path) -> None:
+    """A .csv used to be read as plain text, header and commas included. Now its --text-field column is the text:
+    quoted cells with commas, quotes and line breaks, a byte-order mark, cells longer than csv's 128 KiB default."""
+    import csv
+
+    from loraga_fast.command.inputs import read_text
+
+    long = "x" * 200_000
+    rows = [{"id": "1", "body": 'a "quoted", multi-line\ncell'}, {"id": "2", "body": long}]
+    for suffix, delimiter in ((".csv", ","), (".tsv", "\t")):
+        path = tmp_path / f"d{suffix}"
+        with path.open("w", newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
+            writer = csv.DictWriter(f, ["id", "body"], delimiter=delimiter)
+            writer.writeheader()
+            writer.writerows(rows)
+        assert read_text(str(path), "body") == 'a "quoted", multi-line\ncell\n\n' + long
+        assert read_text(str(path), "id") == "1\n\n2"
+    assert csv.field_size_limit() == 131072  # the process-wide limit is restored
+
+
+def test_csv_data_through_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import loraga_fast.command.init as init
+
+    data = tmp_path / "d.csv"
+    data.write_text("label,body\n" + "".join(f'{i},"def f(x):\n    return x * {i}, x"\n' for i in range(40)))
+    texts: list[str] = []
+    real = init.make_batches
+    monkeypatch.setattr(init, "make_batches", lambda text, *a: texts.append(text) or real(text, *a))
+    out = tmp_path / "out"
+    assert main(["init", "--data", str(data), "--text-field", "body", "--out", str(out), *SMALL]) == 0
+    assert texts == ["\n\n".join(f"def f(x):\n    return x * {i}, x" for i in range(40))]  # the column, no header
+    assert json.loads((out / "loraga_fast_init.json").read_text())["params"]["text_field"] == "body"

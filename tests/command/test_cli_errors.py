@@ -35,6 +35,11 @@ def _config_folder(tmp: Path, kind: str) -> str:
     return str(tmp / kind)
 
 
+def _bytes(tmp: Path, name: str, data: bytes) -> Path:
+    (tmp / name).write_bytes(data)
+    return tmp / name
+
+
 def _folder(tmp: Path, name: str, *files: str) -> str:
     (tmp / name).mkdir()
     for f in files:
@@ -73,7 +78,8 @@ CASES: list[tuple[str, Args, str]] = [
     ("device-unknown", lambda t: ["--device", "foo"], "argument --device: unknown device 'foo'"),
     # data
     ("data-missing", lambda t: ["--data", "/nonexistent/file.txt"], "--data file not found: /nonexistent/file.txt"),
-    ("data-is-a-folder", lambda t: ["--data", str(t)], "is a folder: give a .txt, .jsonl or .json file"),
+    ("data-is-a-folder", lambda t: ["--data", str(t)],
+     "is a folder: give a .txt (or any UTF-8 text), .jsonl, .json, .csv or .tsv file"),
     ("json-records-wrong-field", lambda t: ["--data", _file(t, "d.json", json.dumps([{"body": "x"}] * 3))],
      "d.json, record 1: no field 'text' (fields: body); set --text-field"),
     ("json-not-a-list", lambda t: ["--data", _file(t, "d.json", json.dumps({"text": "x"}))],
@@ -83,6 +89,28 @@ CASES: list[tuple[str, Args, str]] = [
     ("jsonl-record-not-an-object", lambda t: ["--data", _file(t, "d.jsonl", '{"text": "a"}\n[1, 2]\n')],
      "d.jsonl, line 2: expected a JSON object with a 'text' field, got a list"),
     ("too-little-data", lambda t: ["--data", _file(t, "d.txt", "short text")], "the data has 10 tokens, but"),
+    ("csv-without-the-column", lambda t: ["--data", _file(t, "d.csv", "body,label\nsome text,1\n")],
+     "d.csv: no column 'text' (columns: 'body', 'label'); set --text-field"),
+    ("tsv-named-csv", lambda t: ["--data", _file(t, "d.csv", "text\tlabel\nsome text\t1\n")],
+     "d.csv: no column 'text' (columns: 'text\\tlabel') (is it tab-separated? name it .tsv); set --text-field"),
+    ("csv-short-row", lambda t: ["--data", _file(t, "d.csv", "label,text\n1,a\n2\n")],
+     "d.csv, line 3: no value in column 'text' (the row has fewer fields than the header's 2)"),
+    ("csv-empty", lambda t: ["--data", _file(t, "d.csv", "")], "d.csv: empty; a .csv file needs a header row"),
+    ("csv-quote-left-open", lambda t: ["--data", _file(t, "d.csv", 'label,text\n1,"a quote\n2,never closed\n')],
+     "d.csv, line 2: not valid CSV (unexpected end of data; is a quote opened there left unclosed?)"),
+    ("parquet", lambda t: ["--data", _file(t, "d.parquet", "PAR1")],
+     "d.parquet is a Parquet file, which loraga-fast init does not read (it reads .txt (or any UTF-8 text), .jsonl, "
+     ".json, .csv or .tsv): convert it to .jsonl first, e.g. pandas.read_parquet('{t}/d.parquet').to_json("),
+    ("arrow", lambda t: ["--data", _file(t, "d.arrow", "")], "d.arrow is an Arrow file, which loraga-fast init does not read"),
+    ("gzip", lambda t: ["--data", _file(t, "d.jsonl.gz", "")],
+     "d.jsonl.gz is gzip-compressed, which loraga-fast init does not read (it reads .txt (or any UTF-8 text), .jsonl, "
+     ".json, .csv or .tsv): decompress it first (gunzip -k {t}/d.jsonl.gz)"),
+    ("zip", lambda t: ["--data", _file(t, "d.ZIP", "")], "d.ZIP is a zip archive, which loraga-fast init does not read"),
+    ("pickle", lambda t: ["--data", _file(t, "d.pkl", "")], "d.pkl is not a text format, which loraga-fast init does "
+                                                            "not read (it reads .txt (or any UTF-8 text), .jsonl, .json, .csv or .tsv): give a text file"),
+    ("not-utf8", lambda t: ["--data", str(_bytes(t, "d.txt", b"\xff\xfe binary"))],
+     "d.txt is not UTF-8 text (invalid start byte at byte 0): give a .txt (or any UTF-8 text), .jsonl, .json, .csv or "
+     ".tsv file"),
     # model
     ("gguf-missing", lambda t: ["--model", "/nonexistent/model.gguf"], "--model GGUF file not found"),
     ("folder-missing", lambda t: ["--model", "./no/such/folder"], "--model folder not found"),
