@@ -190,8 +190,16 @@ def memory_estimate(model: nn.Module, lora_config: Any, *, sketch_size: int | No
     factors it keeps after the last pass ``factor_bytes``, so its peak is ``lowmem_peak_bytes``. Activations and the model are not included (the same in both modes; low-memory
     mode adds one layer's capture temporaries at a time, :func:`capture_bytes`). ``lora_config`` is not
     modified. ``str()`` of the result is a one-line summary (what ``preprocess_loraga`` logs).
+
+    Raises:
+        UsageError: no layer of the model is a target (e.g. a model that ``get_peft_model`` wrapped already).
     """
     config = copy.deepcopy(lora_config)
     fill_default_target_modules(model, config)
     targets = find_targets(model, config)
+    if not targets:
+        wrapped = " (it is wrapped by peft already: estimate on the base model)" if hasattr(model, "peft_config") else ""
+        names = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+        raise UsageError(f"memory_estimate: no nn.Linear or Conv1D layer of the model matches target_modules="
+                         f"{names!r}{wrapped}.")
     return target_memory(targets, layer_ranks(config, [name for name, _ in targets]), sketch_size)

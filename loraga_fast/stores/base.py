@@ -86,9 +86,9 @@ class Store(GradientSource):
 
 def row_max_abs(stacked: torch.Tensor) -> torch.Tensor:
     """``max |x|`` of each ``stacked[i]`` (NaN and Inf propagate), one read of each row and no full-size temporary:
-    ``aminmax`` per row is several times faster on CPU than ``vector_norm(ord=inf)`` (75.8 vs 13.6 ms for 16 x
+    ``aminmax`` per row is several times faster on CPU than ``vector_norm(ord=inf)`` (13.6 vs 75.8 ms for 16 x
     2752 x 1024 fp32 on 2 cores)."""
-    if stacked.numel() == 0:  # no layer, or an empty row shard on this rank
+    if stacked.numel() == 0:  # no layer, or an empty row shard in this process
         return stacked.new_zeros(stacked.shape[0])
     pairs = torch.stack([torch.stack(torch.aminmax(row)) for row in stacked])  # (B, 2): min, max
     return torch.maximum(pairs[:, 1], pairs[:, 0].neg())

@@ -81,3 +81,16 @@ def test_the_command_refuses_with_one_line(limit: list[int], tmp_path: Path, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("loraga-fast: error: LoRA-GA exact mode needs") and "mode='lowmem'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_memory_estimate_of_a_model_without_targets_says_why() -> None:
+    import peft
+
+    model = tiny_llama()
+    config = lora_ga_config(["q_proj", "v_proj"])
+    assert memory_estimate(model, config).num_layers > 0
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(UsageError, match="wrapped by peft already: estimate on the base model"):
+        memory_estimate(wrapped, config)
+    with pytest.raises(UsageError, match=r"matches target_modules=\['nothing'\]"):
+        memory_estimate(tiny_llama(), lora_ga_config(["nothing"]))
