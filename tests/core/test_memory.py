@@ -6,8 +6,12 @@ formula written out here: ``4 m n`` bytes per layer in exact mode; ``4 (m + n) k
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+
+import pytest
 
 from loraga_fast import memory_estimate
+from loraga_fast.core.memory import MemoryEstimate
 from loraga_fast.stores.sketch import DEFAULT_SKETCH_PER_LORA_RANK, SketchSpec, SketchStore
 from tests._helpers import (
     LLAMA_TARGETS,
@@ -81,3 +85,61 @@ def test_config_untouched_and_summary() -> None:
     assert est.workspace_bytes == 4 * 6 * 32 * 32 and est.factor_bytes == 2 * 4 * (64 * 8 + 48 * 8)  # r = 4
     assert ("exact mode 12.0 KiB, low-memory mode 56.8 KiB (sketches 25.8 KiB, factors 7.0 KiB, workspace 24.0 KiB; "
             "4.7x more, 3 passes over the batches") in str(est)
+
+
+def _line(exact: int, sketches: int, factors: int, workspace: int) -> str:
+    return str(MemoryEstimate(exact_bytes=exact, lowmem_bytes=sketches, num_layers=3, factor_bytes=factors,
+                              workspace_bytes=workspace))
+
+
+def test_the_line_says_how_much_less_or_more_low_memory_mode_takes() -> None:
+    """x less / x more from the peak (sketches + factors + workspace) against the exact accumulators; within 5%
+    "about the same as exact mode" (it printed "1.0x less", a saving that is not there)."""
+    head = "LoRA-GA accumulator memory for 3 target layers: "
+    tail = ", 3 passes over the batches by default)"
+    # 6 MiB against 1 + 0.5 + 0.5 = 2 MiB: 3.0x less
+    assert _line(6 * 2**20, 2**20, 2**19, 2**19) == (
+        head + "exact mode 6.0 MiB, low-memory mode 2.0 MiB (sketches 1.0 MiB, factors 512.0 KiB, workspace "
+        "512.0 KiB; 3.0x less" + tail)
+    # 1 MiB against 1 + 0.5 + 1 = 2.5 MiB: 2.5x more
+    assert _line(2**20, 2**20, 2**19, 2**20) == (
+        head + "exact mode 1.0 MiB, low-memory mode 2.5 MiB (sketches 1.0 MiB, factors 512.0 KiB, workspace "
+        "1.0 MiB; 2.5x more" + tail)
+    # 100 000 B against 96 000 B (4.0% less) and 104 000 B (4.0% more): about the same
+    assert _line(100_000, 90_000, 4_000, 2_000) == (
+        head + "exact mode 97.7 KiB, low-memory mode 93.8 KiB (sketches 87.9 KiB, factors 3.9 KiB, workspace "
+        "2.0 KiB; about the same as exact mode" + tail)
+    assert _line(100_000, 98_000, 4_000, 2_000).endswith("low-memory mode 101.6 KiB (sketches 95.7 KiB, factors "
+                                                         "3.9 KiB, workspace 2.0 KiB; about the same as exact mode" + tail)
+    # just past 5% either way: a ratio again (100 000 / 94 000 = 1.064; 106 000 / 100 000 = 1.06)
+    assert "; 1.1x less, " in _line(100_000, 94_000, 0, 0) and "; 1.1x more, " in _line(100_000, 106_000, 0, 0)
+    assert "; 1.0x" not in _line(100_000, 100_000, 0, 0)
+
+
+# the embedded default: 4 layers of hidden size 256, so q_proj, k_proj and v_proj are 256 x 256; per layer, exact
+# 4 x 256 x 256 = 256 KiB; k = 24 r, sketches 4 x 512 x k + 64 + 16 x 512, factors 4 x 512 x 2r, and the workspace
+# 4 x 6 x 256 x k once (one layer at a time)
+COMMAND_LINES = [
+    # r = 2, q and v (8 layers): 2 MiB against 8 x 106 560 + 65 536 + 294 912 = 1 212 928 B: 1.73x less
+    (["--rank", "2"], "8 target layers: exact mode 2.0 MiB, low-memory mode 1.2 MiB (sketches 832.5 KiB, factors "
+                      "64.0 KiB, workspace 288.0 KiB; 1.7x less"),
+    # r = 4, q and v: 2 MiB against 8 x 204 864 + 131 072 + 589 824 = 2 359 808 B: 1.13x more
+    (["--rank", "4"], "8 target layers: exact mode 2.0 MiB, low-memory mode 2.3 MiB (sketches 1.6 MiB, factors "
+                      "128.0 KiB, workspace 576.0 KiB; 1.1x more"),
+    # r = 4, q, k and v (12 layers): 3 MiB against 12 x 204 864 + 196 608 + 589 824 = 3 244 800 B: 3.1% more
+    (["--rank", "4", "--targets", "q_proj,k_proj,v_proj"],
+     "12 target layers: exact mode 3.0 MiB, low-memory mode 3.1 MiB (sketches 2.3 MiB, factors 192.0 KiB, "
+     "workspace 576.0 KiB; about the same as exact mode"),
+]
+
+
+@pytest.mark.parametrize(("args", "line"), COMMAND_LINES, ids=["less", "more", "about-the-same"])
+def test_the_command_prints_the_line_before_estimating(args: list[str], line: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from loraga_fast.command.main import main
+
+    assert main(["init", "--out", str(tmp_path / "run"), "--batches", "1", "--batch-size", "1", "--seq-len", "16",
+                 *args]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == (f"LoRA-GA accumulator memory for {line}, 3 passes over the batches by default) "
+                          "-> mode exact")
