@@ -16,7 +16,6 @@ from tests._helpers import (
     hook_reference,
     lm_loss,
     lora_ga_config,
-    reference_mean_grads,
     rel_err,
     tiny_llama,
     token_batches,
@@ -97,8 +96,11 @@ def test_user_matmul_precision_does_not_reach_our_gemms(user_precision: None, mo
     assert before == after == ("tf32", "bf16")  # the user's settings, untouched afterwards
     assert during and set(during) == {("ieee", "ieee")}  # every fp32 accumulation of ours ran in IEEE fp32
     if mode == "exact":
+        # the reference is a float64 sum over the very X and G the model produced under the user's settings (on a
+        # CPU with a bf16 matrix engine "medium" makes the model's own fp32 matmuls bf16, so a float64 re-run of
+        # the model would differ by ~5e-3); our accumulation in bf16 would miss it by ~1e-3
         ours = attached(model)
-        ref = reference_mean_grads(tiny_llama(), list(ours), batches)
+        ref = hook_reference(tiny_llama(), list(ours), batches)
         worst = max(rel_err(ours[n], ref[n]) for n in ref)
         assert worst < 1e-6, worst
 
