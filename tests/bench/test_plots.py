@@ -1,4 +1,4 @@
-"""Benchmark charts (loraga_fast.plots) and the timing flags the runners attach to their ratios (bench/)."""
+"""Benchmark charts (loraga_fast.bench.plots) and the timing flags the suites attach to their ratios."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from bench import run  # noqa: E402
-from bench.e2e import CallResult  # noqa: E402
-from bench.timing_flags import (  # noqa: E402
+from loraga_fast.bench import e2e  # noqa: E402
+from loraga_fast.bench import plots  # noqa: E402
+from loraga_fast.bench.measure import CallResult  # noqa: E402
+from loraga_fast.bench.timing_flags import (  # noqa: E402
     footnotes,
     is_contended,
     is_noisy,
@@ -21,14 +22,13 @@ from bench.timing_flags import (  # noqa: E402
     ratio_flags,
     spread,
 )
-from loraga_fast import plots  # noqa: E402
 
 # the defect behind these flags: a 12.9x interleaved ratio whose peft side took 8.0 / 91.1 / 128.6 s
 NOISY_TIMES = [8.0, 91.1, 128.6]
 
 
 def _result(impl: str, times: list[float], other: list[float] | None = None, dtype: str = "fp32") -> dict[str, Any]:
-    """A fake bench.e2e.measure result with what ratio_rows and format_table read."""
+    """A fake loraga_fast.bench.measure.measure result with what ratio_rows and format_table read."""
     return {"impl": impl, "dtype": dtype, "preset": "tiny", "time_s": sorted(times)[len(times) // 2],
             "times_s": times, "other_cpu_s": other or [0.0] * len(times), "peak_extra_bytes": 2**20,
             "first_call_s": 1.0, "memory": {"maxrss_extra_bytes": None}}
@@ -64,44 +64,44 @@ def test_ratio_flags_take_either_side() -> None:
     assert flags["x_noisy"] and not flags["x_contended"] and flags["x_spread"] == pytest.approx(128.6 / 8.0)
 
 
-# ------------------------------------------------------------------------------------------------ bench/run.py
+# ------------------------------------------------------------------------------------------------ the e2e suite
 
 
-def test_run_ratio_rows_carry_time_flags() -> None:
+def test_e2e_ratio_rows_carry_time_flags() -> None:
     results = [_result("loraga_fast", [1.0, 1.0, 1.0]), _result("peft", [2.0, 2.1, 2.0], [0.0, 0.9, 0.0]),
                _result("loraga_fast", [1.0, 1.0, 1.0], dtype="bf16"), _result("peft", NOISY_TIMES, dtype="bf16")]
-    fp32, bf16 = run.ratio_rows(results)
+    fp32, bf16 = e2e.ratio_rows(results)
     assert fp32["time_ratio"] == pytest.approx(0.5) and fp32["time_contended"] and not fp32["time_noisy"]
     assert bf16["time_noisy"] and not bf16["time_contended"] and bf16["time_spread"] == pytest.approx(128.6 / 8.0)
-    table = run.format_table(results, [fp32, bf16])
+    table = e2e.format_table(results, [fp32, bf16])
     assert "0.500x *" in table and f"{1.0 / 91.1:.3f}x ~" in table
     assert "91.100 ~" in table and "2.000 *" in table  # the flagged sides themselves
-    assert len(run.table_footnotes(results, {})) == 3  # contended, noisy, what to do
+    assert len(e2e.table_footnotes(results, {})) == 3  # contended, noisy, what to do
 
 
-def test_run_interleaved_ratio_is_flagged() -> None:
+def test_e2e_interleaved_ratio_is_flagged() -> None:
     results = [_result("loraga_fast", [1.0] * 3), _result("peft", [1.0] * 3)]
-    (row,) = run.ratio_rows(results)
+    (row,) = e2e.ratio_rows(results)
     calls = {"loraga_fast": [CallResult(t, t, 0.0) for t in (10.0, 10.5, 10.2)],
              "peft": [CallResult(t, t, 0.0) for t in (0.8, 0.9, 0.85)]}
-    interleaved = {"fp32": run.interleaved_sides(calls)}
+    interleaved = {"fp32": e2e.interleaved_sides(calls)}
     interleaved["fp32"]["peft"]["times_s"] = [0.8, 9.1, 12.8]  # the defect's spread, scaled
-    run.add_interleaved([row], interleaved)
+    e2e.add_interleaved([row], interleaved)
     assert row["time_ratio_interleaved"] == pytest.approx(10.2 / 9.1)
     assert row["time_interleaved_noisy"] and not row["time_interleaved_contended"]
     assert not row["time_noisy"]  # the main ratio keeps its own flags
     interleaved["fp32"]["loraga_fast"]["other_cpu_s"] = [0.0, 5.0, 0.0]
-    run.add_interleaved([row], interleaved)
+    e2e.add_interleaved([row], interleaved)
     assert row["time_interleaved_contended"]
-    (line,) = run.format_interleaved(interleaved, [row], rounds=3)
+    (line,) = e2e.format_interleaved(interleaved, [row], rounds=3)
     assert line.endswith(f"ours/peft {10.2 / 9.1:.3f}x * ~") and "loraga_fast 10.200s *" in line
-    notes = run.table_footnotes(results, interleaved)
+    notes = e2e.table_footnotes(results, interleaved)
     assert notes[0].startswith("* ") and notes[1].startswith("~ ")
 
 
-def test_run_interleaved_needs_both_impls() -> None:
-    (row,) = run.ratio_rows([_result("loraga_fast", [1.0]), _result("peft", [1.0])])
-    run.add_interleaved([row], {"fp32": {"loraga_fast": {"times_s": [1.0], "other_cpu_s": [0.0]}}})
+def test_e2e_interleaved_needs_both_impls() -> None:
+    (row,) = e2e.ratio_rows([_result("loraga_fast", [1.0]), _result("peft", [1.0])])
+    e2e.add_interleaved([row], {"fp32": {"loraga_fast": {"times_s": [1.0], "other_cpu_s": [0.0]}}})
     assert "time_ratio_interleaved" not in row and "time_interleaved_contended" not in row
 
 

@@ -115,57 +115,9 @@ def test_ctrl_c_prints_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_bench_7b_preset_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the preset runs")
-    assert main(["bench", "--preset", "llama-7b"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
-
-
-def test_bench_7b_cpu_preset_is_for_the_lowmem_suite(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "e2e", "--preset", "llama-7b-cpu"]) == 2
-    assert "bench lowmem --preset llama-7b-cpu" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(("suite", "script", "expected"), [
-    ("lowmem", "lowmem.py", ["--preset", "llama-7b-cpu", "--out"]),
-    ("accuracy", "accuracy.py", ["--json"]),
-])
-def test_bench_suites_run_their_scripts(suite: str, script: str, expected: list[str], tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import loraga_fast.command.bench as cli
-
-    calls: list[list[str]] = []
-
-    class Done:
-        returncode = 0
-
-    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
-    preset = ["--preset", "llama-7b-cpu"] if suite == "lowmem" else []
-    assert main(["bench", suite, *preset, "--out", str(tmp_path)]) == 0
-    (cmd,) = calls
-    assert Path(cmd[1]).name == script and Path(cmd[1]).is_file()
-    assert cmd[2 : 2 + len(expected)] == expected and cmd[-1].startswith(str(tmp_path))
-
-
 def test_module_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "loraga_fast", "--help"], capture_output=True, text=True, check=True).stdout
     assert "init" in out and "bench" in out
-
-
-def test_plots_from_result_files(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    from loraga_fast.plots import plot_results
-
-    (tmp_path / "e2e.json").write_text(json.dumps({"ratios": [
-        {"preset": "70m", "dtype": "fp32", "time_ratio": 0.9, "peak_extra_ratio": 0.8}]}))
-    (tmp_path / "init.json").write_text(json.dumps({"rows": [
-        {"impl": impl, "dtype": "bf16", "r": 8, "time_s": t, "peak_extra_bytes": 100} for impl, t in (("loraga_fast", 1.0), ("peft", 2.0))]}))
-    (tmp_path / "kernels.json").write_text(json.dumps({"results": [
-        {"impl": "loraga_fast", "t": 64, "m": 8, "n": 8, "tflops": 1.0}, {"impl": "autograd", "t": 64, "m": 8, "n": 8, "tflops": None}]}))
-    written = plot_results(tmp_path)
-    assert [p.name for p in written] == ["e2e.png", "init.png", "kernels.png"]
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
 
 
 def test_cuda_device_without_a_gpu_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:

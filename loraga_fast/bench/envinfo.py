@@ -9,7 +9,8 @@ from typing import Any
 import psutil
 import torch
 
-from bench.workloads import resolve_device
+from .. import __version__
+from .workloads import resolve_device
 
 __all__ = ["environment_info"]
 
@@ -41,8 +42,6 @@ def _version(name: str) -> str | None:
 
 def environment_info(device: str | torch.device = "auto") -> dict[str, Any]:
     """Versions and hardware, for the JSON results."""
-    import loraga_fast
-
     dev = resolve_device(device)
     return {
         "python": platform.python_version(),
@@ -50,7 +49,7 @@ def environment_info(device: str | torch.device = "auto") -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "peft": _version("peft"),
-        "loraga_fast": loraga_fast.__version__,
+        "loraga_fast": __version__,
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "cuda": torch.version.cuda,

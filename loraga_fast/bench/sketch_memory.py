@@ -1,14 +1,16 @@
-"""Low-memory mode's measured peak vs its formula, on LLaMA-7B-shaped layers: the store alone, no model.
+"""The ``sketch_memory`` suite: low-memory mode's measured peak vs its formula, on LLaMA-7B-shaped layers: the store
+alone, no model.
 
-``python bench/sketch_memory.py [--blocks 4 32] [--r 8] [--tokens 256] [--json PATH]``
+``loraga-fast bench sketch_memory [--blocks 4 32] [--r 8] [--tokens 256] [--json PATH]``
 
-For each block count, in a fresh process (``--one N``): the seven projections of N LLaMA-7B blocks (q/k/v/o
-4096x4096, gate/up 11008x4096, down 4096x11008), a ``SketchStore`` with the library's default sketch size, then
-the library's default number of passes -- each slot gets one backward pass's bf16 ``G (T, m)`` and ``X (T, n)``
-through ``slot.add`` (what the capture op calls; the torch backend on a CPU, Triton on a GPU) -- and the factors
-(``store.factors``). The synthetic ``G`` and ``X`` are allocated before the measurement (in a real run they are
-the model's activations). Measured: :class:`bench.memprobe.MemoryProbe`'s extra peak over the whole block (process
-RSS on a CPU, allocated bytes on CUDA), against
+For each block count, in a fresh process (:func:`loraga_fast.bench.harness.in_fresh_process`): the seven
+projections of N LLaMA-7B blocks (q/k/v/o 4096x4096, gate/up 11008x4096, down 4096x11008), a ``SketchStore`` with
+the library's default sketch size, then the library's default number of passes -- each slot gets one backward
+pass's bf16 ``G (T, m)`` and ``X (T, n)`` through ``slot.add`` (what the capture op calls; the torch backend on a
+CPU, Triton on a GPU) -- and the factors (``store.factors``). The synthetic ``G`` and ``X`` are allocated before
+the measurement (in a real run they are the model's activations). Measured:
+:class:`loraga_fast.bench.memprobe.MemoryProbe`'s extra peak over the whole block (process RSS on a CPU, allocated
+bytes on CUDA), against
 
 * the sketch bytes ``4 (m + n) k`` per layer (what the README and ``memory_estimate`` call the sketches);
 * the estimate: ``memory_estimate``'s low-memory peak (sketches + fingerprints/probes + the top-2r factors kept
@@ -20,28 +22,24 @@ Issue 14's bar: extra peak <= 1.3 x sketch bytes + workspace (on a CPU judged on
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ..core.memory import capture_bytes, factor_bytes, workspace_bytes
+from ..stores.sketch import DEFAULT_PASSES, SketchSpec, SketchStore, sketch_columns
+from .harness import WorkerFailed, in_fresh_process, result_path, suite_parser, write_json
+from .memprobe import MemoryProbe
+from .workloads import LLAMA_SHAPES, layer_shapes
 
-from bench.lowmem import LLAMA_SHAPES, layer_shapes  # noqa: E402
-from bench.memprobe import MemoryProbe  # noqa: E402
 
-
-def run_one(blocks: int, r: int, tokens: int, device: torch.device) -> dict[str, Any]:
-    from loraga_fast.core.memory import capture_bytes, factor_bytes, workspace_bytes
-    from loraga_fast.stores.sketch import DEFAULT_PASSES, SketchSpec, SketchStore, sketch_columns
-
+def run_one(blocks: int, r: int, tokens: int, device_name: str) -> dict[str, Any]:
+    """One block count measured in this process (a fresh one: :func:`main` runs it through
+    :func:`~loraga_fast.bench.harness.in_fresh_process`)."""
+    device = torch.device(device_name)
     hidden, inter, _, kv = LLAMA_SHAPES["7B"]
     shapes = layer_shapes(hidden, inter, blocks, kv)
     specs = [SketchSpec(f"layer{i}", m, n, sketch_columns(m, n, r, None), device) for i, (m, n) in enumerate(shapes)]
@@ -87,33 +85,31 @@ def run_one(blocks: int, r: int, tokens: int, device: torch.device) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = suite_parser("sketch_memory", __doc__)
     parser.add_argument("--blocks", type=int, nargs="+", default=[4, 32])
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256, help="tokens of one synthetic backward pass")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=result_path(None, "sketch_memory"), help="results file (default %(default)s)")
     args = parser.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if args.one is not None:
-        print(json.dumps(run_one(args.one, args.r, args.tokens, device)))
-        return 0
     rows = []
     # CPU: RSS twice, with glibc's defaults (freed blocks may stay in the process: what `top` shows) and with every
     # allocation over 64 KiB mapped on its own (returned on free: RSS then follows live memory, the CPU counterpart
     # of CUDA's max_memory_allocated, which the bar is judged on)
-    variants = [("live", {"MALLOC_MMAP_THRESHOLD_": "65536"}), ("glibc default", {})] if device.type == "cpu" else [("allocated", {})]
+    variants = [("live", {"MALLOC_MMAP_THRESHOLD_": "65536"}), ("glibc default", {})]
+    if device.type != "cpu":
+        variants = [("allocated", {})]
     for blocks in args.blocks:
         for label, env in variants:
-            cmd = [sys.executable, __file__, "--one", str(blocks), "--r", str(args.r), "--tokens", str(args.tokens),
-                   "--device", str(device)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
-            if proc.returncode != 0:
-                print(f"[sketch_memory] {blocks} blocks FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}",
+            try:
+                row = in_fresh_process(run_one, env=env, blocks=blocks, r=args.r, tokens=args.tokens,
+                                       device_name=str(device))
+            except WorkerFailed as err:
+                print(f"[sketch_memory] {blocks} blocks FAILED (exit {err.exit_code})\n{err.stderr_tail}",
                       file=sys.stderr)
                 return 1
-            rows.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "measure": label})
+            rows.append({**row, "measure": label})
     mib = 2**20
     print(f"low-memory store on LLaMA-7B-shaped layers ({rows[0]['device']}, {rows[0]['method']}), r = {args.r}, "
           f"k = {rows[0]['k']}, {args.tokens} tokens per pass")
@@ -124,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['capture_bytes'] / mib:12.1f} {row['estimate_bytes'] / mib:13.1f} {row['measure']:>14} "
               f"{row['peak_extra_bytes'] / mib:9.1f} {row['peak_over_sketch']:12.3f} "
               f"{'yes' if row['meets_bar'] else 'NO':>13} {row['time_s']:7.1f}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    write_json(args.json, rows, indent=1)
     return 0 if all(row["meets_bar"] for row in rows if row["measure"] != "glibc default") else 1
 
 

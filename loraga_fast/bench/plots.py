@@ -1,11 +1,11 @@
-"""PNG charts of the benchmark results (``loraga-fast bench --plot``); needs matplotlib (``pip install
-loraga_fast[plot]``).
+"""PNG charts of the benchmark results (``loraga-fast bench --plot``, which runs
+``python -m loraga_fast.bench.plots DIR``); needs matplotlib (``pip install loraga_fast[plot]``).
 
 * ``e2e.png`` / ``init.png`` -- ``ours / peft`` ratios (time, interleaved time, extra peak memory): log scale
   symmetric around the line at 1 (bars grow up from it when ours is slower or uses more, down when faster or
   less), the value on every bar, and *hatched* bars for time ratios that the runner flagged as unreliable
   (``<name>_contended`` / ``<name>_noisy`` in e2e.json, ``contended`` rows in init.json; the rules are in
-  bench/timing_flags.py).
+  :mod:`loraga_fast.bench.timing_flags`).
 * ``kernels.png`` -- achieved TFLOP/s of each accumulate implementation per case (higher is better), the
   transposed (``Conv1D``) layout a case of its own.
 
@@ -14,15 +14,17 @@ The ``*_figure`` functions build the figures (tests inspect their axes); :func:`
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = ["RATIO_LABEL", "TFLOPS_LABEL", "UNRELIABLE_LABEL", "Series", "bar_chart", "e2e_figure", "init_figure",
-           "kernels_figure", "plot_results", "ratio_limits"]
+           "kernels_figure", "main", "plot_results", "ratio_limits"]
 
 RATIO_LABEL = "ours / peft, lower is better"
 TFLOPS_LABEL = "TFLOP/s, higher is better"
@@ -62,8 +64,24 @@ def plot_results(results: Path) -> list[Path]:
     return written
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m loraga_fast.bench.plots DIR``: the charts of the results in ``DIR``, one line per file written;
+    exit status 2 with one line when matplotlib is missing."""
+    parser = argparse.ArgumentParser(prog="python -m loraga_fast.bench.plots",
+                                     description="Write e2e.png, init.png, kernels.png beside their JSON results.")
+    parser.add_argument("folder", type=Path, help="the folder holding e2e.json, init.json, kernels.json")
+    try:
+        written = plot_results(parser.parse_args(argv).folder)
+    except UsageError as err:
+        print(f"loraga-fast: error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def e2e_figure(data: dict[str, Any]) -> Any:
-    """The ``ours / peft`` chart of bench/run.py's JSON (its ``ratios``), or None when it has no ratio."""
+    """The ``ours / peft`` chart of the e2e suite's JSON (its ``ratios``), or None when it has no ratio."""
     ratios = data.get("ratios") or []
     if not ratios:
         return None
@@ -76,7 +94,7 @@ def e2e_figure(data: dict[str, Any]) -> Any:
 
 
 def init_figure(data: dict[str, Any]) -> Any:
-    """The ``ours / peft`` chart of bench/init_bench.py's JSON (its ``rows``, paired by dtype and rank), or None
+    """The ``ours / peft`` chart of the init suite's JSON (its ``rows``, paired by dtype and rank), or None
     when no pair is complete. A time ratio is flagged when either row is ``contended``."""
     pairs: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for row in data.get("rows") or []:
@@ -94,7 +112,7 @@ def init_figure(data: dict[str, Any]) -> Any:
 
 
 def kernels_figure(data: dict[str, Any]) -> Any:
-    """The TFLOP/s chart of bench/kernel_bench.py's JSON (its ``results``), or None when nothing was timed.
+    """The TFLOP/s chart of the kernels suite's JSON (its ``results``), or None when nothing was timed.
     Cases are keyed by ``(t, m, n, transposed)``: the transposed layout is a bar group of its own."""
     rows = [r for r in data.get("results") or [] if r.get("tflops") is not None]
     if not rows:
@@ -181,3 +199,7 @@ def _pyplot() -> Any:
     except ImportError as err:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from err
     return plt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

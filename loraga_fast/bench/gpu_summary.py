@@ -1,13 +1,14 @@
 """The two ends of ``bash bench/gpu.sh``: the versions it prints first, and the one JSON + table it ends with.
 
-    python bench/gpu_summary.py versions OUT     # print python/torch/triton/numpy/transformers/peft versions and
-                                                 # the GPU, write OUT/versions.json
-    python bench/gpu_summary.py summary OUT      # read OUT/steps.tsv and every step's own JSON, write OUT/gpu.json,
-                                                 # print a short table; exit 1 unless every step succeeded
+    python -m loraga_fast.bench.gpu_summary versions OUT   # print python/torch/triton/numpy/transformers/peft
+                                                           # versions and the GPU, write OUT/versions.json
+    python -m loraga_fast.bench.gpu_summary summary OUT    # read OUT/steps.tsv and every step's own JSON, write
+                                                           # OUT/gpu.json, print a short table; exit 1 unless every
+                                                           # step succeeded
 
-Only the standard library at module level: ``versions`` must report a missing torch rather than fail on it, and
-``summary`` must work whatever the steps left behind (a step that failed or timed out may have written nothing,
-or a partial JSON).
+Only the standard library at module level (:mod:`loraga_fast.bench.harness` is standard library too): ``versions``
+must report a missing torch rather than fail on it, and ``summary`` must work whatever the steps left behind (a step
+that failed or timed out may have written nothing, or a partial JSON).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from .harness import bytes_text, num, tflops_text
 
 PACKAGES = ("torch", "triton", "numpy", "transformers", "peft", "pytest", "psutil")
 STEP_FILES = {"tests": "tests.xml", "kernels": "kernels.json", "e2e": "e2e.json", "init": "init.json",
@@ -195,10 +198,6 @@ def read_steps(path: Path) -> list[dict[str, Any]]:
     return steps
 
 
-def _n(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
 def headline(name: str, fig: dict[str, Any]) -> str:
     """One line of key figures for a step."""
     if "error" in fig:
@@ -211,24 +210,24 @@ def headline(name: str, fig: dict[str, Any]) -> str:
     if name == "kernels":
         rc, ra = fig["ours_over_cublas_time_range"], fig["ours_over_autograd_time_range"]
         return (f"{len(fig['cases'])} cases; ours/cuBLAS time {_span(rc)}; ours/bf16 GEMM {_span(ra)}; "
-                f"ours max {_tf(fig['max_ours_tflops'])} TFLOP/s; err <= {_n(fig['max_ours_rel_err'], '.1e')}; "
+                f"ours max {tflops_text(fig['max_ours_tflops'])} TFLOP/s; err <= {num(fig['max_ours_rel_err'], '.1e')}; "
                 f"bit-identical: {'all' if fig['all_deterministic'] else 'NO'}")
     if name in ("e2e", "init"):
         key = "loraga_fast"
         o, p = fig["impls"].get(key, {}), fig["impls"].get("peft", {})
-        return (f"time ours {_n(o.get('time_s'), '.3f', 's')} / peft {_n(p.get('time_s'), '.3f', 's')} "
-                f"({_n(fig.get('time_ratio'), '.2f', 'x')}); extra peak ours {_bytes(o.get('peak_extra_bytes'))} / peft "
-                f"{_bytes(p.get('peak_extra_bytes'))} ({_n(fig.get('peak_extra_ratio'), '.2f', 'x')})")
+        return (f"time ours {num(o.get('time_s'), '.3f', 's')} / peft {num(p.get('time_s'), '.3f', 's')} "
+                f"({num(fig.get('time_ratio'), '.2f', 'x')}); extra peak ours {bytes_text(o.get('peak_extra_bytes'))} / peft "
+                f"{bytes_text(p.get('peak_extra_bytes'))} ({num(fig.get('peak_extra_ratio'), '.2f', 'x')})")
     if name == "lowmem":
         imp = fig["impls"]
-        return (f"floor {_n(imp.get('floor', {}).get('time_s'), '.3f', 's')}; lowmem "
-                f"{_n(imp.get('lowmem', {}).get('time_s'), '.3f', 's')} over {fig.get('passes')} passes = "
-                f"{_n(fig.get('lowmem_per_pass_x_floor'), '.2f', 'x')} floor per pass"
-                + (f"; exact {_n(imp['exact'].get('per_pass_x_floor'), '.2f', 'x')} floor" if "exact" in imp else "")
+        return (f"floor {num(imp.get('floor', {}).get('time_s'), '.3f', 's')}; lowmem "
+                f"{num(imp.get('lowmem', {}).get('time_s'), '.3f', 's')} over {fig.get('passes')} passes = "
+                f"{num(fig.get('lowmem_per_pass_x_floor'), '.2f', 'x')} floor per pass"
+                + (f"; exact {num(imp['exact'].get('per_pass_x_floor'), '.2f', 'x')} floor" if "exact" in imp else "")
                 + (f"; failed: {', '.join(fig['failed'])}" if fig.get("failed") else ""))
     if name == "sketch_memory":
-        return "; ".join(f"{r['blocks']} blocks ({r['measure']}): peak {_bytes(r['peak_extra_bytes'])} = "
-                         f"{_n(r['peak_over_sketch'], '.2f', 'x')} sketches" for r in fig["rows"]) + (
+        return "; ".join(f"{r['blocks']} blocks ({r['measure']}): peak {bytes_text(r['peak_extra_bytes'])} = "
+                         f"{num(r['peak_over_sketch'], '.2f', 'x')} sketches" for r in fig["rows"]) + (
             "" if fig["all_meet_bar"] else "; OVER 1.3 x sketches + workspace")
     if name == "tune":
         return f"{len(fig.get('entries') or {})} table entries -> {fig.get('table')}"
@@ -237,19 +236,6 @@ def headline(name: str, fig: dict[str, Any]) -> str:
 
 def _span(r: list[float] | None) -> str:
     return "-" if not r else f"{r[0]:.2f}-{r[1]:.2f}x"
-
-
-def _bytes(b: int | None) -> str:
-    if b is None:
-        return "-"
-    return f"{b / GIB:.2f} GiB" if abs(b) >= GIB else f"{b / 2**20:.1f} MiB"
-
-
-def _tf(value: float | None) -> str:
-    """TFLOP/s: whole numbers on a GPU, three significant digits for the CPU's small values."""
-    if value is None:
-        return "-"
-    return f"{value:.0f}" if value >= 10 else f"{value:.3g}"
 
 
 def summary(out: Path, mode: str, budget: int | None, elapsed: int | None) -> int:
@@ -303,11 +289,11 @@ def summary(out: Path, mode: str, budget: int | None, elapsed: int | None) -> in
               f"{'err ours':>9} {'same':>5}")
         for c in kern["cases"]:
             def pair(impl: str) -> str:
-                return f"{_n(c[f'{impl}_ms'], '.3f')}/{_tf(c[f'{impl}_tflops'])}"
+                return f"{num(c[f'{impl}_ms'], '.3f')}/{tflops_text(c[f'{impl}_tflops'])}"
 
             print(f"{c['label']:<24} {pair('ours'):>15} {pair('cublas'):>17} {pair('autograd'):>15} "
-                  f"{_n(c['ours_over_cublas_time'], '.2f'):>8} {_n(c['ours_over_autograd_time'], '.2f'):>6} "
-                  f"{_n(c['ours_rel_err'], '.1e'):>9} {('yes' if c['deterministic'] else 'NO'):>5}")
+                  f"{num(c['ours_over_cublas_time'], '.2f'):>8} {num(c['ours_over_autograd_time'], '.2f'):>6} "
+                  f"{num(c['ours_rel_err'], '.1e'):>9} {('yes' if c['deterministic'] else 'NO'):>5}")
         for note in kern.get("cublas_notes", []):
             print(f"cuBLAS: {note}")
     print(f"\n{'all steps succeeded' if all_ok else 'SOME STEPS DID NOT SUCCEED'}; wrote {out / 'gpu.json'}")
@@ -315,7 +301,8 @@ def summary(out: Path, mode: str, budget: int | None, elapsed: int | None) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m loraga_fast.bench.gpu_summary",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["versions", "summary"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--mode", default="gpu")

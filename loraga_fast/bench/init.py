@@ -1,4 +1,4 @@
-"""Initialization benchmark: everything after estimation until ``peft.get_peft_model`` returns.
+"""The ``init`` suite: everything after estimation until ``peft.get_peft_model`` returns, ours vs peft.
 
 * ours -- :func:`loraga_fast.core.handoff.hand_off` (checks, means, attach) followed by ``get_peft_model``, in
   which each shape group is factored by one batched randomized SVD when its first layer is initialized and
@@ -7,10 +7,12 @@
 
 Both start from their own library's estimation result (ours: fp32 grouped accumulators; peft: gradients in
 the model's dtype), which is built before the measurement starts. Each measurement runs in a fresh process:
-time of the call, and extra peak memory (RSS on CPU, the CUDA allocator's peak on GPU; see bench/memprobe.py).
+time of the call, and extra peak memory (RSS on CPU, the CUDA allocator's peak on GPU; see
+:mod:`loraga_fast.bench.memprobe`).
 Also reported, to show where the time goes: ours' ``finish`` vs ``get_peft_model`` time, the time spent in
 our batched SVDs, and the time peft spends inside ``torch.svd_lowrank``. Each row records ``other_cpu_s``, the CPU
-time other processes used during the call, and ``contended`` (bench/timing_flags.py: more than 10% of a core);
+time other processes used during the call, and ``contended`` (:mod:`loraga_fast.bench.timing_flags`: more
+than 10% of a core);
 the table marks contended times and ratios with `` *`` (one call per measurement: no spread rule here).
 
 Presets:
@@ -23,9 +25,12 @@ Presets:
 * ``tiny-groups`` -- the same code path at the ``tiny`` preset's shapes (64 hidden, 176 MLP), 2 blocks by
   default: a smoke test in seconds (``bash bench/gpu.sh --dry-run``); ``tiny`` -- the end-to-end ``tiny`` preset.
 
-    python bench/init_bench.py --preset 70m --dtypes fp32 bf16
-    python bench/init_bench.py --preset 7b-groups --ranks 8 64
-    python bench/init_bench.py --preset tiny-groups --dtypes bf16
+``loraga-fast bench init --preset P`` maps the command's presets: ``llama-7b`` -> ``7b-groups``, ``tiny`` ->
+``tiny-groups``, the others as they are; any preset of this suite can be given after ``--``.
+
+    loraga-fast bench init --preset 70m --dtypes fp32 bf16
+    loraga-fast bench init --preset llama-7b --ranks 8 64          # 7b-groups
+    loraga-fast bench init -- --preset tiny --dtypes bf16           # the e2e tiny preset, real gradients
 
 A failing measurement prints its worker's error and the others still run (exit status 1); the JSON is rewritten
 after every measurement, so a run stopped by a timeout keeps what it measured.
@@ -33,28 +38,26 @@ after every measurement, so a run stopped by a timeout keeps what it measured.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.e2e import busy_cpu_s  # noqa: E402
-from bench.envinfo import environment_info  # noqa: E402
-from bench.memprobe import MemoryProbe  # noqa: E402
-from bench.timing_flags import footnotes, is_contended, marks  # noqa: E402
-from bench.workloads import build_model, make_batches, make_train_step, resolve_device  # noqa: E402
-
-IMPLS = ("loraga_fast", "peft")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from ..core.handoff import hand_off
+from ..core.passes import run_passes
+from ..layers.targets import find_targets, layer_ranks
+from ..stores import factors as ours_factors
+from ..stores.exact import AccumulatorStore
+from .envinfo import environment_info
+from .harness import WorkerFailed, finish, in_fresh_process, nothing_measured, result_path, suite_parser, write_json
+from .memprobe import MemoryProbe
+from .timing_flags import Stopwatch, footnotes, is_contended, marks
+from .workloads import IMPLS, TARGET_MODULES, build_model, make_batches, make_train_step, resolve_device
 SHAPES_7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
              "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
 SHAPES_TINY = {"q_proj": (64, 64), "k_proj": (64, 64), "v_proj": (64, 64), "o_proj": (64, 64),
@@ -85,7 +88,7 @@ def _synthetic_grad(shape: tuple[int, int], device: torch.device, gen: torch.Gen
 def _lora_config(r: int) -> Any:
     from peft import LoraConfig, LoraGAConfig
 
-    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights="lora_ga",
+    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGET_MODULES), init_lora_weights="lora_ga",
                       lora_ga_config=LoraGAConfig())
 
 
@@ -115,15 +118,10 @@ class _time_calls:
         setattr(self.owner, self.name, self.real)
 
 
-def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device: torch.device) -> dict[str, Any]:
-    """One measurement in this process."""
-    import peft
-
-    from loraga_fast.core.passes import run_passes
-    from loraga_fast.core.handoff import hand_off
-    from loraga_fast.stores.exact import AccumulatorStore
-    from loraga_fast.layers.targets import find_targets, layer_ranks
-
+def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device_name: str) -> dict[str, Any]:
+    """One measurement in this process (a fresh one: :func:`main` runs it through
+    :func:`~loraga_fast.bench.harness.in_fresh_process`)."""
+    device = torch.device(device_name)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     cfg = _lora_config(r)
     if preset not in GROUP_PRESETS:  # an end-to-end preset: real estimated gradients
@@ -153,22 +151,17 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
         p.grad = None
     gc.collect()
 
-    from loraga_fast import factors as ours_factors
-
     svd_time = _time_calls(torch, "svd_lowrank", device)  # peft's per-layer SVDs
     rsvd_time = _time_calls(ours_factors, "batched_rsvd", device)  # ours, per group
-    with MemoryProbe(device) as probe:
-        _sync(device)
-        busy_start, cpu_start, start = busy_cpu_s(), time.process_time(), time.perf_counter()
+    _sync(device)
+    with MemoryProbe(device) as probe, Stopwatch() as watch:
         if store is not None:
             hand_off(cfg, targets, store)
         _sync(device)
-        t_factor = time.perf_counter() - start
+        t_factor = watch.elapsed()
         peft.get_peft_model(model, cfg)
         _sync(device)
-        total = time.perf_counter() - start
-        cpu, busy = time.process_time() - cpu_start, busy_cpu_s() - busy_start
-    other = max(busy - cpu, 0.0)
+    total, cpu, other = watch.time_s, watch.cpu_s, watch.other_cpu_s
     svd_time.restore()
     rsvd_time.restore()
     assert probe.reading is not None
@@ -180,7 +173,7 @@ def worker(impl: str, preset: str, dtype_name: str, r: int, layers: int, device:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = suite_parser("init", __doc__)
     parser.add_argument("--preset", choices=PRESETS, default="70m")
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--ranks", nargs="+", type=int, default=None, help="LoRA ranks (default: 8)")
@@ -188,45 +181,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="7b-groups: decoder blocks (default 32 on CUDA, 1 on CPU); tiny-groups: default 2")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "init.json")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, default=result_path(None, "init"), help="results file")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     ranks = args.ranks or [8]
     layers = args.layers or (2 if args.preset == "tiny-groups" else 32 if device.type == "cuda" else 1)
-    if args.worker:
-        print(json.dumps(worker(args.impls[0], args.preset, args.dtypes[0], ranks[0], layers, device)))
-        return 0
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     env = environment_info(device)
 
-    def save() -> None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "preset": args.preset, "rows": rows, "failed": failed},
-                                        indent=2))
-
     for dtype in args.dtypes:
         for r in ranks:
             for impl in args.impls:
-                cmd = [sys.executable, __file__, "--worker", "--preset", args.preset, "--dtypes", dtype, "--ranks",
-                       str(r), "--layers", str(layers), "--impls", impl, "--device", str(device)]
                 start = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                lines = proc.stdout.strip().splitlines()
-                if proc.returncode != 0 or not lines:
-                    print(f"[init] {args.preset} {dtype} r={r} {impl}: FAILED (exit {proc.returncode})\n"
-                          f"{proc.stderr[-3000:]}", file=sys.stderr)
-                    failed.append({"impl": impl, "dtype": dtype, "r": r, "exit_code": proc.returncode,
-                                   "stderr_tail": proc.stderr[-3000:]})
-                else:
-                    rows.append(json.loads(lines[-1]))
+                try:
+                    rows.append(in_fresh_process(worker, impl=impl, preset=args.preset, dtype_name=dtype, r=r,
+                                                 layers=layers, device_name=str(device)))
                     print(f"[init] {args.preset} {dtype} r={r} {impl}: {rows[-1]['time_s']:.3f}s "
                           f"(process {time.perf_counter() - start:.1f}s)", file=sys.stderr)
-                save()
+                except WorkerFailed as err:
+                    print(f"[init] {args.preset} {dtype} r={r} {impl}: FAILED (exit {err.exit_code})\n"
+                          f"{err.stderr_tail}", file=sys.stderr)
+                    failed.append(err.record(impl=impl, dtype=dtype, r=r))
+                write_json(args.json, {"environment": env, "preset": args.preset, "rows": rows, "failed": failed})
     if not rows:
-        print("init benchmark: every measurement failed", file=sys.stderr)
-        return 1
+        return nothing_measured("init")
     print(f"init benchmark, preset {args.preset} ({rows[0]['layers']} target layers, {rows[0]['target_params'] / 1e6:.1f}M "
           f"target weights), device {device}")
     print(f"{'dtype':<5} {'r':>3} {'impl':<12} {'time (s)':>9} {'finish (s)':>10} {'get_peft (s)':>12} "
@@ -246,9 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{'':>9} {'':>12} {'':>11} {o['peak_extra_bytes'] / max(p['peak_extra_bytes'], 1):>15.3f}x")
     for line in footnotes(any(row.get("contended") for row in rows)):
         print(line)
-    save()
-    print(f"results written to {args.json}")
-    return 1 if failed else 0
+    write_json(args.json, {"environment": env, "preset": args.preset, "rows": rows, "failed": failed})
+    return finish(args.json, failed)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
-"""Low-memory mode benchmark: time per pass vs the fwd+bwd floor, total time and peak memory vs exact mode and
-peft, and projected accumulator memory for LLaMA 7B-70B shapes.
+"""The ``lowmem`` suite: low-memory mode's time per pass vs the fwd+bwd floor, total time and peak memory vs exact
+mode and peft, and projected accumulator memory for LLaMA 7B-70B shapes.
 
-``python bench/lowmem.py [--preset 70m] [--dtype fp32] [--batches N] [--impls floor lowmem ...] [--out PATH]``
+``loraga-fast bench lowmem [--preset 70m] [--dtype fp32] [--batches N] [--impls floor lowmem ...] [--json PATH]``
 
 ``--preset llama-7b-cpu`` (``loraga-fast bench lowmem --preset llama-7b-cpu``) is LLaMA-7B in bf16 on a CPU host:
 the model alone is 13.5 GB, exact mode is refused by its memory check (reported as refused, with the figures) and
 peft is not run (its bf16 gradients would not fit beside the model in 24 GB; the figure is printed instead).
 
-Each implementation runs in a fresh subprocess (``--one IMPL``) on the preset's seeded random LLaMA
-(:mod:`bench.workloads` builders), after one untimed no-grad forward; on CUDA also after one untimed call of the
-implementation itself (Triton compilation and cuBLAS/cuSOLVER start-up are not what a pass costs; on CPU the
-measured call is the first, as RSS growth is only meaningful there). Memory is :class:`bench.memprobe.MemoryProbe`'s
-extra peak (RSS on CPU, allocated bytes on CUDA). A failing implementation prints its error and the others still
-run (exit status 1); ``--out`` is rewritten after every implementation. Implementations:
+Each implementation runs in a fresh process (:func:`loraga_fast.bench.harness.in_fresh_process`) on the preset's
+seeded random LLaMA (:mod:`loraga_fast.bench.workloads` builders), after one untimed no-grad forward; on CUDA also
+after one untimed call of the implementation itself (Triton compilation and cuBLAS/cuSOLVER start-up are not what a
+pass costs; on CPU the measured call is the first, as RSS growth is only meaningful there). Memory is
+:class:`loraga_fast.bench.memprobe.MemoryProbe`'s extra peak (RSS on CPU, allocated bytes on CUDA). A failing
+implementation prints its error and the others still run (exit status 1); ``--json`` is rewritten after every
+implementation. Implementations:
 
 * ``floor``: one forward + backward over the batches with every target routed through the capture op but
   accumulating nothing (input gradients only) -- what any method must at least pay per pass;
@@ -23,63 +24,50 @@ run (exit status 1); ``--out`` is rewritten after every implementation. Implemen
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
-import json
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.memprobe import MemoryProbe  # noqa: E402
-from bench.workloads import (  # noqa: E402
+from ..api.preprocess import preprocess_loraga
+from ..core.memory import accumulator_bytes, memory_estimate
+from ..errors import UsageError
+from ..layers.capture import CaptureSession, Slot
+from ..layers.targets import find_targets
+from ..stores.sketch import DEFAULT_PASSES
+from .harness import WorkerFailed, in_fresh_process, nothing_measured, num, result_path, suite_parser, write_json
+from .memprobe import MemoryProbe
+from .workloads import (
+    LLAMA_SHAPES,
     PRESETS,
     build_model,
     clear_loraga_state,
     get_preset,
+    layer_shapes,
     make_batches,
     make_lora_config,
     make_train_step,
     quantize_model,
 )
-from loraga_fast.core.memory import accumulator_bytes  # noqa: E402
-from loraga_fast.stores.sketch import DEFAULT_PASSES  # noqa: E402
 
 IMPLS = ("floor", "lowmem", "exact", "peft")
 
-# (hidden, intermediate, layers, kv_out) of LLaMA-2 7B/13B/70B and Code Llama 34B (GQA: k/v project to kv_out)
-LLAMA_SHAPES = {
-    "7B": (4096, 11008, 32, 4096),
-    "13B": (5120, 13824, 40, 5120),
-    "34B": (8192, 22016, 48, 1024),
-    "70B": (8192, 28672, 80, 1024),
-}
+class _NullSlot(Slot):
+    """A capture slot that accumulates nothing."""
 
-
-def layer_shapes(hidden: int, inter: int, layers: int, kv_out: int) -> list[tuple[int, int]]:
-    """``(out, in)`` of the seven projections of every block."""
-    block = [(hidden, hidden), (kv_out, hidden), (kv_out, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
-             (hidden, inter)]
-    return block * layers
+    def add(self, grad_out: torch.Tensor, x: torch.Tensor, transposed: bool) -> None:
+        pass
 
 
 class _NullStore:
     """Capture slots that accumulate nothing: the capture op then only computes input gradients."""
 
     def __init__(self, names: list[str]):
-        from loraga_fast.layers.capture import Slot
-
-        class NullSlot(Slot):
-            def add(self, grad_out: torch.Tensor, x: torch.Tensor, transposed: bool) -> None:
-                pass
-
-        self.slots = {n: NullSlot(n) for n in names}
+        self.slots = {n: _NullSlot(n) for n in names}
 
     def __getitem__(self, name: str) -> Any:
         return self.slots[name]
@@ -87,6 +75,9 @@ class _NullStore:
 
 def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: bool | None = None,
             sketch_size: int | None = None, quantize: str | None = None) -> dict[str, Any]:
+    """One implementation measured in this process (a fresh one: :func:`main` runs it through
+    :func:`~loraga_fast.bench.harness.in_fresh_process`); ``refused`` instead of the figures when its memory check
+    refused it."""
     p = get_preset(preset)
     if batches is not None:
         p = dataclasses.replace(p, num_batches=batches)
@@ -104,22 +95,15 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: boo
     model.eval()
     gc.collect()
     if impl == "floor":
-        from loraga_fast.layers.capture import CaptureSession
-        from loraga_fast.layers.targets import find_targets
-
         targets = find_targets(model, cfg)
 
         def call() -> None:
             with CaptureSession(model, targets, _NullStore([n for n, _ in targets])), torch.enable_grad():  # type: ignore[arg-type]
                 step()
     elif impl == "peft":
-        import peft
-
         def call() -> None:
             peft.preprocess_loraga(model, cfg, step)
     else:
-        from loraga_fast import preprocess_loraga
-
         def call() -> None:
             preprocess_loraga(model, cfg, step, mode=impl, sketch_size=sketch_size if impl == "lowmem" else None)
     warmup = device.type == "cuda" if warmup is None else warmup
@@ -127,8 +111,6 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: boo
         call()
         clear_loraga_state(model)
         gc.collect()
-    from loraga_fast import UsageError, memory_estimate
-
     estimate = memory_estimate(model, cfg, sketch_size=sketch_size)
     info = {"impl": impl, "device": str(device), "num_batches": p.num_batches, "tokens": p.num_batches * p.tokens_per_batch,
             "threads": torch.get_num_threads(), "warmed_up": warmup, "passes": DEFAULT_PASSES if impl == "lowmem" else 1,
@@ -152,7 +134,7 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = suite_parser("lowmem", __doc__)
     parser.add_argument("--preset", default="70m", choices=list(PRESETS))
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 for the *-cpu presets, else fp32")
     parser.add_argument("--batches", type=int, default=None)
@@ -164,17 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="what to run, in this order (floor first: the others are reported relative to it); "
                              "default all, except peft for the *-cpu presets (its bf16 gradients do not fit beside a "
                              "7B model in 24 GB: the process would be killed, not refused)")
-    parser.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--json", "--out", dest="json", default=result_path(None, "lowmem"),
+                        help="results file (default %(default)s)")
     args = parser.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bf16" if get_preset(args.preset).init_in_dtype else "fp32"
     if args.impls is None:
         args.impls = [i for i in IMPLS if not (i == "peft" and args.preset.endswith("-cpu"))]
-    if args.one:
-        print(json.dumps(run_one(args.one, args.preset, args.dtype, args.batches, sketch_size=args.sketch_size,
-                                 quantize=args.quantize)))
-        return 0
 
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, dict[str, Any]] = {}
@@ -182,32 +160,23 @@ def main(argv: list[str] | None = None) -> int:
     projections = _projections()
 
     def save() -> None:
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, "passes": DEFAULT_PASSES,
-                                                  "runs": results, "failed": failed, "refused": refused,
-                                                  "projections": projections},
-                                                 indent=2))
+        write_json(args.json, {"preset": args.preset, "dtype": args.dtype, "passes": DEFAULT_PASSES, "runs": results,
+                               "failed": failed, "refused": refused, "projections": projections})
 
     for impl in args.impls:
-        cmd = [sys.executable, __file__, "--one", impl, "--preset", args.preset, "--dtype", args.dtype]
-        if args.batches is not None:
-            cmd += ["--batches", str(args.batches)]
-        if args.sketch_size is not None:
-            cmd += ["--sketch-size", str(args.sketch_size)]
-        if args.quantize is not None:
-            cmd += ["--quantize", args.quantize]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            print(f"[lowmem] {impl}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
-            failed[impl] = {"exit_code": proc.returncode, "stderr_tail": proc.stderr[-3000:]}
-        elif "refused" in json.loads(lines[-1]):
-            refused[impl] = json.loads(lines[-1])["refused"]
+        try:
+            run = in_fresh_process(run_one, impl=impl, preset=args.preset, dtype=args.dtype, batches=args.batches,
+                                   sketch_size=args.sketch_size, quantize=args.quantize)
+        except WorkerFailed as err:
+            print(f"[lowmem] {impl}: FAILED (exit {err.exit_code})\n{err.stderr_tail}", file=sys.stderr)
+            failed[impl] = err.record()
+            run = None
+        if run is not None and "refused" in run:
+            refused[impl] = run["refused"]
             print(f"[lowmem] {impl}: refused: {refused[impl]}", file=sys.stderr, flush=True)
-        else:
-            results[impl] = json.loads(lines[-1])
+        elif run is not None:
+            results[impl] = run
             print(f"[lowmem] {impl}: {results[impl]['time_s']:.3f}s (process {time.perf_counter() - start:.1f}s)",
                   file=sys.stderr, flush=True)
         floor_run = results.get("floor")
@@ -217,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["per_pass_x_floor"] = res["time_s"] / res.get("passes", 1) / floor_run["time_s"]
         save()
     if not results:
-        print("lowmem benchmark: every implementation failed", file=sys.stderr)
-        return 1
+        return nothing_measured("lowmem")
     first = next(iter(results.values()))
     est = first["estimate"]
     print(f"preset {args.preset} ({args.dtype}, {first['num_batches']} batches, {first['tokens']} tokens, "
@@ -227,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{est['exact_bytes'] / 2**30:.2f} GiB, lowmem peak {est['lowmem_peak_bytes'] / 2**30:.2f} GiB")
     print(f"{'impl':8} {'time s':>8} {'x floor':>8} {'per pass x floor':>17} {'extra peak MiB':>15} {'peak GiB':>9}")
     for impl, res in results.items():
-        print(f"{impl:8} {res['time_s']:8.2f} {_num(res.get('x_floor')):>8} {_num(res.get('per_pass_x_floor')):>17} "
+        print(f"{impl:8} {res['time_s']:8.2f} {num(res.get('x_floor'), '.2f'):>8} {num(res.get('per_pass_x_floor'), '.2f'):>17} "
               f"{res['peak_extra_bytes'] / 2**20:15.1f} {res['peak_bytes'] / 2**30:9.2f}")
     if "lowmem" in results and "floor" in results:
         over = results["lowmem"]["peak_extra_bytes"] - results["floor"]["peak_extra_bytes"]
@@ -247,10 +215,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p['model']:6} {p['r']:3d} {exact / 2**30:10.2f} {low / 2**30:11.2f} {exact / low:7.1f}")
     save()
     return 1 if failed else 0
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def _projections() -> list[dict[str, Any]]:

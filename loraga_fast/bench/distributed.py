@@ -1,4 +1,5 @@
-"""Distributed estimation on torch.distributed (gloo, CPU): wall time, memory and bytes communicated per rank.
+"""The ``distributed`` suite: estimation on torch.distributed (gloo, CPU): wall time, memory and bytes communicated
+per rank.
 
 Two modes (``--modes``, default both):
 
@@ -16,16 +17,14 @@ Per N: the wall time of the call on rank 0 (median of ``--repeats``, after a war
 rank (the storages behind the attached gradients). Also printed: projected volumes for LLaMA-7B and LLaMA-2-70B
 with all seven projections targeted: one reduction at the end (dp) vs a reduce-scatter every step (fsdp2).
 
-    python bench/distributed.py --preset 70m --ranks 1 2 3
+    loraga-fast bench distributed --preset 70m --ranks 1 2 3
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,10 +33,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.workloads import build_model, make_batches, make_lora_config, make_train_step
+from ..api.preprocess import preprocess_loraga
+from ..ops.rsvd import batched_rsvd
+from .harness import result_path, suite_parser, write_json
+from .workloads import PRESETS, build_model, make_batches, make_lora_config, make_train_step
 
 # (name, hidden, layers, intermediate, kv_dim): all seven projections targeted
 PROJECTIONS = {"llama-7b": (4096, 32, 11008, 4096), "llama-2-70b": (8192, 80, 28672, 1024)}
@@ -51,21 +53,14 @@ def _worker(rank: int, world: int, init: str, preset: str, dtype: str, repeats: 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share this machine's cores: no oversubscription
     try:
-        from loraga_fast import preprocess_loraga
-
         model = build_model(preset, dtype, "cpu")
         batches = make_batches(preset, "cpu")
         if mode == "fsdp2":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
             mesh = init_device_mesh("cpu", (world,))
             for layer in model.model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
         elif mode == "fsdp1":
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
             layers = model.model.layers
             for i, layer in enumerate(layers):
                 layers[i] = FullyShardedDataParallel(layer, device_id=torch.device("cpu"), use_orig_params=True)
@@ -111,8 +106,6 @@ def _factor_vs_broadcast(grads: list[torch.Tensor], r: int = 8) -> tuple[float, 
     runs the batched randomized SVD of every shape group itself. Option B: rank 0 runs it and broadcasts the
     factors. Returns (time of the factorization, slowest rank; time to broadcast its results): A costs the first,
     B the first plus the second (on one device per rank; ranks sharing CPU cores here also slow A down)."""
-    from loraga_fast.ops.rsvd import batched_rsvd
-
     groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for g in grads:
         groups.setdefault(tuple(g.shape), []).append(g)
@@ -131,13 +124,13 @@ def _factor_vs_broadcast(grads: list[torch.Tensor], r: int = 8) -> tuple[float, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="70m")
+    parser = suite_parser("distributed", __doc__)
+    parser.add_argument("--preset", default="70m", choices=list(PRESETS))
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--modes", nargs="+", choices=["dp", "fsdp2", "fsdp1"], default=["dp", "fsdp2", "fsdp1"])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "distributed.json")
+    parser.add_argument("--json", type=Path, default=result_path(None, "distributed"), help="results file (default %(default)s)")
     args = parser.parse_args(argv)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,8 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         p = target_params(*shape) * 4
         print(f"  {name}: {p / 2**30:.1f} GiB once (ring: 2(N-1)/N x that per rank); per-step reduce-scatter over 64 "
               f"steps: {64 * p / 2**30:.0f} GiB x (N-1)/N per rank")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, "rows": rows}, indent=2))
+    write_json(args.json, {"preset": args.preset, "dtype": args.dtype, "rows": rows})
     print(f"results written to {args.json}")
 
 

