@@ -1,7 +1,14 @@
-"""Backend selection for the ops in :mod:`loraga_fast.ops`: one policy, one override.
+"""Backends of the ops in :mod:`loraga_fast.ops`: one table, one policy, one override.
 
-:func:`select_backend` decides, for every op (``accumulate``, ``sketch_accumulate``), from the device of the
-tensor the op writes and the dtypes of the operands it reads:
+The table, :data:`IMPLS`, maps ``(op, backend)`` to the function that runs ``op`` on ``backend`` (``"torch"`` or
+``"triton"``). Each op module fills it when it is imported (:func:`register_impl`); every op then runs
+``dispatch(op, out, *operands)(...)``, which is :func:`select_backend` followed by a look-up in the table, and
+nothing else picks an implementation. Tests and benchmarks patch entries of this one table.
+
+:func:`select_backend` decides, for every op, from the device of the tensor the op writes and the dtypes of the
+operands it reads. An op with no ``"triton"`` entry (``probe_accumulate``, ``factors_from_sketch``,
+``batched_rsvd``, ``orthonormalize``) always runs its torch implementation, whatever is requested. For the ops
+with a kernel (``accumulate``, ``sketch_accumulate``):
 
 * ``LORAGA_FAST_BACKEND=torch`` forces the plain-torch path (any device);
 * ``LORAGA_FAST_BACKEND=triton`` forces the Triton kernel (CUDA tensors, or CPU tensors under
@@ -20,16 +27,57 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 
 BACKEND_ENV = "LORAGA_FAST_BACKEND"
-_CHOICES = ("auto", "torch", "triton")
+BACKENDS = ("torch", "triton")
+_CHOICES = ("auto", *BACKENDS)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-__all__ = ["BACKEND_ENV", "as_2d", "choose", "interpreter_enabled", "requested_backend", "select_backend",
+__all__ = ["BACKENDS", "BACKEND_ENV", "IMPLS", "as_2d", "backends", "choose", "dispatch", "implementation",
+           "interpreter_enabled", "register_impl", "registered_ops", "requested_backend", "select_backend",
            "triton_importable"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+IMPLS: dict[tuple[str, str], Callable[..., Any]] = {}
+"""The one dispatch table: ``(op, backend) -> implementation``, filled by the op modules as they are imported."""
+
+
+def register_impl(op: str, backend: str, fn: F) -> F:
+    """Enter ``fn`` as the ``backend`` implementation of ``op`` (once per pair); returns ``fn``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"register_impl: backend {backend!r} is not one of {', '.join(BACKENDS)}.")
+    if (op, backend) in IMPLS:
+        raise ValueError(f"register_impl: '{op}' already has a {backend} implementation.")
+    IMPLS[(op, backend)] = fn
+    return fn
+
+
+def implementation(op: str, backend: str) -> Callable[..., Any]:
+    """The ``backend`` implementation of ``op`` from the table.
+
+    Raises:
+        LookupError: none is registered.
+    """
+    try:
+        return IMPLS[(op, backend)]
+    except KeyError:
+        raise LookupError(f"no {backend} implementation of '{op}' is registered "
+                          f"(registered ops: {', '.join(registered_ops())}).") from None
+
+
+def registered_ops() -> tuple[str, ...]:
+    """The ops in the table, sorted."""
+    return tuple(sorted({op for op, _ in IMPLS}))
+
+
+def backends(op: str) -> tuple[str, ...]:
+    """The backends ``op`` has an implementation for, in :data:`BACKENDS` order."""
+    return tuple(b for b in BACKENDS if (op, b) in IMPLS)
 
 
 def interpreter_enabled() -> bool:
@@ -58,13 +106,14 @@ def requested_backend() -> str:
 
 
 def choose(op: str, device_type: str, dtypes: Iterable[torch.dtype], *, requested: str, interpreter: bool,
-           triton_installed: bool) -> str:
-    """The policy: ``"torch"`` or ``"triton"`` for ``op`` writing on ``device_type`` and reading ``dtypes``.
+           triton_installed: bool, has_kernel: bool = True) -> str:
+    """The policy: ``"torch"`` or ``"triton"`` for ``op`` writing on ``device_type`` and reading ``dtypes``
+    (``has_kernel``: whether ``op`` has a Triton implementation at all; without one the answer is ``"torch"``).
 
     Raises:
         RuntimeError: ``requested == "triton"`` where the kernel cannot run (naming what to change).
     """
-    if requested == "torch":
+    if requested == "torch" or not has_kernel:
         return "torch"
     triton_possible = device_type == "cuda" or (device_type == "cpu" and interpreter)
     if requested == "triton":
@@ -82,6 +131,14 @@ def choose(op: str, device_type: str, dtypes: Iterable[torch.dtype], *, requeste
 
 def select_backend(op: str, out: torch.Tensor, *operands: torch.Tensor) -> str:
     """The backend that runs ``op`` writing ``out`` from ``operands`` here and now (:func:`choose` applied to the
-    environment: ``LORAGA_FAST_BACKEND``, ``TRITON_INTERPRET``, whether triton is installed)."""
+    environment: ``LORAGA_FAST_BACKEND``, ``TRITON_INTERPRET``, whether triton is installed, and to the table:
+    whether ``op`` has a Triton implementation)."""
     return choose(op, out.device.type, [t.dtype for t in operands], requested=requested_backend(),
-                  interpreter=interpreter_enabled(), triton_installed=triton_importable())
+                  interpreter=interpreter_enabled(), triton_installed=triton_importable(),
+                  has_kernel=(op, "triton") in IMPLS)
+
+
+def dispatch(op: str, out: torch.Tensor, *operands: torch.Tensor) -> Callable[..., Any]:
+    """The implementation that runs ``op`` writing ``out`` (for a functional op: its main input) from
+    ``operands``: :func:`select_backend`, then the table. Every op in :mod:`loraga_fast.ops` calls this."""
+    return implementation(op, select_backend(op, out, *operands))

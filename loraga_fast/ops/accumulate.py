@@ -12,7 +12,9 @@ Layers:
 * :func:`accumulate_ref` -- the plain-torch reference (fp32 GEMM, ``beta=1``); the torch backend
   (``_accumulate_torch``) runs it, through oneDNN's bf16 matrix engine for bf16 inputs on CPUs that have one;
 * ``torch.ops.loraga_fast.accumulate_`` -- the op registered with ``torch.library`` (mutates ``acc``, returns
-  nothing; a fake implementation for tracing), dispatching through :func:`loraga_fast.ops._dispatch.select_backend`;
+  nothing; a fake implementation for tracing), running the entry of the one dispatch table
+  (:func:`loraga_fast.ops._dispatch.dispatch`: ``("accumulate", "torch")`` is ``_accumulate_torch``,
+  ``("accumulate", "triton")`` is :func:`accumulate_triton`);
 * :func:`accumulate` -- the public function: checks its arguments, then runs the registered op when
   ``torch.compile`` is tracing (one opaque op in the graph) and its implementation directly in eager mode.
 
@@ -32,7 +34,7 @@ import functools
 import torch
 
 from ._accumulate_triton import accumulate_triton
-from ._dispatch import as_2d, select_backend
+from ._dispatch import as_2d, dispatch, register_impl
 from ._precision import exact_fp32
 
 __all__ = ["accumulate", "accumulate_ref", "accumulate_triton"]
@@ -85,7 +87,8 @@ def _accumulate_torch(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tens
         return accumulate_ref(acc, grad_out, inp, transposed=transposed)
 
 
-_IMPLS = {"torch": _accumulate_torch, "triton": accumulate_triton}
+register_impl("accumulate", "torch", _accumulate_torch)
+register_impl("accumulate", "triton", accumulate_triton)
 
 
 def accumulate(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
@@ -126,7 +129,7 @@ def accumulate(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, *, 
 
 
 def _accumulate_impl(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, transposed: bool) -> None:
-    _IMPLS[select_backend("accumulate", acc, grad_out, inp)](acc, grad_out, inp, transposed=transposed)
+    dispatch("accumulate", acc, grad_out, inp)(acc, grad_out, inp, transposed=transposed)
 
 
 @torch.library.custom_op("loraga_fast::accumulate_", mutates_args=("acc",))

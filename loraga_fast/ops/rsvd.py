@@ -13,6 +13,14 @@ the first Cholesky succeed on ill-conditioned blocks), checked for orthonormalit
 for the matrices where it fails (zero matrices, rank below ``q``, duplicated rows).
 
 :func:`rsvd_ref` is the reference: ``torch.svd_lowrank`` on each matrix.
+
+:func:`orthonormalize` and :func:`batched_rsvd` are built like every op of :mod:`loraga_fast.ops`: checks in the
+public function, then the op registered with ``torch.library`` (``loraga_fast::orthonormalize``,
+``loraga_fast::batched_rsvd``; fake implementations give the real shapes and strides) when ``torch.compile`` is
+tracing, its implementation from the dispatch table (torch only) in eager mode. :func:`batched_rsvd` draws its
+Gaussian test matrix itself and hands it to the op as a tensor. The row-sharded variants
+(:func:`sharded_rsvd`, :func:`orthonormalize_sharded`, :func:`gather_rows`) stay plain functions: they take a
+process group and a generator, which an op schema cannot hold, and run collectives.
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ from collections.abc import Callable
 
 import torch
 
+from ._dispatch import dispatch, register_impl
 from ._precision import with_exact_fp32
 
-__all__ = ["batched_rsvd", "orthonormalize", "orthonormalize_sharded", "rsvd_ref", "sharded_rsvd"]
+__all__ = ["batched_rsvd", "gather_rows", "orthonormalize", "orthonormalize_sharded", "rsvd_ref", "sharded_rsvd"]
 
 
 def _check_batch(op: str, a: torch.Tensor, layout: str) -> tuple[int, int, int]:
@@ -68,18 +77,46 @@ def _cholesky_qr2(y: torch.Tensor, m: int, allsum: Callable[[torch.Tensor], torc
 
 
 @with_exact_fp32
+def _orthonormalize_torch(y: torch.Tensor) -> torch.Tensor:
+    x, failed = _cholesky_qr2(y, y.shape[1], lambda t: t)
+    if bool(failed.any()):
+        idx = failed.nonzero().squeeze(1)
+        x = x.clone()  # same strides as x
+        x[idx] = torch.linalg.qr(y[idx]).Q
+    return x
+
+
+register_impl("orthonormalize", "torch", _orthonormalize_torch)
+
+
 def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis ``Q`` (``(B, m, q)``, ``m >= q``) of the columns of each ``y[b]``.
 
     Shifted CholeskyQR2; matrices whose result is not orthonormal (or not finite) are redone with Householder QR,
-    which also returns orthonormal columns for rank-deficient or zero inputs.
+    which also returns orthonormal columns for rank-deficient or zero inputs (``torch.linalg.qr(y).Q`` is the
+    reference).
     """
-    x, failed = _cholesky_qr2(y, y.shape[1], lambda t: t)
-    if bool(failed.any()):
-        idx = failed.nonzero().squeeze(1)
-        x = x.clone()
-        x[idx] = torch.linalg.qr(y[idx]).Q
-    return x
+    if y.dim() != 3 or y.shape[1] < y.shape[2]:
+        raise ValueError(f"orthonormalize expects a (B, m, q) batch with m >= q, got shape {tuple(y.shape)}.")
+    if torch.compiler.is_compiling():
+        return torch.ops.loraga_fast.orthonormalize(y)
+    return _orthonormalize_impl(y)
+
+
+def _orthonormalize_impl(y: torch.Tensor) -> torch.Tensor:
+    return dispatch("orthonormalize", y, y)(y)
+
+
+@torch.library.custom_op("loraga_fast::orthonormalize", mutates_args=())
+def _orthonormalize_op(y: torch.Tensor) -> torch.Tensor:
+    """The registered op behind :func:`orthonormalize` (no argument checks)."""
+    return _orthonormalize_impl(y)
+
+
+@_orthonormalize_op.register_fake
+def _orthonormal_layout(y: torch.Tensor) -> torch.Tensor:
+    # CholeskyQR2 on fake tensors: the real result's shape and strides (the QR fallback writes into a clone of it)
+    return _cholesky_qr2(y, y.shape[1], lambda t: t)[0]
 
 
 # ---- row-sharded variants (torch.distributed) ------------------------------------------------------------
@@ -174,7 +211,6 @@ def sharded_rsvd(a: torch.Tensor, rows: int, k: int, q: int | None = None, niter
     return _canonical_signs(qw @ vh[:, :k].mT, s[:, :k], basis @ u_small[..., :k])
 
 
-@with_exact_fp32
 def batched_rsvd(a: torch.Tensor, k: int, q: int | None = None, niter: int = 4, *,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` singular triplets of each matrix of ``a``.
@@ -185,26 +221,60 @@ def batched_rsvd(a: torch.Tensor, k: int, q: int | None = None, niter: int = 4, 
         q: subspace size (oversampled rank), ``k <= q <= min(m, n)``; default ``min(2k, min(m, n))``, which is
             peft's ``min(4r, min(m, n))`` for ``k = 2r``.
         niter: power iterations (peft uses 4).
-        generator: random generator for the Gaussian test matrix (seed it for reproducible results).
+        generator: random generator for the Gaussian test matrix (seed it for reproducible results). The matrix
+            (``(min(m, n), q)``) is drawn here; the registered op ``loraga_fast::batched_rsvd`` receives it as a
+            tensor (a ``torch.Generator`` cannot be an op argument).
 
     Returns:
         ``U (B, m, k)``, ``S (B, k)`` (descending), ``V (B, n, k)`` with ``a[b] ~= U[b] diag(S[b]) V[b]^T``.
     """
     _, m, n = _check_batch("batched_rsvd", a, "(B, m, n)")
     q = _check_sizes("batched_rsvd", k, q, min(m, n))
-    wide = m < n
-    mat = a.mT if wide else a  # tall: (B, rows, cols) with rows >= cols
-    cols = mat.shape[2]
-    omega = torch.randn(cols, q, dtype=a.dtype, device=a.device, generator=generator)
-    basis = orthonormalize(mat @ omega)
-    for _ in range(niter):
-        basis = orthonormalize(mat.mT @ basis)
-        basis = orthonormalize(mat @ basis)
+    omega = torch.randn(min(m, n), q, dtype=a.dtype, device=a.device, generator=generator)
+    if torch.compiler.is_compiling():
+        return torch.ops.loraga_fast.batched_rsvd(a, omega, k, niter)
+    return _batched_rsvd_impl(a, omega, k, niter)
+
+
+def _batched_rsvd_impl(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dispatch("batched_rsvd", a, a)(a, omega, k, niter)
+
+
+def _rsvd_factors(mat: torch.Tensor, basis: torch.Tensor, k: int, wide: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 3 for the tall ``mat`` (``a`` or ``a^T``) and its range ``basis``; signs made canonical."""
     u_small, s, vh = torch.linalg.svd(basis.mT @ mat, full_matrices=False)
     u = basis @ u_small[..., :k]
     v = vh[:, :k].mT
     s = s[:, :k]
     return _canonical_signs(v, s, u) if wide else _canonical_signs(u, s, v)
+
+
+@with_exact_fp32
+def _batched_rsvd_torch(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    wide = a.shape[1] < a.shape[2]
+    mat = a.mT if wide else a  # tall: (B, rows, cols) with rows >= cols
+    basis = orthonormalize(mat @ omega)
+    for _ in range(niter):
+        basis = orthonormalize(mat.mT @ basis)
+        basis = orthonormalize(mat @ basis)
+    return _rsvd_factors(mat, basis, k, wide)
+
+
+register_impl("batched_rsvd", "torch", _batched_rsvd_torch)
+
+
+@torch.library.custom_op("loraga_fast::batched_rsvd", mutates_args=())
+def _batched_rsvd_op(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The registered op behind :func:`batched_rsvd`, given its Gaussian test matrix (no argument checks)."""
+    return _batched_rsvd_impl(a, omega, k, niter)
+
+
+@_batched_rsvd_op.register_fake
+def _batched_rsvd_fake(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # step 3 on fake tensors, from a basis laid out as orthonormalize's: the real shapes and strides
+    wide = a.shape[1] < a.shape[2]
+    mat = a.mT if wide else a
+    return _rsvd_factors(mat, _orthonormal_layout(mat @ omega), k, wide)
 
 
 def _canonical_signs(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,8 +7,6 @@ kernel runs (no TRITON_INTERPRET, no forced backend), whatever the environment s
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -19,6 +17,7 @@ from loraga_fast.ops._accumulate_triton import (
     default_config,
     kernel_config,
 )
+from loraga_fast.ops._dispatch import IMPLS
 from tests._helpers import (
     attached,
     lora_ga_config,
@@ -72,10 +71,10 @@ def test_mixed_pairs_are_exact(g_dtype: torch.dtype, x_dtype: torch.dtype) -> No
 
 
 def test_bf16_pair_goes_to_the_16bit_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = importlib.import_module("loraga_fast.ops.accumulate")
     calls: list[tuple[torch.dtype, torch.dtype]] = []
-    real = module._IMPLS["triton"]
-    monkeypatch.setitem(module._IMPLS, "triton", lambda a, g, x, **k: calls.append((g.dtype, x.dtype)) or real(a, g, x, **k))
+    real = IMPLS[("accumulate", "triton")]
+    monkeypatch.setitem(IMPLS, ("accumulate", "triton"),
+                        lambda a, g, x, **k: calls.append((g.dtype, x.dtype)) or real(a, g, x, **k))
     g = torch.randn(256, 512, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(256, 128, dtype=torch.bfloat16, device="cuda")
     accumulate(torch.zeros(512, 128, device="cuda"), g, x)
