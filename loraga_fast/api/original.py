@@ -14,6 +14,7 @@ Code written for the original runs unchanged with these imports::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -118,8 +119,9 @@ def estimate_gradient(
     if total is None and hasattr(dataloader, "__len__"):
         total = len(dataloader)  # type: ignore[arg-type]
     group = layout.process_group if layout is not None else None
-    run_passes(model, targets, store, step, ranks={}, process_group=group, guard_group=group, num_batches=total,
-               progress=progress)
+    with layout.estimating(named, targets) if layout is not None else contextlib.nullcontext():
+        run_passes(model, targets, store, step, ranks={}, process_group=group, guard_group=group, num_batches=total,
+                   progress=progress)
     seen, _ = summarize(store, [name for name, _ in targets])
     warn_left_out([name for name, _ in targets], seen, (), what="are left out of the result")
     return store.mean_gradients()

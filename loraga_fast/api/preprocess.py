@@ -8,6 +8,7 @@ passes (:mod:`~loraga_fast.core.passes`) -> hand-off (:mod:`~loraga_fast.core.ha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -122,8 +123,10 @@ def run_plan(model: nn.Module, plan: Plan, train_step: Callable[[], None], *, nu
             how = f"loaded from {plan.cache_file}"
         else:
             guard = plan.layout.process_group if plan.layout is not None else None
-            run_passes(model, plan.targets, store, train_step, ranks=plan.ranks, process_group=plan.process_group,
-                       guard_group=guard, num_batches=num_batches, progress=progress)
+            with plan.layout.estimating(model, plan.targets) if plan.layout is not None else contextlib.nullcontext():
+                run_passes(model, plan.targets, store, train_step, ranks=plan.ranks,
+                           process_group=plan.process_group, guard_group=guard, num_batches=num_batches,
+                           progress=progress)
             backwards = max(store.counts().values(), default=0)
             how = (f"estimated in {store.passes} passes over {backwards} backward passes each" if store.passes > 1
                    else f"estimated over {backwards} backward passes")
@@ -133,7 +136,7 @@ def run_plan(model: nn.Module, plan: Plan, train_step: Callable[[], None], *, nu
         source = store
     writer = not is_distributed(plan.process_group) or torch.distributed.get_rank(plan.process_group) == 0
     hand_off(plan.lora_config, plan.targets, source, layout=plan.layout,
-             cache_file=plan.cache_file if not plan.cached and writer else None,
+             cache_file=plan.cache_file if not plan.cached else None, writer=writer,
              quantized_offset=plan.quantized_offset)
 
 

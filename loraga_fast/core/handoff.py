@@ -38,7 +38,7 @@ _init_bar: Any = None
 
 def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source: GradientSource, *,
              layout: ShardLayout | None = None, cache_file: str | os.PathLike[str] | None = None,
-             quantized_offset: str = "requantize") -> None:
+             writer: bool = True, quantized_offset: str = "requantize") -> None:
     """Everything after estimation, for every mode: checks, prepared groups, optional cache, attach, register.
 
     Nothing is attached and no weight is touched unless every check passes; each shape group is factored (exact
@@ -57,7 +57,7 @@ def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source:
     for group in groups:
         group.quantized_offset = quantized_offset
     if cache_file is not None:
-        source.save_cache(cache_file, names, zero)
+        source.save_cache(cache_file, names, zero, writer=writer)
     _attach(targets, attached)
     _register(groups, layout, targets)
     warn_left_out(names, seen, zero, what="keep peft's default init")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..distributed.dtensor import is_dtensor, rows_per_process
+from ..distributed.zero3 import is_zero3, offset_partition
 from ..errors import UsageError
 from ..layers.kinds import weight_shape
 from ..layers.quantized import UNTOUCHED_BASES, dense_weight, is_bnb_quantized, offset_weight
@@ -106,6 +107,9 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
         return
     if is_dtensor(weight):  # an FSDP2 DTensor (Shard(0)): offset this process's rows in place
         _offset_shard(weight, b_w.float(), a_w.float(), scaling, fan_in_fan_out)
+        return
+    if is_zero3(weight):  # DeepSpeed ZeRO-3: this process's flat partition, nothing gathered
+        offset_partition(weight, b_w.float(), a_w.float(), scaling, fan_in_fan_out)
         return
     w32 = _transpose(weight.data.to(torch.float32, copy=True), fan_in_fan_out)
     w32.addmm_(b_w.float(), a_w.float(), alpha=-scaling)

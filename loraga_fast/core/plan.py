@@ -141,11 +141,8 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
     layout = shard_layout(targets, model)
     if layout is not None:
         check_sharded_config(layout, lora_config)
-        if mode == "exact":
-            check_sharded_call(layout, cache_file, process_group)
-        elif process_group is not None and process_group is not layout.process_group:
-            check_sharded_call(layout, None, process_group)
-        process_group = layout.process_group  # FSDP: everything is reduced over the model's process group
+        check_sharded_call(layout, process_group)
+        process_group = layout.process_group  # sharded: everything is reduced over the model's process group
     return Plan(lora_config=lora_config, targets=targets, ranks=ranks, mode=mode, passes=passes or 1,
                 sketch_size=sketch_size, quantized_offset=quantized_offset, cache_file=path, cached=cached,
                 layout=layout, process_group=process_group, memory=target_memory(targets, ranks, sketch_size))

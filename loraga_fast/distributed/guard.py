@@ -1,5 +1,5 @@
 """A guard against ranks that run different numbers of forward passes on a sharded model (which would otherwise
-hang in FSDP's collectives)."""
+hang in FSDP's or DeepSpeed's collectives)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ __all__ = ["StepGuard"]
 
 
 class StepGuard:
-    """Detects ranks that run different numbers of model forwards, before FSDP's collectives hang on it.
+    """Detects ranks that run different numbers of model forwards, before FSDP's or DeepSpeed's collectives hang on it.
 
     A forward pre-hook on the model (ahead of FSDP's own) all-reduces 1 from every rank that starts a forward;
     when ``train_step`` returns, :meth:`finish` all-reduces 0. A rank that starts a forward while another has
@@ -42,10 +42,11 @@ class StepGuard:
         import torch.distributed as dist
 
         return UsageError(
-            f"LoRA-GA on an FSDP-sharded model: ranks ran different numbers of forward passes (rank "
-            f"{dist.get_rank(self.process_group)} after {self.forwards}; {running} of {self.world} ranks were still running). "
+            f"LoRA-GA on a sharded model (FSDP or DeepSpeed ZeRO-3): ranks ran different numbers of forward passes "
+            f"(rank {dist.get_rank(self.process_group)} after {self.forwards}; {running} of {self.world} ranks were "
+            "still running). "
             "Every rank must run the same number of steps: give each rank the same number of batches (e.g. a "
-            "DistributedSampler with drop_last=True, or num_batches=) so the FSDP collectives line up."
+            "DistributedSampler with drop_last=True, or num_batches=) so the collectives line up."
         )
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:

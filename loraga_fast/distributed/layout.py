@@ -1,16 +1,18 @@
-"""Which process group an FSDP-sharded model's targets are sharded over (FSDP2 and FSDP1), and the settings a
-sharded layout cannot serve.
+"""Which process group a sharded model's targets are sharded over (FSDP2, FSDP1, DeepSpeed ZeRO-3), and the
+settings a sharded layout cannot serve.
 
 FSDP2 (``fully_shard``) keeps each weight as a ``DTensor`` with ``Shard(0)`` on a 1-D device mesh outside
 forward and hands the unsharded tensor to the module during forward; FSDP1 with ``use_orig_params=True`` does the
 same with flattened views. Either way the capture op sees whole ``X``, ``G`` and ``W`` and only the accumulators
 need sharding (:class:`~loraga_fast.stores.sharded.ShardedStore`: row shards like FSDP2's, filled by a
-reduce-scatter per backward pass). The initialization writes each process's rows of the offset in place (FSDP2) or
-offsets the whole weight inside ``summon_full_params(unit, recurse=False, writeback=True)`` (FSDP1).
+reduce-scatter per backward pass). The initialization writes each process's rows of the offset in place (FSDP2),
+offsets the whole weight inside ``summon_full_params(unit, recurse=False, writeback=True)`` (FSDP1), or writes
+each process's flat partition (ZeRO-3, :mod:`loraga_fast.distributed.zero3`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +22,9 @@ from torch import nn
 
 from ..errors import UsageError
 from .dtensor import is_dtensor
+from .zero3 import check_partitions, gathering_engine, is_zero3, zero3_group
 
-__all__ = ["ShardLayout", "check_sharded_call", "check_sharded_config", "fsdp1_layout", "shard_layout"]
+__all__ = ["ShardLayout", "check_sharded_call", "check_sharded_config", "fsdp1_layout", "shard_layout", "zero3_layout"]
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,21 @@ class ShardLayout:
 
     FSDP2: the mesh every target weight is ``Shard(0)``-sharded over. FSDP1: a mesh over the FSDP units' process
     group, and ``owners`` maps each target name to its innermost ``FullyShardedDataParallel`` unit (whose
-    ``summon_full_params`` gives the whole weight for the initialization).
+    ``summon_full_params`` gives the whole weight for the initialization). ZeRO-3 (``engine="zero3"``): a mesh
+    over the process group DeepSpeed partitions the weights over.
     """
 
     mesh: Any
     process_group: Any
     owners: dict[str, nn.Module] | None = None
+    engine: str = "fsdp"
+
+    def estimating(self, model: nn.Module, targets: Sequence[tuple[str, nn.Module]]) -> Any:
+        """The context the capture passes run in: for ZeRO-3, one that gathers weights for forward when no DeepSpeed
+        engine wraps the model yet (:func:`~loraga_fast.distributed.zero3.gathering_engine`)."""
+        if self.engine == "zero3":
+            return gathering_engine(model, targets)
+        return contextlib.nullcontext()
 
 
 def _fsdp1_class() -> type | None:
@@ -106,6 +118,9 @@ def shard_layout(targets: Sequence[tuple[str, nn.Module]], model: nn.Module | No
             ``Shard(0)`` on a 1-D mesh (HSDP, tensor parallel, ``shard_placement_fn``), or the targets use
             different meshes. The message names the layer.
     """
+    zero3 = zero3_layout(targets)
+    if zero3 is not None:
+        return zero3
     if model is not None:
         layout = fsdp1_layout(model, targets)
         if layout is not None:
@@ -134,6 +149,33 @@ def shard_layout(targets: Sequence[tuple[str, nn.Module]], model: nn.Module | No
     return ShardLayout(mesh=mesh, process_group=mesh.get_group())
 
 
+def zero3_layout(targets: Sequence[tuple[str, nn.Module]]) -> ShardLayout | None:
+    """The layout of DeepSpeed ZeRO-3 targets (weights partitioned by ``deepspeed.zero.Init`` or a stage-3 engine),
+    or None when no target weight is a ZeRO-3 parameter. ZeRO stages 1 and 2 keep whole weights: data parallel.
+
+    Raises:
+        ValueError: some targets are ZeRO-3 parameters and others not, they are partitioned over different process
+            groups, or a partition is offloaded to NVMe (naming the layer).
+    """
+    zero = [(name, m.weight) for name, m in targets if is_zero3(m.weight)]
+    if not zero:
+        return None
+    plain = [name for name, m in targets if not is_zero3(m.weight)]
+    if plain:
+        raise UsageError(f"Layer '{plain[0]}' is not a DeepSpeed ZeRO-3 parameter while '{zero[0][0]}' is: create the "
+                         "whole model under deepspeed.zero.Init (or load it with a ZeRO-3 config) before preprocessing.")
+    group = zero3_group(zero[0][1])
+    for name, weight in zero:
+        if zero3_group(weight) is not group:
+            raise UsageError(f"Layer '{name}' is partitioned over another process group than '{zero[0][0]}' (ZeRO++ "
+                             "hierarchical partitioning is not supported).")
+    check_partitions(targets)
+    from torch.distributed.device_mesh import DeviceMesh
+
+    device = zero[0][1].ds_tensor.device.type
+    return ShardLayout(mesh=DeviceMesh.from_group(group, device), process_group=group, engine="zero3")
+
+
 def check_sharded_config(layout: ShardLayout, lora_config: Any) -> None:
     """Raise ``ValueError`` for LoRA-GA settings a sharded layout cannot serve."""
     if layout.owners is not None and getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd":
@@ -143,15 +185,11 @@ def check_sharded_config(layout: ShardLayout, lora_config: Any) -> None:
         )
 
 
-def check_sharded_call(layout: ShardLayout, cache_file: Any, process_group: Any) -> None:
-    """Raise ``ValueError`` for ``preprocess_loraga`` arguments an exact-mode run on a sharded model cannot serve."""
-    if cache_file is not None:
-        raise UsageError(
-            "cache_file is not supported for FSDP-sharded models yet (each rank holds only its rows of the gradients): "
-            "call preprocess_loraga without cache_file."
-        )
+def check_sharded_call(layout: ShardLayout, process_group: Any) -> None:
+    """Raise ``ValueError`` for a ``process_group`` other than the one the model is sharded over."""
     if process_group is not None and process_group is not layout.process_group:
+        by = "DeepSpeed ZeRO-3" if layout.engine == "zero3" else "FSDP"
         raise UsageError(
-            "process_group differs from the process group the model is sharded over by FSDP: the gradients are "
+            f"process_group differs from the process group the model is sharded over by {by}: the gradients are "
             "reduced over that group; leave process_group unset for sharded models."
         )

@@ -48,8 +48,10 @@ class GradientSource(ABC):
         """The prepared groups of the layers in ``ranks`` and ``{name: object to attach as _peft_loraga_grad}``."""
 
     @abstractmethod
-    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str]) -> None:
-        """Write what a later run can start from (after :meth:`prepare`)."""
+    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str], *,
+                   writer: bool = True) -> None:
+        """Write what a later run can start from (after :meth:`prepare`). Distributed, every process calls it (a
+        sharded store gathers collectively) and only the ``writer`` writes."""
 
 
 class Store(GradientSource):

@@ -32,9 +32,9 @@ def load_gradients(path: str | os.PathLike[str], store: AccumulatorStore) -> Non
     """
     cache = CacheFile(path, store.shapes, "exact")
     try:
-        for name in store.shapes:
-            if f"{name}{GRAD_SUFFIX}" in cache.keys:
-                store.load(name, cache.get(f"{name}{GRAD_SUFFIX}"))
+        for name, (rows, _) in store.shapes.items():
+            if f"{name}{GRAD_SUFFIX}" in cache.keys:  # a sharded store reads only its own rows
+                store.load_rows(name, cache.get(f"{name}{GRAD_SUFFIX}", store.local_rows(rows)))
     finally:
         cache.close()
 
@@ -60,8 +60,10 @@ class CachedFactors(GradientSource):
                                shape_of=weight_shape)
         return groups, placeholders  # type: ignore[return-value]
 
-    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str]) -> None:
-        save_factors(path, self.factors, names, zero)
+    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str], *,
+                   writer: bool = True) -> None:
+        if writer:
+            save_factors(path, self.factors, names, zero)
 
 
 def load_factors(path: str | os.PathLike[str], modules: Mapping[str, nn.Module], ranks: Mapping[str, int]) -> CachedFactors:

@@ -78,11 +78,19 @@ class AccumulatorStore(Store):
     def __getitem__(self, name: str) -> AccumulatorSlot:
         return self.slots[name]
 
-    def load(self, name: str, mean: torch.Tensor) -> None:
-        """Set a layer's sum to ``mean`` (this process's rows of it) as one pass: for caches and given gradients."""
+    def local_rows(self, rows: int) -> range:
+        """The rows of a ``rows``-row sum this process holds (all of them here)."""
+        return range(rows)
+
+    def load_rows(self, name: str, block: torch.Tensor) -> None:
+        """Set this process's rows of a layer's sum to ``block`` (its :meth:`local_rows` of the mean) as one pass."""
         slot = self.slots[name]
-        slot.acc[: mean.shape[0]].copy_(mean)
+        slot.acc[: block.shape[0]].copy_(block)
         slot.count = 1
+
+    def load(self, name: str, mean: torch.Tensor) -> None:
+        """Set a layer's sum to ``mean`` as one pass: for given gradients (``LoraGAContext``)."""
+        self.load_rows(name, mean)
 
     @property
     def nbytes(self) -> int:
@@ -143,6 +151,7 @@ class AccumulatorStore(Store):
         return GradientGroup(group.tensor, [s.name for s in group.slots], modules, ranks, weight_svd=weight_svd,
                              zero=zero, attached=attached, shape=group.shape)
 
-    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str]) -> None:
-        means = {name: slot.acc for name, slot in self.slots.items() if slot.count > 0}
-        save_gradients(path, means, names)
+    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str], *,
+                   writer: bool = True) -> None:
+        if writer:  # every process holds the same reduced means
+            save_gradients(path, {name: slot.acc for name, slot in self.slots.items() if slot.count > 0}, names)

@@ -12,6 +12,7 @@ For ``scale="weight_svd"`` each group also carries every weight's top singular v
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from abc import ABC, abstractmethod
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..distributed.dtensor import is_dtensor, local_tensor, rows_per_process
+from ..distributed.zero3 import gathered, is_zero3
 from ..errors import UsageError
 from ..layers.kinds import weight_shape
 from ..layers.quantized import dense_weight
@@ -205,7 +207,9 @@ def weight_top_sigma(modules: list[nn.Module], ranks: list[int], gen: torch.Gene
         return sharded_rsvd(blocks, rows, 1, q, 2 * NITER, group=mesh.get_group(), generator=gen)[1][:, 0].tolist()
     out: list[float] = []
     for start in range(0, len(modules), chunk):
-        weights = torch.stack([dense_weight(m) for m in modules[start : start + chunk]])  # dequantized if quantized
+        part = modules[start : start + chunk]
+        with gathered(part) if is_zero3(part[0].weight) else contextlib.nullcontext():  # ZeRO-3: a chunk at a time
+            weights = torch.stack([dense_weight(m) for m in part])  # dequantized if quantized
         q_chunk = min(rows, cols, max(4 * max(ranks[start : start + chunk]), 16))
         out += batched_rsvd(weights, 1, q_chunk, 2 * NITER, generator=gen)[1][:, 0].tolist()
     return out

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import struct
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,8 @@ from .. import __version__
 from ..errors import UsageError
 from .factors import LayerFactors
 
-__all__ = ["GRAD_SUFFIX", "PARTS", "ZERO_KEY", "CacheFile", "save_factors", "save_gradients", "write_atomic"]
+__all__ = ["GRAD_SUFFIX", "PARTS", "ZERO_KEY", "CacheFile", "save_factors", "save_gradients", "stream_gradients",
+           "write_atomic"]
 
 GRAD_SUFFIX = "._peft_loraga_grad"
 TARGETS_KEY = "loraga_fast.targets"
@@ -52,6 +54,43 @@ def save_gradients(path: str | os.PathLike[str], grads: Mapping[str, torch.Tenso
     """Write ``grads`` (``{module_name: fp32 mean gradient}``) to ``path`` atomically."""
     tensors = {f"{name}{GRAD_SUFFIX}": grads[name] for name in target_names if name in grads}
     write_atomic(path, tensors, {TARGETS_KEY: json.dumps(list(target_names))})
+
+
+def stream_gradients(path: str | os.PathLike[str] | None, shapes: Mapping[str, tuple[int, int]],
+                     produce: Callable[[str], torch.Tensor], target_names: Sequence[str]) -> None:
+    """:func:`save_gradients` one gradient at a time: ``produce(name)`` gives each fp32 mean gradient of ``shapes``
+    in turn and it is written before the next is asked for, so a process never holds more than one whole gradient
+    (sharded stores gather them layer by layer). Every process of a sharded store calls this, in the same order
+    (``produce`` may be collective); only the one with a ``path`` writes. The file is a standard safetensors file,
+    written through a temporary file and a rename."""
+    keys = sorted(f"{name}{GRAD_SUFFIX}" for name in shapes)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "loraga_fast.version": __version__,
+                                               TARGETS_KEY: json.dumps(list(target_names))}}
+    offset = 0
+    for key in keys:
+        rows, cols = shapes[key[: -len(GRAD_SUFFIX)]]
+        header[key] = {"dtype": "F32", "shape": [rows, cols], "data_offsets": [offset, offset + 4 * rows * cols]}
+        offset += 4 * rows * cols
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    if path is None:
+        for key in keys:
+            produce(key[: -len(GRAD_SUFFIX)])
+        return
+    path = os.fspath(path)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for key in keys:
+                grad = produce(key[: -len(GRAD_SUFFIX)])
+                f.write(grad.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_factors(path: str | os.PathLike[str], factors: Mapping[str, LayerFactors], target_names: Sequence[str],
@@ -117,8 +156,11 @@ class CacheFile:
             return (u[0], v[0])
         return None
 
-    def get(self, key: str) -> torch.Tensor:
-        return self.handle.get_tensor(key)
+    def get(self, key: str, rows: range | None = None) -> torch.Tensor:
+        """The tensor ``key``, or only its ``rows`` (read from the file without the others)."""
+        if rows is None:
+            return self.handle.get_tensor(key)
+        return self.handle.get_slice(key)[rows.start : rows.stop]
 
     def close(self) -> None:
         self.handle.__exit__(None, None, None)

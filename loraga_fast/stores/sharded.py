@@ -15,8 +15,10 @@ from ..distributed.layout import ShardLayout
 from ..errors import UsageError
 from ..layers.kinds import weight_shape
 from ..ops import accumulate
+from ..ops.rsvd import gather_rows
 from .exact import AccumulatorSlot, AccumulatorStore, ShapeGroup
 from .factors import PreparedGroup, ShardedGradientGroup
+from .files import stream_gradients
 
 __all__ = ["ShardedSlot", "ShardedStore", "new_store"]
 
@@ -118,10 +120,10 @@ class ShardedStore(AccumulatorStore):
         """Set a layer's sum from a row-sharded ``DTensor`` mean gradient (this process's rows) as one pass."""
         if not is_dtensor(mean):
             raise UsageError(
-                f"the model is FSDP-sharded but the gradient for '{name}' is a plain tensor; pass the DTensors "
-                "estimate_gradient returns for the sharded model."
+                f"the model is sharded (FSDP or DeepSpeed ZeRO-3) but the gradient for '{name}' is a plain tensor; "
+                "pass the DTensors estimate_gradient returns for the sharded model."
             )
-        super().load(name, local_tensor(mean))
+        self.load_rows(name, local_tensor(mean))
 
     def make_group(self, group: ShapeGroup, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *,
                    weight_svd: bool, zero: Collection[str], attached: Mapping[str, torch.Tensor]) -> PreparedGroup:
@@ -129,8 +131,16 @@ class ShardedStore(AccumulatorStore):
                                     zero=zero, attached=attached, shape=group.shape,
                                     process_group=self.process_group)
 
-    def save_cache(self, path: Any, names: Sequence[str], zero: Collection[str]) -> None:
-        raise UsageError("cache_file is not supported for FSDP-sharded models yet.")
+    def save_cache(self, path: Any, names: Sequence[str], zero: Collection[str], *, writer: bool = True) -> None:
+        """Write the mean gradients as one standard gradient cache, gathered one layer at a time (every process
+        holds one whole gradient at most, transiently); only the ``writer`` writes, and any later run can read it,
+        sharded (each process reads its own rows) or not."""
+        shapes = {name: self.shapes[name] for name, slot in self.slots.items() if slot.count > 0}
+
+        def gathered(name: str) -> torch.Tensor:
+            return gather_rows(self.slots[name].acc[None], self.process_group)[0, : self.shapes[name][0]]
+
+        stream_gradients(path if writer else None, shapes, gathered, names)
 
 
 def new_store(targets: Sequence[tuple[str, nn.Module]], layout: ShardLayout | None) -> AccumulatorStore:

@@ -251,6 +251,8 @@ class SketchStore(Store):
                                shape_of=weight_shape)
         return groups, placeholders  # type: ignore[return-value]
 
-    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str]) -> None:
+    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str], *,
+                   writer: bool = True) -> None:
         assert self._factors is not None, "save_cache follows prepare"
-        save_factors(path, self._factors, names, zero)
+        if writer:  # the factors are the same in every process (the sketches were all-reduced)
+            save_factors(path, self._factors, names, zero)

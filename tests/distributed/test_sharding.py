@@ -44,12 +44,13 @@ def test_plain_tensors_and_models() -> None:
 def test_sharded_call_and_config_refusals() -> None:
     group = object()
     fsdp2, fsdp1 = ShardLayout(mesh=None, process_group=group), ShardLayout(mesh=None, process_group=group, owners={})
-    check_sharded_call(fsdp2, None, None)
-    check_sharded_call(fsdp2, None, group)  # the model's own group is fine
-    with pytest.raises(UsageError, match="cache_file is not supported for FSDP-sharded models"):
-        check_sharded_call(fsdp2, "g.safetensors", None)
-    with pytest.raises(UsageError, match="process_group differs from the process group the model is sharded over"):
-        check_sharded_call(fsdp2, None, object())
+    zero3 = ShardLayout(mesh=None, process_group=group, engine="zero3")
+    check_sharded_call(fsdp2, None)
+    check_sharded_call(fsdp2, group)  # the model's own group is fine
+    with pytest.raises(UsageError, match="process_group differs from the process group the model is sharded over by FSDP"):
+        check_sharded_call(fsdp2, object())
+    with pytest.raises(UsageError, match="sharded over by DeepSpeed ZeRO-3"):
+        check_sharded_call(zero3, object())
     check_sharded_config(fsdp2, lora_ga_config(scale="weight_svd"))  # FSDP2 serves weight_svd
     check_sharded_config(fsdp1, lora_ga_config(scale="stable"))
     with pytest.raises(UsageError, match="scale='weight_svd' is not supported on FSDP1"):

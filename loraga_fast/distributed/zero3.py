@@ -1,0 +1,142 @@
+"""DeepSpeed ZeRO-3: the one place that reads DeepSpeed's partitioned parameters.
+
+Under ZeRO-3 every process holds ``1/N`` of each weight, flattened: outside forward ``param.data`` is empty and
+``param.ds_tensor`` holds elements ``[i p, (i + 1) p)`` of the row-major flattened weight (``p =
+ceil(numel / N)``, ``i`` the process index in ``param.ds_process_group``; the last process pads). DeepSpeed's
+module hooks gather a layer's weight for its forward and again for its backward, so the capture op sees whole
+``X``, ``G`` and ``W`` as on one GPU. What changes is where the accumulators live (row shards, like FSDP:
+:class:`~loraga_fast.stores.sharded.ShardedStore`), how the base offset is written (:func:`offset_partition`:
+into this process's flat slice, nothing gathered), and how a weight is read whole (:func:`gathered`, one layer
+at a time).
+
+deepspeed is imported only when a model has ZeRO-3 parameters (their ``ds_*`` attributes say so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+__all__ = ["check_partitions", "gathered", "gathering_engine", "is_hooked", "is_zero3", "offset_partition",
+           "partition_range", "release_gathered", "zero3_group"]
+
+_ENGINE_CONFIG = {"train_micro_batch_size_per_gpu": 1,
+                  # 0: the temporary engine marks no parameter persistent (whatever the user's engine will do)
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def is_zero3(param: Any) -> bool:
+    """True for a parameter partitioned by DeepSpeed ZeRO-3 (``deepspeed.zero.Init`` or a stage-3 engine)."""
+    return hasattr(param, "ds_id") and hasattr(param, "ds_tensor") and hasattr(param, "ds_process_group")
+
+
+def zero3_group(param: Any) -> Any:
+    """The process group ``param`` is partitioned over."""
+    return param.ds_process_group
+
+
+def partition_range(param: Any) -> tuple[int, int]:
+    """``(start, stop)``: the elements of the flattened weight this process's partition holds (``stop - start``
+    may be less than the partition's size on the last process, or 0)."""
+    import torch.distributed as dist
+
+    size = int(param.ds_tensor.ds_numel)
+    start = size * dist.get_rank(zero3_group(param))
+    return min(start, int(param.ds_numel)), min(start + size, int(param.ds_numel))
+
+
+def check_partitions(targets: Sequence[tuple[str, nn.Module]]) -> None:
+    """Refuse, naming the layer, what the ZeRO-3 path cannot serve: partitions offloaded to NVMe (DeepSpeed swaps
+    them in and out of files, which the offset cannot write into)."""
+    for name, module in targets:
+        location = getattr(getattr(module.weight, "ds_tensor", None), "final_location", None)
+        if location is not None and str(getattr(location, "value", location)) == "nvme":
+            raise UsageError(
+                f"Layer '{name}' has its ZeRO-3 partition offloaded to NVMe (offload_param.device='nvme'); loraga_fast "
+                "writes the LoRA-GA offset into each process's partition and cannot reach swapped-out ones: use "
+                "offload_param.device='cpu' or 'none' for the preprocessing run."
+            )
+
+
+def is_hooked(module: nn.Module) -> bool:
+    """True when a DeepSpeed stage-3 engine's hooks gather ``module``'s parameters for its forward."""
+    return any(getattr(hook, "__qualname__", "").startswith("DeepSpeedZeRoOffload.")
+               for hook in module._forward_pre_hooks.values())
+
+
+@contextlib.contextmanager
+def gathering_engine(model: nn.Module, targets: Sequence[tuple[str, nn.Module]]) -> Iterator[None]:
+    """While open, a temporary DeepSpeed stage-3 engine (no optimizer) gathers the weights of a ZeRO-3 model that
+    no engine wraps yet (a model loaded partitioned, before ``Trainer`` or ``deepspeed.initialize`` builds one); on
+    exit its hooks are removed, so the user's own engine can wrap the model later. When an engine wraps the model
+    already, it is used as is. Either way every weight is partitioned again on exit (:func:`release_gathered`)."""
+    if all(is_hooked(module) for _, module in targets):
+        try:
+            yield
+        finally:
+            release_gathered(model)
+        return
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=_ENGINE_CONFIG)
+    try:
+        yield
+    finally:
+        try:
+            release_gathered(model)
+        finally:
+            engine.destroy()
+
+
+def release_gathered(model: nn.Module) -> None:
+    """Partition again every ZeRO-3 weight of ``model`` a forward left gathered. DeepSpeed releases a module's
+    weights after its backward only when the module's input requires grad; with every weight frozen (as during
+    the capture) the first blocks' inputs do not, so their weights would stay whole on every process."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    params = [p for p in model.parameters()
+              if is_zero3(p) and not p.ds_persist and p.ds_status == ZeroParamStatus.AVAILABLE]
+    for p in params:
+        p.ds_active_sub_modules.clear()
+    if params:
+        params[0].partition(param_list=params)
+
+
+@contextlib.contextmanager
+def gathered(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """The whole weights of ``modules`` for the duration (read only; partitioned again on exit)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([m.weight for m in modules], modifier_rank=None):
+        yield
+
+
+@torch.no_grad()
+def offset_partition(weight: Any, b: torch.Tensor, a: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> None:
+    """``W -= scaling * B @ A`` on this process's flat partition of a ZeRO-3 weight, in place, computing only the
+    rows of ``B @ A`` that overlap it (``B (out, r)`` and ``A (r, in)`` are whole on every process); a weight whose
+    data is gathered or persistent (whole on every process) is offset whole too."""
+    rows, cols = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])  # stored layout
+    start, stop = partition_range(weight)
+    if stop > start:
+        first, last = start // cols, -(-stop // cols)
+        block = _delta_rows(b, a, first, last, fan_in_fan_out).reshape(-1)[start - first * cols : stop - first * cols]
+        part = weight.ds_tensor.narrow(0, 0, stop - start)
+        part.copy_(part.to(torch.float32).sub_(block.to(part.device), alpha=scaling))
+    if weight.data.numel() == rows * cols:  # gathered or persistent: the whole weight as well
+        data = weight.data.view(rows, cols)
+        data.copy_(data.to(torch.float32).sub_(_delta_rows(b, a, 0, rows, fan_in_fan_out).to(data.device),
+                                               alpha=scaling))
+
+
+def _delta_rows(b: torch.Tensor, a: torch.Tensor, first: int, last: int, fan_in_fan_out: bool) -> torch.Tensor:
+    """Rows ``[first, last)`` of ``B @ A`` in the stored layout (``(B @ A)^T`` for ``Conv1D``), fp32."""
+    if fan_in_fan_out:
+        return (b @ a[:, first:last]).T
+    return b[first:last] @ a
