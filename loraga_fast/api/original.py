@@ -27,6 +27,7 @@ from torch import nn
 from ..core.handoff import hand_off, release
 from ..core.passes import run_passes, summarize
 from ..distributed.layout import check_sharded_config, shard_layout
+from ..distributed.zero3 import writing
 from ..errors import UsageError
 from ..layers.kinds import is_supported_layer, weight_shape
 from ..layers.quantized import UNTOUCHED_BASES, unsupported_quantized
@@ -217,13 +218,16 @@ class LoraGAContext:
 def save_loraga_model_init(model: Any, save_dir: str | os.PathLike[str]) -> None:
     """Save the freshly initialized adapter to ``save_dir/init_lora_checkpoint`` (call right after
     ``get_peft_model``, before training). It is saved as a plain LoRA adapter (``init_lora_weights=True``), which
-    is what peft's conversion in :func:`save_loraga_model_final` needs."""
+    is what peft's conversion in :func:`save_loraga_model_final` needs. In a distributed run (DDP, FSDP, DeepSpeed
+    ZeRO-3) call it on every process: process 0 writes, with ZeRO-3 adapter weights gathered."""
     init_dir = os.path.join(os.fspath(save_dir), INIT_CHECKPOINT)
     saved = {name: cfg.init_lora_weights for name, cfg in model.peft_config.items()}
     try:
         for cfg in model.peft_config.values():
             cfg.init_lora_weights = True
-        model.save_pretrained(init_dir)
+        with writing(model) as writer:  # distributed: process 0 writes (ZeRO-3 adapters gathered)
+            if writer:
+                model.save_pretrained(init_dir)
     finally:
         for name, value in saved.items():
             model.peft_config[name].init_lora_weights = value
@@ -239,6 +243,9 @@ def save_loraga_model_final(model: Any, save_dir: str | os.PathLike[str]) -> Non
     A quantized base initialized with ``quantized_offset="none"`` was never offset: its trained adapter is saved
     as it is (rank ``r``; exact on the untouched base). With ``"requantize"`` the converted adapter on the
     untouched quantized base differs from the trained model by the requantization error of the offset.
+
+    In a distributed run (DDP, FSDP, DeepSpeed ZeRO-3) call it on every process: process 0 writes, with the trained
+    ZeRO-3 adapter weights gathered.
 
     Raises:
         FileNotFoundError: :func:`save_loraga_model_init` was not called with this ``save_dir``.
@@ -260,11 +267,14 @@ def save_loraga_model_final(model: Any, save_dir: str | os.PathLike[str]) -> Non
                          "base left untouched (quantized_offset='none') and the others an offset base; no single "
                          "adapter converts both. Use one quantized_offset for every target, or save with "
                          "model.save_pretrained and keep the offset base.")
-    if untouched:  # the base was never offset: the trained adapter is the adapter for the untouched base
-        model.save_pretrained(save_dir)
-    else:
-        model.save_pretrained(save_dir, path_initial_model_for_weight_conversion=init_dir)
-    shutil.rmtree(init_dir)
-    offsets = os.path.join(save_dir, OFFSETS_FILE)
-    if os.path.isfile(offsets):  # only the initialized model needed it; the final adapter is for the untouched base
-        os.remove(offsets)
+    with writing(model) as writer:  # distributed: process 0 writes, the trained ZeRO-3 adapters gathered
+        if not writer:
+            return
+        if untouched:  # the base was never offset: the trained adapter is the adapter for the untouched base
+            model.save_pretrained(save_dir)
+        else:
+            model.save_pretrained(save_dir, path_initial_model_for_weight_conversion=init_dir)
+        shutil.rmtree(init_dir)
+        offsets = os.path.join(save_dir, OFFSETS_FILE)
+        if os.path.isfile(offsets):  # only the initialized model needed it; the final adapter is for the untouched base
+            os.remove(offsets)

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import UsageError
 
 __all__ = ["check_partitions", "gathered", "gathering_engine", "is_hooked", "is_zero3", "offset_partition",
-           "partition_range", "release_gathered", "zero3_group"]
+           "partition_range", "release_gathered", "writing", "zero3_group"]
 
 _ENGINE_CONFIG = {"train_micro_batch_size_per_gpu": 1,
                   # 0: the temporary engine marks no parameter persistent (whatever the user's engine will do)
@@ -115,6 +115,27 @@ def gathered(modules: Sequence[nn.Module]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters([m.weight for m in modules], modifier_rank=None):
         yield
+
+
+@contextlib.contextmanager
+def writing(model: nn.Module) -> Iterator[bool]:
+    """For saving ``model``'s adapter from every process of a distributed run: its ZeRO-3 trainable parameters
+    (LoRA weights a training engine partitioned) gathered for the duration, and True in the one process that
+    writes (process 0; every process writes when not distributed). The processes wait for the writer to finish."""
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad and is_zero3(p)]
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    writer = not distributed or dist.get_rank() == 0
+    if params:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield writer
+    else:
+        yield writer
+    if distributed:  # not on an error: a process that raised must not leave the others waiting forever
+        dist.barrier()
 
 
 @torch.no_grad()
