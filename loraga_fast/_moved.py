@@ -33,6 +33,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "loraga_fast.original": ("loraga_fast.api.original", "loraga_fast.api.names"),
     "loraga_fast.peft_compat": ("loraga_fast.api.preprocess",),
     "loraga_fast.placeholder": ("loraga_fast.stores.placeholder",),
+    "loraga_fast.plots": ("loraga_fast.bench.plots",),
     "loraga_fast.quantized": ("loraga_fast.layers.quantized",),
     "loraga_fast.runs": ("loraga_fast.api.runs", "loraga_fast.api.names"),
     "loraga_fast.sharding": ("loraga_fast.distributed.layout", "loraga_fast.distributed.guard",

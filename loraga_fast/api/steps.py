@@ -83,14 +83,21 @@ def train_step_from_dataloader(model: nn.Module, dataloader: Iterable[Any], *, n
 
     def train_step() -> None:
         target = _model_device(model) if device == "auto" else (torch.device(device) if device is not None else None)
-        seen = 0
-        for batch in islice(dataloader, num_batches):
-            batch_loss(model, _to_device(batch, target), loss_fn).backward()
-            seen += 1
-        if seen == 0:
-            raise UsageError("The dataloader yielded no batches: LoRA-GA needs at least one to estimate gradients.")
+        _backward_each(dataloader, num_batches, lambda b: batch_loss(model, _to_device(b, target), loss_fn),
+                       "The dataloader yielded no batches: LoRA-GA needs at least one to estimate gradients.")
 
     return train_step
+
+
+def _backward_each(batches: Iterable[Any], num_batches: int | None, loss_of: Callable[[Any], torch.Tensor],
+                   empty: str) -> None:
+    """``loss_of(batch).backward()`` for the first ``num_batches`` batches; raise ``UsageError(empty)`` if none."""
+    seen = 0
+    for batch in islice(batches, num_batches):
+        loss_of(batch).backward()
+        seen += 1
+    if seen == 0:
+        raise UsageError(empty)
 
 
 def train_step_from_trainer(trainer: Any, *, num_batches: int | None = None) -> Callable[[], None]:
@@ -104,12 +111,8 @@ def train_step_from_trainer(trainer: Any, *, num_batches: int | None = None) -> 
 
     def train_step() -> None:
         model = trainer.model
-        seen = 0
-        for batch in islice(trainer.get_train_dataloader(), num_batches):
-            inputs = trainer._prepare_inputs(batch)
-            trainer.compute_loss(model, inputs).backward()
-            seen += 1
-        if seen == 0:
-            raise UsageError("The Trainer's train dataloader yielded no batches.")
+        _backward_each(trainer.get_train_dataloader(), num_batches,
+                       lambda b: trainer.compute_loss(model, trainer._prepare_inputs(b)),
+                       "The Trainer's train dataloader yielded no batches.")
 
     return train_step

@@ -4,10 +4,8 @@ text (a file or the embedded default), turned into batches."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
-import os
 import re
 import struct
 import sysconfig
@@ -47,21 +45,21 @@ def stdlib_text() -> str:
 
 
 # data files refused by name, with what to do instead: (what the file is, the fix)
-_TO_JSONL = "convert it to .jsonl first, e.g. "
+_TO_JSONL = "convert it to .jsonl first, e.g. {reader}({{path!r}}).to_json('data.jsonl'{options})"
+_PANDAS_OPTIONS = ", orient='records', lines=True"
+_COMPRESSED = {".gz": ("gzip", "gunzip -k"), ".bz2": ("bzip2", "bunzip2 -k"), ".xz": ("xz", "unxz -k"),
+               ".zst": ("zstd", "unzstd")}
+_ARCHIVES = {".zip": ("a zip archive", "unzip {path}"), ".tar": ("a tar archive", "tar -xf {path}"),
+             ".tgz": ("a compressed tar archive", "tar -xzf {path}"), ".7z": ("a 7-Zip archive", "")}
 _NOT_TEXT_DATA = {
-    ".parquet": ("a Parquet file", _TO_JSONL + "pandas.read_parquet({path!r}).to_json('data.jsonl', orient='records', lines=True)"),
-    ".arrow": ("an Arrow file", _TO_JSONL + "datasets.Dataset.from_file({path!r}).to_json('data.jsonl')"),
-    ".feather": ("a Feather file", _TO_JSONL + "pandas.read_feather({path!r}).to_json('data.jsonl', orient='records', lines=True)"),
-    ".xlsx": ("an Excel workbook", "save the sheet as .csv"),
-    ".xls": ("an Excel workbook", "save the sheet as .csv"),
-    ".gz": ("gzip-compressed", "decompress it first (gunzip -k {path})"),
-    ".bz2": ("bzip2-compressed", "decompress it first (bunzip2 -k {path})"),
-    ".xz": ("xz-compressed", "decompress it first (unxz -k {path})"),
-    ".zst": ("zstd-compressed", "decompress it first (unzstd {path})"),
-    ".zip": ("a zip archive", "extract it (unzip {path}) and pass one of its files"),
-    ".tar": ("a tar archive", "extract it (tar -xf {path}) and pass one of its files"),
-    ".tgz": ("a compressed tar archive", "extract it (tar -xzf {path}) and pass one of its files"),
-    ".7z": ("a 7-Zip archive", "extract it and pass one of its files"),
+    ".parquet": ("a Parquet file", _TO_JSONL.format(reader="pandas.read_parquet", options=_PANDAS_OPTIONS)),
+    ".feather": ("a Feather file", _TO_JSONL.format(reader="pandas.read_feather", options=_PANDAS_OPTIONS)),
+    ".arrow": ("an Arrow file", _TO_JSONL.format(reader="datasets.Dataset.from_file", options="")),
+    **{suffix: ("an Excel workbook", "save the sheet as .csv") for suffix in (".xlsx", ".xls")},
+    **{suffix: (f"{kind}-compressed", f"decompress it first ({tool} {{path}})")
+       for suffix, (kind, tool) in _COMPRESSED.items()},
+    **{suffix: (kind, f"extract it{f' ({tool})' if tool else ''} and pass one of its files")
+       for suffix, (kind, tool) in _ARCHIVES.items()},
     **{suffix: ("not a text format", "") for suffix in (".pkl", ".pickle", ".npy", ".npz", ".pt", ".pth",
                                                         ".safetensors", ".bin", ".h5", ".hdf5", ".sqlite", ".db")},
 }

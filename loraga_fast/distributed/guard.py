@@ -41,13 +41,11 @@ class StepGuard:
     def _error(self, running: int) -> UsageError:
         import torch.distributed as dist
 
-        return UsageError(
-            f"LoRA-GA on a sharded model (FSDP or DeepSpeed ZeRO-3): ranks ran different numbers of forward passes "
-            f"(rank {dist.get_rank(self.process_group)} after {self.forwards}; {running} of {self.world} ranks were "
-            "still running). "
-            "Every rank must run the same number of steps: give each rank the same number of batches (e.g. a "
-            "DistributedSampler with drop_last=True, or num_batches=) so the collectives line up."
-        )
+        where = f"rank {dist.get_rank(self.process_group)} after {self.forwards}; {running} of {self.world} still running"
+        return UsageError(f"LoRA-GA on a sharded model (FSDP or DeepSpeed ZeRO-3): ranks ran different numbers of "
+                          f"forward passes ({where}). Every rank must run the same number of steps: give each rank the "
+                          "same number of batches (e.g. a DistributedSampler with drop_last=True, or num_batches=) so "
+                          "the collectives line up.")
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         running = self._sync(1)

@@ -110,8 +110,9 @@ def fsdp1_layout(model: nn.Module, targets: Sequence[tuple[str, nn.Module]]) -> 
 
 
 def shard_layout(targets: Sequence[tuple[str, nn.Module]], model: nn.Module | None = None) -> ShardLayout | None:
-    """The sharded layout of ``targets``: FSDP1 (when ``model`` has ``FullyShardedDataParallel`` units, see
-    :func:`fsdp1_layout`) or FSDP2 (DTensor weights); None for an unsharded model.
+    """The sharded layout of ``targets``: DeepSpeed ZeRO-3 (see :func:`zero3_layout`), FSDP1 (when ``model`` has
+    ``FullyShardedDataParallel`` units, see :func:`fsdp1_layout`) or FSDP2 (DTensor weights); None for an unsharded
+    model.
 
     Raises:
         ValueError: some targets are sharded and others are not, a weight is sharded in a way other than
@@ -121,21 +122,17 @@ def shard_layout(targets: Sequence[tuple[str, nn.Module]], model: nn.Module | No
     zero3 = zero3_layout(targets)
     if zero3 is not None:
         return zero3
-    if model is not None:
-        layout = fsdp1_layout(model, targets)
-        if layout is not None:
-            return layout
-    sharded = [(name, m.weight) for name, m in targets if is_dtensor(m.weight)]
-    if not sharded:
-        return None
+    layout = fsdp1_layout(model, targets) if model is not None else None
+    if layout is not None:
+        return layout
+    sharded = _sharded(targets, is_dtensor, "is not sharded", " (FSDP2): apply fully_shard to the model's root as "
+                       "well, so every target layer is managed by FSDP.")
+    return _fsdp2_layout(sharded) if sharded else None
+
+
+def _fsdp2_layout(sharded: Sequence[tuple[str, Any]]) -> ShardLayout:
     from torch.distributed.tensor import Shard
 
-    plain = [name for name, m in targets if not is_dtensor(m.weight)]
-    if plain:
-        raise UsageError(
-            f"Layer '{plain[0]}' is not sharded while '{sharded[0][0]}' is (FSDP2): apply fully_shard to the model's "
-            "root as well, so every target layer is managed by FSDP."
-        )
     mesh = sharded[0][1].device_mesh
     for name, weight in sharded:
         if weight.device_mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
@@ -157,13 +154,10 @@ def zero3_layout(targets: Sequence[tuple[str, nn.Module]]) -> ShardLayout | None
         ValueError: some targets are ZeRO-3 parameters and others not, they are partitioned over different process
             groups, or a partition is offloaded to NVMe (naming the layer).
     """
-    zero = [(name, m.weight) for name, m in targets if is_zero3(m.weight)]
+    zero = _sharded(targets, is_zero3, "is not a DeepSpeed ZeRO-3 parameter", ": create the whole model under "
+                    "deepspeed.zero.Init (or load it with a ZeRO-3 config) before preprocessing.")
     if not zero:
         return None
-    plain = [name for name, m in targets if not is_zero3(m.weight)]
-    if plain:
-        raise UsageError(f"Layer '{plain[0]}' is not a DeepSpeed ZeRO-3 parameter while '{zero[0][0]}' is: create the "
-                         "whole model under deepspeed.zero.Init (or load it with a ZeRO-3 config) before preprocessing.")
     group = zero3_group(zero[0][1])
     for name, weight in zero:
         if zero3_group(weight) is not group:
@@ -174,6 +168,19 @@ def zero3_layout(targets: Sequence[tuple[str, nn.Module]]) -> ShardLayout | None
 
     device = zero[0][1].ds_tensor.device.type
     return ShardLayout(mesh=DeviceMesh.from_group(group, device), process_group=group, engine="zero3")
+
+
+def _sharded(targets: Sequence[tuple[str, nn.Module]], kind: Any, not_kind: str, fix: str) -> list[tuple[str, Any]]:
+    """``(name, weight)`` of the targets whose weight satisfies ``kind``: all of them or none.
+
+    Raises:
+        UsageError: some do and some do not, naming one of each, what the other ``not_kind`` and the ``fix``.
+    """
+    of_kind = [(name, m.weight) for name, m in targets if kind(m.weight)]
+    others = [name for name, m in targets if not kind(m.weight)]
+    if of_kind and others:
+        raise UsageError(f"Layer '{others[0]}' {not_kind} while '{of_kind[0][0]}' is{fix}")
+    return of_kind
 
 
 def check_sharded_config(layout: ShardLayout, lora_config: Any) -> None:

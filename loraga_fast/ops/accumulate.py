@@ -34,7 +34,7 @@ import functools
 import torch
 
 from ._accumulate_triton import accumulate_triton
-from ._dispatch import as_2d, dispatch, register_impl
+from ._dispatch import as_2d, check_operands, dispatch, register_impl, run_op
 from ._precision import exact_fp32
 
 __all__ = ["accumulate", "accumulate_ref", "accumulate_triton"]
@@ -107,24 +107,16 @@ def accumulate(acc: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor, *, 
     Returns:
         ``acc``.
     """
-    if acc.dtype != torch.float32:
-        raise TypeError(f"accumulate: the accumulator must be float32, got {acc.dtype}.")
+    check_operands("accumulate", {"the accumulator": acc}, ("grad_out", grad_out), ("inp", inp))
     if acc.dim() != 2:
         raise ValueError(f"accumulate: the accumulator must be 2-D, got shape {tuple(acc.shape)}.")
-    if grad_out.shape[:-1] != inp.shape[:-1]:
-        raise ValueError(
-            f"accumulate: grad_out {tuple(grad_out.shape)} and inp {tuple(inp.shape)} must share their leading (token) dimensions."
-        )
     m, n = grad_out.shape[-1], inp.shape[-1]
     expected = (n, m) if transposed else (m, n)
     if tuple(acc.shape) != expected:
         raise ValueError(f"accumulate: accumulator shape {tuple(acc.shape)} does not match {expected} for grad_out {tuple(grad_out.shape)} and inp {tuple(inp.shape)}.")
     if not (grad_out.is_floating_point() and inp.is_floating_point()):
         raise TypeError(f"accumulate: grad_out and inp must be floating point, got {grad_out.dtype} and {inp.dtype}.")
-    if torch.compiler.is_compiling():  # one opaque, registered op in the graph
-        torch.ops.loraga_fast.accumulate_(acc, grad_out, inp, transposed)
-    else:  # eager: skip the dispatcher's Python overhead (~30 us per call), same implementation
-        _accumulate_impl(acc, grad_out, inp, transposed)
+    run_op(torch.ops.loraga_fast.accumulate_, _accumulate_impl, acc, grad_out, inp, transposed)
     return acc
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._dispatch import dispatch, register_impl
+from ._dispatch import dispatch, register_impl, run_op
 from ._precision import with_exact_fp32
 
 __all__ = ["batched_rsvd", "gather_rows", "orthonormalize", "orthonormalize_sharded", "rsvd_ref", "sharded_rsvd"]
@@ -98,9 +98,7 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     """
     if y.dim() != 3 or y.shape[1] < y.shape[2]:
         raise ValueError(f"orthonormalize expects a (B, m, q) batch with m >= q, got shape {tuple(y.shape)}.")
-    if torch.compiler.is_compiling():
-        return torch.ops.loraga_fast.orthonormalize(y)
-    return _orthonormalize_impl(y)
+    return run_op(torch.ops.loraga_fast.orthonormalize, _orthonormalize_impl, y)
 
 
 def _orthonormalize_impl(y: torch.Tensor) -> torch.Tensor:
@@ -231,9 +229,7 @@ def batched_rsvd(a: torch.Tensor, k: int, q: int | None = None, niter: int = 4, 
     _, m, n = _check_batch("batched_rsvd", a, "(B, m, n)")
     q = _check_sizes("batched_rsvd", k, q, min(m, n))
     omega = torch.randn(min(m, n), q, dtype=a.dtype, device=a.device, generator=generator)
-    if torch.compiler.is_compiling():
-        return torch.ops.loraga_fast.batched_rsvd(a, omega, k, niter)
-    return _batched_rsvd_impl(a, omega, k, niter)
+    return run_op(torch.ops.loraga_fast.batched_rsvd, _batched_rsvd_impl, a, omega, k, niter)
 
 
 def _batched_rsvd_impl(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

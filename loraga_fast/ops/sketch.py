@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ._accumulate_triton import accumulate_triton
-from ._dispatch import as_2d, dispatch, register_impl
+from ._dispatch import as_2d, check_operands, dispatch, register_impl, run_op
 from ._precision import exact_fp32, with_exact_fp32
 
 __all__ = ["factors_from_sketch", "factors_from_sketch_ref", "probe_accumulate", "sketch_accumulate",
@@ -78,21 +78,14 @@ def sketch_accumulate(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor
     Returns:
         ``acc``.
     """
-    if acc.dtype != torch.float32 or basis.dtype != torch.float32:
-        raise TypeError(f"sketch_accumulate: acc and basis must be float32, got {acc.dtype} and {basis.dtype}.")
-    if left.shape[:-1] != right.shape[:-1]:
-        raise ValueError(f"sketch_accumulate: left {tuple(left.shape)} and right {tuple(right.shape)} must share their "
-                         "leading (token) dimensions.")
+    check_operands("sketch_accumulate", {"acc": acc, "basis": basis}, ("left", left), ("right", right))
     expected_acc = (left.shape[-1], basis.shape[-1])
     if basis.dim() != 2 or basis.shape[0] != right.shape[-1] or tuple(acc.shape) != expected_acc:
         raise ValueError(f"sketch_accumulate: shapes do not match: acc {tuple(acc.shape)} (expected {expected_acc}), "
                          f"left {tuple(left.shape)}, right {tuple(right.shape)}, basis {tuple(basis.shape)}.")
     if left.numel() == 0:
         return acc
-    if torch.compiler.is_compiling():  # one opaque, registered op in the graph
-        torch.ops.loraga_fast.sketch_accumulate_(acc, left, right, basis)
-    else:  # eager: skip the dispatcher's Python overhead, same implementation
-        _sketch_accumulate_impl(acc, left, right, basis)
+    run_op(torch.ops.loraga_fast.sketch_accumulate_, _sketch_accumulate_impl, acc, left, right, basis)
     return acc
 
 
@@ -141,21 +134,14 @@ def probe_accumulate(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     Returns:
         ``acc``.
     """
-    if acc.dtype != torch.float32:
-        raise TypeError(f"probe_accumulate: acc must be float32, got {acc.dtype}.")
-    if left.shape[:-1] != right.shape[:-1]:
-        raise ValueError(f"probe_accumulate: left {tuple(left.shape)} and right {tuple(right.shape)} must share their "
-                         "leading (token) dimensions.")
+    check_operands("probe_accumulate", {"acc": acc}, ("left", left), ("right", right))
     expected_acc = (probe_left.shape[-1], probe_right.shape[-1])
     if (probe_left.dim() != 2 or probe_right.dim() != 2 or probe_left.shape[0] != left.shape[-1]
             or probe_right.shape[0] != right.shape[-1] or tuple(acc.shape) != expected_acc):
         raise ValueError(f"probe_accumulate: shapes do not match: acc {tuple(acc.shape)} (expected {expected_acc}), "
                          f"left {tuple(left.shape)}, right {tuple(right.shape)}, probes {tuple(probe_left.shape)} and "
                          f"{tuple(probe_right.shape)}.")
-    if torch.compiler.is_compiling():
-        torch.ops.loraga_fast.probe_accumulate_(acc, left, right, probe_left, probe_right)
-    else:
-        _probe_accumulate_impl(acc, left, right, probe_left, probe_right)
+    run_op(torch.ops.loraga_fast.probe_accumulate_, _probe_accumulate_impl, acc, left, right, probe_left, probe_right)
     return acc
 
 
@@ -203,9 +189,7 @@ def factors_from_sketch(basis: torch.Tensor, product: torch.Tensor, k: int) -> t
     if basis.dim() != 3 or product.dim() != 3 or basis.shape[0] != product.shape[0] or basis.shape[2] != product.shape[2]:
         raise ValueError(f"factors_from_sketch: expects basis (B, N, K) and product (B, M, K), got "
                          f"{tuple(basis.shape)} and {tuple(product.shape)}.")
-    if torch.compiler.is_compiling():
-        return torch.ops.loraga_fast.factors_from_sketch(basis, product, k)
-    return _factors_from_sketch_impl(basis, product, k)
+    return run_op(torch.ops.loraga_fast.factors_from_sketch, _factors_from_sketch_impl, basis, product, k)
 
 
 def _factors_from_sketch_impl(basis: torch.Tensor, product: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

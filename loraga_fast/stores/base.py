@@ -25,9 +25,12 @@ import torch
 from torch import nn
 
 from ..layers.capture import Slot
-from .factors import PreparedGroup
+from ..layers.kinds import weight_shape
+from .factors import LayerFactors, PreparedGroup, factor_groups
+from .files import save_factors
+from .placeholder import LowMemGradient
 
-__all__ = ["GradientSource", "Store", "row_max_abs"]
+__all__ = ["FactorSource", "GradientSource", "Store", "row_max_abs"]
 
 
 class GradientSource(ABC):
@@ -52,6 +55,33 @@ class GradientSource(ABC):
                    writer: bool = True) -> None:
         """Write what a later run can start from (after :meth:`prepare`). Distributed, every process calls it (a
         sharded store gathers collectively) and only the ``writer`` writes."""
+
+
+class FactorSource(GradientSource):
+    """A :class:`GradientSource` whose factors exist before the hand-off (low-memory sketches, factor caches): it
+    attaches :class:`~loraga_fast.stores.placeholder.LowMemGradient` placeholders, not gradients, and caches factors."""
+
+    held: dict[str, LayerFactors] | None = None
+
+    @abstractmethod
+    def factors(self, ranks: Mapping[str, int]) -> dict[str, LayerFactors]:
+        """The top-``2 r`` triplets of each layer in ``ranks``, in the weight's stored layout."""
+
+    def prepare(self, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *, weight_svd: bool,
+                zero: Collection[str]) -> tuple[list[PreparedGroup], dict[str, Any]]:
+        """The factors now, one :class:`~loraga_fast.stores.factors.FactorGroup` per weight shape, and a placeholder
+        per layer to attach."""
+        self.held = self.factors({name: r for name, r in ranks.items() if name not in zero})
+        placeholders = {name: LowMemGradient(name, weight_shape(modules[name])) for name in ranks}
+        groups = factor_groups(modules, list(ranks), self.held, ranks, zero, placeholders, weight_svd=weight_svd,
+                               shape_of=weight_shape)
+        return groups, placeholders  # type: ignore[return-value]
+
+    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str], *,
+                   writer: bool = True) -> None:
+        assert self.held is not None, "save_cache follows prepare"
+        if writer:  # the same factors in every process (sketches are all-reduced; a cache is read by all)
+            save_factors(path, self.held, names, zero)
 
 
 class Store(GradientSource):

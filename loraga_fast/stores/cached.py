@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
 from ..errors import UsageError
 from ..layers.kinds import weight_shape
-from .base import GradientSource
+from .base import FactorSource
 from .exact import AccumulatorStore
-from .factors import LayerFactors, PreparedGroup, factor_groups
-from .files import GRAD_SUFFIX, PARTS, ZERO_KEY, CacheFile, save_factors
-from .placeholder import LowMemGradient
+from .factors import LayerFactors
+from .files import GRAD_SUFFIX, PARTS, ZERO_KEY, CacheFile
 
 __all__ = ["CachedFactors", "load_factors", "load_gradients"]
 
@@ -39,31 +37,23 @@ def load_gradients(path: str | os.PathLike[str], store: AccumulatorStore) -> Non
         cache.close()
 
 
-class CachedFactors(GradientSource):
-    """A factor cache as an :class:`~loraga_fast.stores.base.GradientSource`: the flow after estimation runs on it unchanged."""
+class CachedFactors(FactorSource):
+    """A factor cache as a :class:`~loraga_fast.stores.base.GradientSource`: the flow after estimation runs on it
+    unchanged."""
 
     def __init__(self, factors: dict[str, LayerFactors], zero: set[str], names: Sequence[str]):
-        self.factors = factors
+        self.cached = factors
         self.zero = zero
         self.names = list(names)
 
     def counts(self) -> dict[str, int]:
-        return {name: int(name in self.factors or name in self.zero) for name in self.names}
+        return {name: int(name in self.cached or name in self.zero) for name in self.names}
 
     def max_abs(self) -> dict[str, float]:
-        return {name: float(self.factors[name].s[0]) if name in self.factors else 0.0 for name in self.names}
+        return {name: float(self.cached[name].s[0]) if name in self.cached else 0.0 for name in self.names}
 
-    def prepare(self, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *, weight_svd: bool,
-                zero: Collection[str]) -> tuple[list[PreparedGroup], dict[str, Any]]:
-        placeholders = {name: LowMemGradient(name, weight_shape(modules[name])) for name in ranks}
-        groups = factor_groups(modules, list(ranks), self.factors, ranks, zero, placeholders, weight_svd=weight_svd,
-                               shape_of=weight_shape)
-        return groups, placeholders  # type: ignore[return-value]
-
-    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str], *,
-                   writer: bool = True) -> None:
-        if writer:
-            save_factors(path, self.factors, names, zero)
+    def factors(self, ranks: Mapping[str, int]) -> dict[str, LayerFactors]:
+        return {name: self.cached[name] for name in ranks if name in self.cached}
 
 
 def load_factors(path: str | os.PathLike[str], modules: Mapping[str, nn.Module], ranks: Mapping[str, int]) -> CachedFactors:

@@ -57,8 +57,8 @@ def check_finite(maxabs: Mapping[str, float], names: Collection[str]) -> None:
     if bad:
         raise UsageError(
             f"LoRA-GA: the mean gradient of {len(bad)} layer(s) is not finite (NaN/Inf), e.g. from an overflowing "
-            f"fp16 step: {', '.join(bad[:8])}{', ...' if len(bad) > 8 else ''}. No weight was modified; use a bf16 "
-            "or fp32 model, or a loss scale, for the estimation."
+            f"fp16 step: {', '.join(bad[:8])}{f' and {len(bad) - 8} more' if len(bad) > 8 else ''}. No weight was "
+            "modified; use a bf16 or fp32 model, or a loss scale, for the estimation."
         )
 
 

@@ -9,16 +9,16 @@ a store is :mod:`loraga_fast.stores.cached`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from .. import __version__
 from ..errors import UsageError
@@ -37,13 +37,20 @@ PARTS = ("u", "s", "v")
 def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write a safetensors file through a temporary file and a rename (no half-written file at ``path``, ever),
     with loraga_fast's version and ``metadata``; parent folders are created."""
+    with _replacing(path) as tmp:
+        save_file(dict(tensors), tmp, metadata={"format": "pt", "loraga_fast.version": __version__, **metadata})
+
+
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A temporary file name beside ``path`` (parent folders created) that replaces ``path`` when the block
+    succeeds; on any error the temporary file is removed and ``path`` is left as it was."""
     path = os.fspath(path)
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file(dict(tensors), tmp, metadata={"format": "pt", "loraga_fast.version": __version__, **metadata})
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -77,20 +84,11 @@ def stream_gradients(path: str | os.PathLike[str] | None, shapes: Mapping[str, t
         for key in keys:
             produce(key[: -len(GRAD_SUFFIX)])
         return
-    path = os.fspath(path)
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(text)) + text)
-            for key in keys:
-                grad = produce(key[: -len(GRAD_SUFFIX)])
-                f.write(grad.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for key in keys:
+            grad = produce(key[: -len(GRAD_SUFFIX)])
+            f.write(grad.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
 
 
 def save_factors(path: str | os.PathLike[str], factors: Mapping[str, LayerFactors], target_names: Sequence[str],

@@ -21,23 +21,18 @@ flow compares between passes (equal batches give equal values, different ones al
 
 from __future__ import annotations
 
-import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..distributed.collectives import all_reduce_counts, is_distributed
 from ..layers.capture import Slot
-from ..layers.kinds import weight_shape
 from ..ops.rsvd import orthonormalize
 from ..ops.sketch import factors_from_sketch, probe_accumulate, sketch_accumulate
-from .base import Store, row_max_abs
-from .factors import DEFAULT_SEED, LayerFactors, PreparedGroup, factor_groups
-from .files import save_factors
-from .placeholder import LowMemGradient
+from .base import FactorSource, Store, row_max_abs
+from .factors import DEFAULT_SEED, LayerFactors
 
 __all__ = ["DEFAULT_PASSES", "DEFAULT_SKETCH_PER_LORA_RANK", "FINGERPRINT_PROBES", "SketchGroup", "SketchSlot", "SketchSpec",
            "SketchStore", "sketch_columns"]
@@ -73,10 +68,10 @@ class SketchGroup:
     ``n_side (B, n, k)`` (fp32; one is the current basis, the other the product being accumulated),
     ``fingerprints (B, P, P)`` and the probes ``probe_m (m, P)``, ``probe_n (n, P)`` shared by the group."""
 
+    device: torch.device
     m: int
     n: int
     k: int
-    device: torch.device
     m_side: torch.Tensor
     n_side: torch.Tensor
     fingerprints: torch.Tensor
@@ -108,7 +103,7 @@ class SketchSlot(Slot):
         probe_accumulate(self.fingerprint, grad_out, x, self.group.probe_m, self.group.probe_n)
 
 
-class SketchStore(Store):
+class SketchStore(Store, FactorSource):
     """The skinny sketches of all targets, grouped by ``(m, n, k, device)``; ``store[name]`` is the layer's slot.
 
     Memory: :attr:`sketch_nbytes` = ``4 (m + n) k`` per layer exactly; :attr:`nbytes` adds the fingerprints
@@ -142,7 +137,6 @@ class SketchStore(Store):
             self.shape_groups.append(group)
         self.slots: dict[str, SketchSlot] = {spec.name: slots[spec.name] for spec in specs}  # type: ignore[assignment]
         self.pass_index = -1
-        self._factors: dict[str, LayerFactors] | None = None
 
     def _generator(self, device: torch.device, *key: int) -> torch.Generator:
         # the same seed in every process and for every run: all processes draw the same Omega and probes
@@ -240,19 +234,3 @@ class SketchStore(Store):
                     uu, vv = (v[j], u[j]) if slot.transposed else (u[j], v[j])
                     out[slot.name] = LayerFactors(u=uu.contiguous(), s=s[j].contiguous(), v=vv.contiguous())
         return out
-
-    def prepare(self, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *, weight_svd: bool,
-                zero: Collection[str]) -> tuple[list[PreparedGroup], dict[str, Any]]:
-        """Factors now (the sketches are small and done), one :class:`~loraga_fast.stores.factors.FactorGroup` per weight
-        shape, and a :class:`~loraga_fast.stores.placeholder.LowMemGradient` placeholder per layer to attach."""
-        self._factors = self.factors({name: r for name, r in ranks.items() if name not in zero})
-        placeholders = {name: LowMemGradient(name, weight_shape(modules[name])) for name in ranks}
-        groups = factor_groups(modules, list(ranks), self._factors, ranks, zero, placeholders, weight_svd=weight_svd,
-                               shape_of=weight_shape)
-        return groups, placeholders  # type: ignore[return-value]
-
-    def save_cache(self, path: str | os.PathLike[str], names: Sequence[str], zero: Collection[str], *,
-                   writer: bool = True) -> None:
-        assert self._factors is not None, "save_cache follows prepare"
-        if writer:  # the factors are the same in every process (the sketches were all-reduced)
-            save_factors(path, self._factors, names, zero)

@@ -164,5 +164,5 @@ def test_check_finite_names_the_bad_layers() -> None:
     assert "fine" not in str(info.value) and "zero" not in str(info.value)
     many = {f"layer{i}": math.nan for i in range(10)}
     with pytest.raises(UsageError, match=r"10 layer\(s\) .*: layer0, layer1, layer2, layer3, layer4, layer5, layer6, "
-                                         r"layer7, \.\.\.\. No weight"):
+                                         r"layer7 and 2 more\. No weight"):
         check_finite(many, list(many))

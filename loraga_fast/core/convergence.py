@@ -1,0 +1,333 @@
+"""Stopping the estimation once the top-``2r`` subspaces of every mean gradient have converged (``until="converged"``).
+
+Every :data:`CHECK_EVERY` backward passes (at the start of the next forward of the model: a pass boundary, so no
+backward is half-recorded), :class:`ConvergenceMonitor` factors each layer's running sum (one batched randomized
+SVD per shape group, top ``2r``) and measures how far the subspaces moved since the previous check: the share of
+the optimal top-``2r`` energy of the current running mean ``M`` that the previous check's directions capture,
+
+    moved = 1 - min(||M V_prev||^2, ||U_prev^T M||^2) / sum_{i <= 2r} sigma_i(M)^2
+
+(``V_prev`` / ``U_prev``: the previous check's top-``2r`` right / left singular vectors; the same energy measure
+the tests use against exact SVDs; 0 = the previous directions are still optimal). Once every layer has moved less
+than the tolerance at two checks in a row, the next forward of the model raises :class:`Converged`, which
+:func:`~loraga_fast.core.passes.run_passes` catches: ``train_step`` is abandoned at a clean pass boundary, the
+model is restored by the capture session, and the result is the mean over the passes actually run.
+
+Distributed, the decision is collective and made at the same backward count on every rank: one small all-reduce
+per forward carries the ranks' pass counts (and detects ranks running different numbers of forwards, like
+:class:`~loraga_fast.distributed.guard.StepGuard`), and the checks factor the sums where they are: data parallel
+sums through all-reduced skinny products, FSDP row shards through the sharded randomized SVD.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..distributed.collectives import is_distributed
+from ..distributed.guard import StepGuard
+from ..errors import UsageError
+from ..ops._precision import with_exact_fp32
+from ..ops.rsvd import batched_rsvd, orthonormalize, sharded_rsvd
+from ..stores.exact import AccumulatorStore
+from ..stores.factors import DEFAULT_SEED, NITER
+from ..stores.sharded import ShardedStore
+
+__all__ = ["CHECK_EVERY", "DEFAULT_TOL", "UNTIL", "Check", "Converged", "ConvergenceMonitor", "StopRule",
+           "stop_rule"]
+
+logger = logging.getLogger("loraga_fast")
+
+UNTIL = (None, "converged")
+DEFAULT_TOL = 0.01  # bench/stopping.py on SmolLM2-135M (docs/benchmarks.md, "Stopping when converged")
+CHECK_EVERY = 4  # backward passes between checks (the same measurement; the check costs ~1% of a pass there)
+DEFAULT_WATCH_RANK = 8  # estimate_gradient without a LoraConfig watches 2 x 8 directions (peft's default r)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """``until="converged"``: check every ``every`` backward passes; stop after two checks in a row where every
+    layer moved less than ``tol``."""
+
+    tol: float = DEFAULT_TOL
+    every: int = CHECK_EVERY
+
+
+def stop_rule(until: str | None, tol: float | None, mode: str = "exact", every: int | None = None) -> StopRule | None:
+    """The checked stopping rule of ``until`` / ``convergence_tol`` (None: run all of ``train_step``).
+
+    Raises:
+        UsageError: an unknown ``until``, a tolerance outside ``(0, 1)`` or without ``until="converged"``, a
+            check interval below 1, or low-memory mode (see the message).
+    """
+    if until not in UNTIL:
+        raise UsageError(f"until must be None (all of train_step's batches) or 'converged', got {until!r}.")
+    if until is None:
+        if tol is not None:
+            raise UsageError("convergence_tol applies to until='converged' only.")
+        return None
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1):
+        raise UsageError(f"convergence_tol must be a number in (0, 1) (the share of the top-2r gradient energy the "
+                         f"subspaces may still move by; default {DEFAULT_TOL}), got {tol!r}.")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise UsageError(f"the convergence check interval must be a whole number >= 1, got {every!r}.")
+    if mode == "lowmem":
+        raise UsageError(
+            "until='converged' is not available in low-memory mode: its first pass holds only the sketch A Omega of "
+            "each running gradient sum, which shows the left singular subspace through a random projection but not "
+            "the right one (where LoRA-GA's A factor comes from), and the later passes must replay exactly the "
+            "batches the first one ran. Use mode='exact' with until='converged', or give low-memory mode a fixed "
+            "number of batches (e.g. the count an exact-mode run with until='converged' used on similar data)."
+        )
+    return StopRule(tol=float(tol) if tol is not None else DEFAULT_TOL, every=every or CHECK_EVERY)
+
+
+class Converged(BaseException):
+    """Raised at the start of a forward of the model once the subspaces have converged; caught by the passes.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``), so a ``train_step`` that catches ``Exception`` around its
+    batches does not swallow it."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check: after ``backward_passes`` (over all ranks), the largest ``moved`` (``worst_layer``'s) and the
+    number of layers above the tolerance. ``moved`` is None at the first check (nothing to compare with)."""
+
+    backward_passes: int
+    moved: float | None
+    worst_layer: str | None
+    above_tol: int | None
+    seconds: float
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+# --- the algebra of one check, for each way the sums are held ------------------------------------------------------
+
+
+def _allsum(t: torch.Tensor, group: Any) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(t, group=group)
+    return t
+
+
+class _Local:
+    """Whole sums in this process."""
+
+    def rsvd(self, a: torch.Tensor, rows: int, k: int, q: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return batched_rsvd(a, k, q, NITER, generator=gen)
+
+    def right(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``(B, k)``: ``||M v_j||^2`` for each column ``v_j``."""
+        return (a @ v).square().sum(1)
+
+    def left(self, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``(B, k)``: ``||u_j^T M||^2`` for each column ``u_j`` (``u`` in the row layout :meth:`rsvd` returns)."""
+        return (u.mT @ a).square().sum(2)
+
+
+class _Additive(_Local):
+    """Data parallel: each process holds a partial sum; products with skinny matrices are all-reduced."""
+
+    def __init__(self, group: Any):
+        self.group = group
+
+    def rsvd(self, a: torch.Tensor, rows: int, k: int, q: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        wide = a.shape[1] < a.shape[2]
+        mat = a.mT if wide else a
+        omega = torch.randn(mat.shape[2], q, dtype=a.dtype, device=a.device, generator=gen)
+        basis = orthonormalize(_allsum(mat @ omega, self.group))
+        for _ in range(NITER):
+            basis = orthonormalize(_allsum(mat.mT @ basis, self.group))
+            basis = orthonormalize(_allsum(mat @ basis, self.group))
+        u_small, s, vh = torch.linalg.svd(_allsum(basis.mT @ mat, self.group), full_matrices=False)
+        u, v = basis @ u_small[..., :k], vh[:, :k].mT
+        return (v, s[:, :k], u) if wide else (u, s[:, :k], v)
+
+    def right(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _allsum(a @ v, self.group).square().sum(1)
+
+    def left(self, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return _allsum(u.mT @ a, self.group).square().sum(2)
+
+
+class _RowSharded(_Local):
+    """FSDP: each process holds its rows of the reduced sums (zero padding past the last row)."""
+
+    def __init__(self, group: Any):
+        self.group = group
+
+    def rsvd(self, a: torch.Tensor, rows: int, k: int, q: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return sharded_rsvd(a, rows, k, q, NITER, group=self.group, generator=gen)
+
+    def right(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _allsum((a @ v).square().sum(1), self.group)
+
+    def left(self, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return _allsum(u.mT @ a, self.group).square().sum(2)
+
+
+@dataclass(eq=False)
+class _Watched:
+    """One shape group of the store and what the previous check left of it."""
+
+    tensor: torch.Tensor
+    rows: int
+    names: list[str]
+    ks: list[int]  # 2 r per layer
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (U, V) of the previous check
+    moved: list[float] = field(default_factory=list)
+
+
+class ConvergenceMonitor:
+    """Watches an exact-mode store during a pass and stops ``train_step`` once the subspaces have converged.
+
+    Args:
+        store: the pass's accumulators (whole, data-parallel partial sums, or FSDP row shards).
+        ranks: each layer's LoRA rank (``2 r`` directions are watched, at most ``min(m, n)``).
+        rule: the tolerance and the check interval.
+        process_group: data parallel: the group the sums are reduced over (the checks reduce skinny products).
+        sharded: the store holds row shards (FSDP); its own group is used.
+    """
+
+    def __init__(self, store: AccumulatorStore, ranks: Mapping[str, int], rule: StopRule, *,
+                 process_group: Any = None):
+        self.store = store
+        self.rule = rule
+        self.checks: list[Check] = []
+        self.stopped = False
+        self._calm = 0  # consecutive checks with every layer within the tolerance
+        self._next = rule.every
+        if isinstance(store, ShardedStore):
+            self.algebra: _Local = _RowSharded(store.process_group)
+            self.group: Any = store.process_group
+        elif is_distributed(process_group):
+            self.algebra, self.group = _Additive(process_group), process_group
+        else:
+            self.algebra, self.group = _Local(), None
+        self.watched: list[_Watched] = []
+        for g in store.shape_groups:
+            small = min(g.shape)
+            ks = [min(2 * ranks.get(s.name, DEFAULT_WATCH_RANK), small) for s in g.slots]
+            self.watched.append(_Watched(g.tensor, g.shape[0], [s.name for s in g.slots], ks))
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None and is_distributed(self.group)
+
+    def local_done(self) -> int:
+        """Backward passes completed in this process so far in this pass (the most any target has seen)."""
+        return max((slot.count for slot in self.store.slots.values()), default=0)
+
+    def attach(self, model: nn.Module, device: torch.device) -> Any:
+        """Install the check on ``model``'s forward: a pre-hook ahead of every other (FSDP's included); distributed, a
+        :class:`StepGuard` that also carries the pass counts. Returns what to ``.remove()``."""
+        if self.distributed:
+            return _CountingGuard(model, self.group, device, self)
+        return model.register_forward_pre_hook(lambda module, args: self.at_forward(self.local_done()), prepend=True)
+
+    def at_forward(self, done: int) -> None:
+        """At the start of a forward, ``done`` backward passes in (the same value on every rank): check when due,
+        and stop when converged."""
+        if _in_backward():  # a forward recomputed inside backward (checkpointing of the whole model)
+            return
+        if self.stopped:
+            raise Converged
+        if done < self._next:
+            return
+        self._next = done + self.rule.every
+        self.check(done)
+        if self._calm >= 2:
+            self.stopped = True
+            raise Converged
+
+    @torch.no_grad()
+    @with_exact_fp32
+    def check(self, done: int) -> Check:
+        """Factor every running sum, measure how far each layer's subspaces moved since the previous check."""
+        import time
+
+        start = time.perf_counter()
+        moved: list[tuple[float, str]] = []
+        for w in self.watched:
+            k = max(w.ks)
+            q = min(2 * k, min(w.rows, w.tensor.shape[2]))
+            gen = torch.Generator(device=w.tensor.device).manual_seed(DEFAULT_SEED)
+            u, s, v = self.algebra.rsvd(w.tensor, w.rows, k, q, gen)
+            if w.previous is not None:
+                right = self.algebra.right(w.tensor, w.previous[1]).cumsum(1)
+                left = self.algebra.left(w.tensor, w.previous[0]).cumsum(1)
+                best = s.square().cumsum(1)
+                for j, (name, kj) in enumerate(zip(w.names, w.ks)):
+                    opt = float(best[j, kj - 1])
+                    got = min(float(right[j, kj - 1]), float(left[j, kj - 1]))
+                    moved.append((max(0.0, 1.0 - got / opt) if opt > 0 else 0.0, name))
+            w.previous = (u, v)
+        worst, name = max(moved, default=(None, None))  # type: ignore[type-var]
+        above = sum(1 for m, _ in moved if m > self.rule.tol) if moved else None
+        if self.distributed and moved:  # identical inputs everywhere; make the decision provably identical too
+            flags = torch.tensor([float(above)], dtype=torch.float64, device=self.watched[0].tensor.device)
+            above = int(_allsum(flags, self.group).item() > 0)
+        total = done * (torch.distributed.get_world_size(self.group) if self.distributed else 1)
+        record = Check(total, worst, name, above, time.perf_counter() - start)
+        self.checks.append(record)
+        self._calm = self._calm + 1 if above == 0 else 0
+        logger.debug("LoRA-GA convergence check after %d backward passes: largest move %s (%s), %s above %g",
+                     total, worst, name, above, self.rule.tol)
+        return record
+
+    def summary(self) -> dict[str, Any]:
+        """What a run reports: the rule, whether it stopped, and the last check's figures."""
+        last = self.checks[-1] if self.checks else None
+        return {"tol": self.rule.tol, "check_every": self.rule.every, "converged": self.stopped,
+                "checks": len(self.checks),
+                "last_check": None if last is None else {"backward_passes": last.backward_passes, "moved": last.moved,
+                                                         "worst_layer": last.worst_layer,
+                                                         "layers_above_tol": last.above_tol}}
+
+
+class _CountingGuard(StepGuard):
+    """A :class:`StepGuard` whose per-forward all-reduce also sums the ranks' completed backward passes, so every
+    rank decides whether to check (and stop) from the same number, at the same forward."""
+
+    def __init__(self, model: nn.Module, process_group: Any, device: torch.device, monitor: ConvergenceMonitor):
+        self.monitor = monitor
+        self._done = 0
+        super().__init__(model, process_group, device)
+
+    def _sync(self, flag: int) -> int:
+        t = torch.tensor([flag, self.monitor.local_done() if flag else 0], dtype=torch.int64, device=self.device)
+        _allsum(t, self.process_group)
+        self._done = int(t[1]) // self.world
+        return int(t[0])
+
+    def _error(self, running: int) -> UsageError:
+        import torch.distributed as dist
+
+        return UsageError(
+            f"LoRA-GA with until='converged': ranks ran different numbers of forward passes (rank "
+            f"{dist.get_rank(self.process_group)} after {self.forwards}; {running} of {self.world} still running). "
+            "Every rank must run the same number of steps, so that all stop at the same pass: give each rank the "
+            "same number of batches (e.g. a DistributedSampler with drop_last=True, or num_batches=)."
+        )
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        super()._pre_forward(module, args)
+        self.monitor.at_forward(self._done)
+
+
+def watch_ranks(names: Sequence[str], ranks: Mapping[str, int]) -> dict[str, int]:
+    """The rank whose ``2 r`` directions are watched for each layer (its LoRA rank; peft's default 8 without one)."""
+    return {name: ranks.get(name, DEFAULT_WATCH_RANK) for name in names}
+
+
+Hook = Callable[..., None]
