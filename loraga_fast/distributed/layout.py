@@ -152,7 +152,8 @@ def zero3_layout(targets: Sequence[tuple[str, nn.Module]]) -> ShardLayout | None
 
     Raises:
         ValueError: some targets are ZeRO-3 parameters and others not, they are partitioned over different process
-            groups, or a partition is offloaded to NVMe (naming the layer).
+            groups, or a partition cannot be written (:func:`~loraga_fast.distributed.zero3.check_partitions`),
+            naming the layer.
     """
     zero = _sharded(targets, is_zero3, "is not a DeepSpeed ZeRO-3 parameter", ": create the whole model under "
                     "deepspeed.zero.Init (or load it with a ZeRO-3 config) before preprocessing.")
@@ -161,12 +162,12 @@ def zero3_layout(targets: Sequence[tuple[str, nn.Module]]) -> ShardLayout | None
     group = zero3_group(zero[0][1])
     for name, weight in zero:
         if zero3_group(weight) is not group:
-            raise UsageError(f"Layer '{name}' is partitioned over another process group than '{zero[0][0]}' (ZeRO++ "
-                             "hierarchical partitioning is not supported).")
+            raise UsageError(f"Layer '{name}' is partitioned over another process group than '{zero[0][0]}': create "
+                             "the whole model under one deepspeed.zero.Init (or one ZeRO-3 config).")
     check_partitions(targets)
     from torch.distributed.device_mesh import DeviceMesh
 
-    device = zero[0][1].ds_tensor.device.type
+    device = zero[0][1].device.type  # where weights are gathered and the accumulators live, also with offload_param
     return ShardLayout(mesh=DeviceMesh.from_group(group, device), process_group=group, engine="zero3")
 
 

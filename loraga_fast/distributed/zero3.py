@@ -6,8 +6,8 @@ ceil(numel / N)``, ``i`` the process index in ``param.ds_process_group``; the la
 module hooks gather a layer's weight for its forward and again for its backward, so the capture op sees whole
 ``X``, ``G`` and ``W`` as on one GPU. What changes is where the accumulators live (row shards, like FSDP:
 :class:`~loraga_fast.stores.sharded.ShardedStore`), how the base offset is written (:func:`offset_partition`:
-into this process's flat slice, nothing gathered), and how a weight is read whole (:func:`gathered`, one layer
-at a time).
+into this process's flat slice, and into its ZeRO++ secondary slice when hierarchical partitioning keeps one,
+nothing gathered), and how a weight is read whole (:func:`gathered`, one layer at a time).
 
 deepspeed is imported only when a model has ZeRO-3 parameters (their ``ds_*`` attributes say so).
 """
@@ -15,6 +15,7 @@ deepspeed is imported only when a model has ZeRO-3 parameters (their ``ds_*`` at
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,8 +24,8 @@ from torch import nn
 
 from ..errors import UsageError
 
-__all__ = ["check_partitions", "gathered", "gathering_engine", "is_hooked", "is_zero3", "offset_partition",
-           "partition_range", "release_gathered", "writing", "zero3_group"]
+__all__ = ["check_partitions", "engine_module", "gathered", "gathering_engine", "is_hooked", "is_zero3",
+           "offset_partition", "partition_range", "places_itself", "release_gathered", "writing", "zero3_group"]
 
 _ENGINE_CONFIG = {"train_micro_batch_size_per_gpu": 1,
                   # 0: the temporary engine marks no parameter persistent (whatever the user's engine will do)
@@ -41,27 +42,70 @@ def zero3_group(param: Any) -> Any:
     return param.ds_process_group
 
 
-def partition_range(param: Any) -> tuple[int, int]:
+def partition_range(param: Any, secondary: bool = False) -> tuple[int, int]:
     """``(start, stop)``: the elements of the flattened weight this process's partition holds (``stop - start``
-    may be less than the partition's size on the last process, or 0)."""
+    may be less than the partition's size on the last process, or 0). ``secondary``: the same for the ZeRO++
+    secondary partition (hierarchical partitioning, ``zero_hpz_partition_size > 1``: a copy of the weight split
+    over the smaller ``param.ds_zero_param_process_group``, which DeepSpeed gathers from for forward)."""
     import torch.distributed as dist
 
-    size = int(param.ds_tensor.ds_numel)
-    start = size * dist.get_rank(zero3_group(param))
+    if secondary:
+        size, group = int(param.ds_secondary_tensor.ds_numel), param.ds_zero_param_process_group
+    else:
+        size, group = int(param.ds_tensor.ds_numel), zero3_group(param)
+    start = size * dist.get_rank(group)
     return min(start, int(param.ds_numel)), min(start + size, int(param.ds_numel))
 
 
 def check_partitions(targets: Sequence[tuple[str, nn.Module]]) -> None:
     """Refuse, naming the layer, what the ZeRO-3 path cannot serve: partitions offloaded to NVMe (DeepSpeed swaps
-    them in and out of files, which the offset cannot write into)."""
+    them in and out of files, which the offset cannot write into); partitions stored quantized (ZeRO++
+    ``zero_quantized_nontrainable_weights``: an offset cannot be written into int8 values); weights partitioned over
+    fewer processes than the run has (a data-parallel group under model or sequence parallelism,
+    ``zero.Init(data_parallel_group=...)``): the gradients are summed over the partition group only, which would
+    leave the other processes' batches out."""
+    import torch.distributed as dist
+
     for name, module in targets:
-        location = getattr(getattr(module.weight, "ds_tensor", None), "final_location", None)
+        weight = module.weight
+        partitions = [weight.ds_tensor, getattr(weight, "ds_secondary_tensor", None)]
+        location = getattr(weight.ds_tensor, "final_location", None)
         if location is not None and str(getattr(location, "value", location)) == "nvme":
             raise UsageError(
                 f"Layer '{name}' has its ZeRO-3 partition offloaded to NVMe (offload_param.device='nvme'); loraga_fast "
                 "writes the LoRA-GA offset into each process's partition and cannot reach swapped-out ones: use "
                 "offload_param.device='cpu' or 'none' for the preprocessing run."
             )
+        if any(hasattr(part, "ds_quant_scale") for part in partitions if part is not None):
+            raise UsageError(
+                f"Layer '{name}' has its ZeRO-3 partition stored quantized (ZeRO++ "
+                "zero_quantized_nontrainable_weights); loraga_fast writes the LoRA-GA offset into each process's "
+                "partition and cannot write into quantized values: turn zero_quantized_nontrainable_weights off for "
+                "the preprocessing run."
+            )
+        size, world = dist.get_world_size(zero3_group(weight)), dist.get_world_size()
+        if size != world:
+            raise UsageError(
+                f"Layer '{name}' is partitioned by ZeRO-3 over {size} of the {world} processes (a data-parallel group "
+                "under model or sequence parallelism, or zero.Init(data_parallel_group=...)); loraga_fast sums the "
+                "gradients over the partition group and would leave the other processes' batches out: partition over "
+                "all processes for the preprocessing run."
+            )
+
+
+def engine_module(model: Any) -> nn.Module | None:
+    """The module a DeepSpeed engine (``deepspeed.initialize``, or ``accelerator.prepare`` under DeepSpeed) wraps, or
+    None when ``model`` is not an engine. Batches go through this module, not the engine: an engine built without an
+    optimizer refuses a direct ``loss.backward()`` (and has no ``engine.backward``), and its gathering hooks sit on
+    the module's layers anyway."""
+    engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)  # none unless deepspeed was imported
+    return model.module if engine is not None and isinstance(model, engine) else None
+
+
+def places_itself(model: nn.Module) -> bool:
+    """True for a model with ZeRO-3 parameters: DeepSpeed placed its partitions (``zero.Init``'s device, or CPU for
+    ``offload_param``), and moving the module with ``.to(device)`` would only move the empty placeholders."""
+    return any(is_zero3(p) for p in model.parameters())
 
 
 def is_hooked(module: nn.Module) -> bool:
@@ -141,15 +185,21 @@ def writing(model: nn.Module) -> Iterator[bool]:
 @torch.no_grad()
 def offset_partition(weight: Any, b: torch.Tensor, a: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> None:
     """``W -= scaling * B @ A`` on this process's flat partition of a ZeRO-3 weight, in place, computing only the
-    rows of ``B @ A`` that overlap it (``B (out, r)`` and ``A (r, in)`` are whole on every process); a weight whose
-    data is gathered or persistent (whole on every process) is offset whole too."""
+    rows of ``B @ A`` that overlap it (``B (out, r)`` and ``A (r, in)`` are whole on every process); the same on its
+    ZeRO++ secondary partition when hierarchical partitioning keeps one (forward gathers from it: left alone, the
+    model would run on the weight before the offset); a weight whose data is gathered or persistent (whole on every
+    process) is offset whole too."""
     rows, cols = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])  # stored layout
-    start, stop = partition_range(weight)
-    if stop > start:
-        first, last = start // cols, -(-stop // cols)
-        block = _delta_rows(b, a, first, last, fan_in_fan_out).reshape(-1)[start - first * cols : stop - first * cols]
-        part = weight.ds_tensor.narrow(0, 0, stop - start)
-        part.copy_(part.to(torch.float32).sub_(block.to(part.device), alpha=scaling))
+    partitions = [(weight.ds_tensor, partition_range(weight))]
+    if getattr(weight, "ds_secondary_tensor", None) is not None:
+        partitions.append((weight.ds_secondary_tensor, partition_range(weight, secondary=True)))
+    for tensor, (start, stop) in partitions:
+        if stop > start:
+            first, last = start // cols, -(-stop // cols)
+            rows_delta = _delta_rows(b, a, first, last, fan_in_fan_out).reshape(-1)
+            block = rows_delta[start - first * cols : stop - first * cols]
+            part = tensor.narrow(0, 0, stop - start)
+            part.copy_(part.to(torch.float32).sub_(block.to(part.device), alpha=scaling))
     if weight.data.numel() == rows * cols:  # gathered or persistent: the whole weight as well
         data = weight.data.view(rows, cols)
         data.copy_(data.to(torch.float32).sub_(_delta_rows(b, a, 0, rows, fan_in_fan_out).to(data.device),

@@ -2,7 +2,11 @@
 (``stage3_param_persistence_threshold: 0``): the gradients, adapters and offsets equal a single-process run on the
 union of the batches; weights stay partitioned; each process holds half the accumulators; the cache is written
 once and read back; the paths users take (an engine, a model no engine wraps yet, the engine rebuilt for training)
-and the mistakes they make (uneven batches, a cache of another model, NVMe offload) each behave."""
+and the mistakes they make (uneven batches, a cache of another model, NVMe offload) each behave. Partitions offloaded
+to CPU and ZeRO++ hierarchical partitioning (a secondary copy of each partition that forward gathers from) give the
+same adapters with the offset in place; quantized partitions and a partition group smaller than the run are refused.
+
+Trainer and accelerate: ``test_zero3_hf.py``."""
 
 from __future__ import annotations
 
@@ -33,10 +37,10 @@ def _llama() -> torch.nn.Module:
                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
 
 
-def _partitioned_llama() -> torch.nn.Module:
+def _partitioned_llama(config: dict[str, Any] = CONFIG, **init: Any) -> torch.nn.Module:
     # the model classes must be imported outside zero.Init: a class created inside it (transformers' modeling
     # module imported there) loses what other packages patch into its __init__ when DeepSpeed restores it on exit
-    with deepspeed.zero.Init(config_dict_or_path=CONFIG):
+    with deepspeed.zero.Init(config_dict_or_path=config, **init):
         return _llama()
 
 
@@ -220,3 +224,84 @@ def test_zero3_equals_single_process_and_refuses_mistakes(tmp_path: Path) -> Non
         assert res["uneven_restored"] and res["uneven_unhooked"], r
     assert probe_logits.abs().max() > 0
     assert not (tmp_path / "grads.safetensors.tmp-0").exists()
+
+
+OFFLOAD = {**CONFIG, "zero_optimization": {**CONFIG["zero_optimization"], "offload_param": {"device": "cpu"}}}
+HPZ = {**CONFIG, "zero_optimization": {**CONFIG["zero_optimization"], "zero_hpz_partition_size": 2}}
+
+
+def _offload_hpz_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    _init(rank, world, init_file)
+    try:
+        import peft
+
+        out: dict[str, Any] = {}
+        batches = token_batches(n=NUM_BATCHES)[rank::world]
+        probe = token_batches(n=1, seed=7)[0]
+        for label, config in (("offload", OFFLOAD), ("hpz", HPZ)):
+            model = _partitioned_llama(config)
+            out[f"weights_{label}"] = _full_weights(model)
+            engine, *_ = deepspeed.initialize(model=model, config=config)
+            weight = model.model.layers[0].self_attn.q_proj.weight
+            out[f"secondary_{label}"] = getattr(weight, "ds_secondary_tensor", None) is not None
+            with torch.no_grad():
+                before = model(input_ids=probe).logits
+            cfg = lora_ga_config(TARGETS)
+            preprocess_loraga(model, cfg, _step(model, batches))
+            pm = peft.get_peft_model(model, cfg)
+            with torch.no_grad():  # forward gathers from the secondary copy under hpZ: it must hold the offset too
+                after = pm(input_ids=probe).logits
+            out[f"out_diff_{label}"] = (after - before).abs().max().item() / before.abs().max().item()
+            out[f"factors_{label}"] = _factors(pm)
+            engine.destroy()
+            trainable = [p for p in pm.parameters() if p.requires_grad]
+            engine, *_ = deepspeed.initialize(model=pm, optimizer=torch.optim.SGD(trainable, lr=1e-2), config=config)
+            for b in batches[:2]:
+                loss = engine(input_ids=b, labels=b).loss
+                engine.backward(loss)
+                engine.step()
+                out.setdefault(f"losses_{label}", []).append(loss.item())
+            engine.destroy()
+
+        # refused by name, before anything runs, the model left as it was
+        quantized = _partitioned_llama()
+        # a stand-in for ZeRO++ zero_quantized_nontrainable_weights (its quantizer has no CPU implementation)
+        quantized.model.layers[1].self_attn.v_proj.weight.ds_tensor.ds_quant_scale = torch.ones(1)
+        groups = [dist.new_group([r]) for r in range(world)]
+        alone = _partitioned_llama(data_parallel_group=groups[rank])  # partitioned over this process only
+        for label, m in (("quantized", quantized), ("group", alone)):
+            flags = [p.requires_grad for p in m.parameters()]
+            out[f"{label}_error"] = _error(lambda m=m: preprocess_loraga(m, lora_ga_config(TARGETS), _step(m, batches)))
+            out[f"{label}_untouched"] = flags == [p.requires_grad for p in m.parameters()] and not attached(m)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_zero3_offload_and_hierarchical_partitions(tmp_path: Path) -> None:
+    import peft
+
+    spawn(_offload_hpz_worker, 2, tmp_path, timeout=300.0)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    single = _llama()
+    single.load_state_dict(results[0]["weights_offload"])
+    cfg = lora_ga_config(TARGETS)
+    preprocess_loraga(single, cfg, _step(single, token_batches(n=NUM_BATCHES)))
+    expected = _factors(peft.get_peft_model(single, cfg))
+    for r, res in enumerate(results):
+        for label in ("offload", "hpz"):
+            for name, w in res[f"weights_{label}"].items():
+                assert torch.equal(w, results[0]["weights_offload"][name]), (r, label, name)
+            got = res[f"factors_{label}"]
+            assert got.keys() == expected.keys() and expected, (r, label)
+            for n, (a, b) in got.items():
+                assert rel_err(b @ a, expected[n][1] @ expected[n][0]) < 1e-4, (r, label, n)
+            assert res[f"out_diff_{label}"] <= 1e-5, (r, label, res[f"out_diff_{label}"])  # W - s B A + s B A = W
+            assert len(res[f"losses_{label}"]) == 2 and all(torch.isfinite(torch.tensor(res[f"losses_{label}"]))), r
+        assert res["secondary_hpz"] and not res["secondary_offload"], r  # hpZ really kept a secondary copy
+        assert "stored quantized" in res["quantized_error"] and "v_proj" in res["quantized_error"], res
+        assert "'model.layers.0.self_attn.q_proj'" in res["group_error"], res["group_error"]
+        assert "over 1 of the 2 processes" in res["group_error"], res["group_error"]
+        assert res["quantized_untouched"] and res["group_untouched"], r
