@@ -63,7 +63,7 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         homes = MOVED[spec.name]
         warnings.warn(f"{spec.name} moved to {' and '.join(homes)} in loraga_fast 0.2; the old path will be removed in "
                       "0.3 (the public names are importable from loraga_fast itself)", DeprecationWarning,
-                      stacklevel=_importer_level())
+                      stacklevel=2)  # warnings skips importlib's own frames: 2 is the importing line
         modules = [importlib.import_module(home) for home in homes]
         if len(modules) == 1:
             self._specs[spec.name] = modules[0].__spec__
@@ -92,15 +92,6 @@ class _Split(ModuleType):
                 return getattr(home, attr)
         raise AttributeError(f"module {self.__name__!r} (moved to {', '.join(m.__name__ for m in self._homes)}) has "
                              f"no attribute {attr!r}")
-
-
-def _importer_level() -> int:
-    """The ``stacklevel`` that points a warning at the code that imported the old path (past importlib's frames)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename.startswith("<frozen importlib") or
-                                 frame.f_code.co_filename == __file__):
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    return level
 
 
 def install() -> None:

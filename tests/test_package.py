@@ -99,8 +99,10 @@ def test_public_names_import() -> None:
 @pytest.mark.parametrize("old", sorted(importlib.import_module("loraga_fast._moved").MOVED))
 def test_old_module_paths_still_import_with_a_deprecation_warning(old: str) -> None:
     sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=re.escape(old) + " moved to"):
-        module = importlib.import_module(old)
+    with pytest.warns(DeprecationWarning, match=re.escape(old) + " moved to") as record:
+        __import__(old)  # an import statement's own call: the warning must point at this line, not at importlib
+    assert [w.filename for w in record if old in str(w.message)] == [__file__]
+    module = sys.modules[old]
     homes = importlib.import_module("loraga_fast._moved").MOVED[old]
     for home in homes:  # every public name of every new home is reachable through the old path
         for name in getattr(importlib.import_module(home), "__all__", ()):
