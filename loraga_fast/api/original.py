@@ -27,7 +27,7 @@ from torch import nn
 from ..core.handoff import hand_off, release
 from ..core.passes import run_passes, summarize
 from ..distributed.layout import check_sharded_config, shard_layout
-from ..distributed.zero3 import writing
+from ..distributed.zero3 import engine_module, places_itself, writing
 from ..errors import UsageError
 from ..layers.kinds import is_supported_layer, weight_shape
 from ..layers.quantized import UNTOUCHED_BASES, unsupported_quantized
@@ -64,9 +64,10 @@ def estimate_gradient(
             ``BitsAndBytesConfig``): its ``Linear4bit`` / ``Linear8bitLt`` targets are captured directly (the
             gradient with respect to the dequantized weight), with no float copy of the model.
         dataloader: batches as dicts (``model(**batch)``), tuples/lists (``model(*batch)``) or tensors.
-        accelerator: optional ``accelerate.Accelerator``: the model goes to its device and the dataloader through
-            ``accelerator.prepare``. Whenever ``torch.distributed`` is initialized (torchrun, ``accelerate launch``),
-            the sums and counts are reduced over all processes (one collective per shape group).
+        accelerator: optional ``accelerate.Accelerator``: the model goes to its device (a DeepSpeed ZeRO-3 model
+            stays where DeepSpeed placed it) and the dataloader through ``accelerator.prepare``. Whenever
+            ``torch.distributed`` is initialized (torchrun, ``accelerate launch``), the sums and counts are reduced
+            over all processes (one collective per shape group).
         quant_flag: the original's switch for quantized training (QLoRA). The original then estimates on a float
             copy of the model, offloaded block by block, and initializes the re-quantized model; here a quantized
             model is estimated directly, so ``quant_flag`` only says that the model will be trained quantized and
@@ -83,8 +84,9 @@ def estimate_gradient(
     Returns:
         ``{module_name: mean gradient}``: fp32, the weight's layout, on the weight's device, for every target that
         saw a backward pass (the tensors are views of shape-grouped buffers). Names are those of the bare model,
-        also for a ``DistributedDataParallel`` one. For an FSDP-sharded model, each is a ``DTensor`` row-sharded
-        over the model's process group (every rank must then run the same number of batches).
+        also for a ``DistributedDataParallel`` one or a DeepSpeed engine (whose module runs the batches). For an
+        FSDP- or ZeRO-3-sharded model, each is a ``DTensor`` row-sharded over the model's process group (every rank
+        must then run the same number of batches).
 
     Raises:
         ValueError: no target layer; a target quantized by a library other than bitsandbytes; an empty dataloader;
@@ -92,6 +94,9 @@ def estimate_gradient(
             left as it was.
     """
     del quant_flag, origin_type, quant_type, no_split_module_classes  # the original's workaround only (see above)
+    # a DeepSpeed engine (accelerator.prepare under DeepSpeed) runs its module: without an optimizer it refuses a
+    # plain backward
+    model = engine_module(model) or model
     # a DistributedDataParallel model (accelerator.prepare) runs as is, but is named like the bare model, so the
     # result matches LoraGAContext(bare_model, ...) and peft's module names
     named = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -110,7 +115,8 @@ def estimate_gradient(
         raise UsageError("estimate_gradient: the model has no nn.Linear or Conv1D target layer.")
     device: Any = "auto"
     if accelerator is not None:
-        model.to(accelerator.device)
+        if not places_itself(model):  # DeepSpeed ZeRO-3 placed the partitions itself
+            model.to(accelerator.device)
         dataloader = accelerator.prepare(dataloader)
         device = None  # the prepared dataloader places the batches
     layout = shard_layout(targets, named)

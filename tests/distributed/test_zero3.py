@@ -10,6 +10,7 @@ Trainer and accelerate: ``test_zero3_hf.py``."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -48,9 +49,9 @@ def _init(rank: int, world: int, init_file: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    import deepspeed.comm.torch as ds_torch
-
-    ds_torch.build_shm_op = lambda: None  # DeepSpeed's optional shared-memory collectives: a 2-minute compile
+    # DeepSpeed's optional shared-memory collectives: a 2-minute compile. (Not `import deepspeed.comm.torch as m`:
+    # that binds deepspeed.comm's attribute `torch`, the torch package.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
 
 
