@@ -32,7 +32,7 @@ SUITES: dict[str, str] = {
     "accuracy": "factor accuracy on SmolLM2's real gradients (low-memory passes x sketch size, exact rSVD)",
     "qlora": "LoRA-GA on a bitsandbytes-quantized SmolLM2: drift at initialization and first training steps",
     "convergence": "plain LoRA vs LoRA-GA fine-tuning SmolLM2 (held-out loss per step)",
-    "distributed": "data parallel, FSDP2 and FSDP1 on gloo processes: time, memory and bytes per rank",
+    "distributed": "data parallel, FSDP2, FSDP1 and DeepSpeed ZeRO-3 on gloo processes: time, memory, bytes per rank",
 }
 ALL = ("kernels", "init", "e2e")
 PRESETS = ("tiny", "70m", "smollm2", "llama-7b", "llama-7b-cpu")
@@ -117,7 +117,7 @@ def missing_packages(suite: str, preset: str | None, plot: bool) -> list[tuple[s
     if preset == "smollm2" or suite in ("accuracy", "qlora", "convergence"):
         what = "--preset smollm2" if preset == "smollm2" else f"bench {suite}"
         needs += [(what, pkg, module) for pkg, module in _SMOLLM2]
-    if suite in ("e2e", "init", "lowmem", "sketch_memory"):
+    if suite in ("e2e", "init", "lowmem", "sketch_memory", "distributed"):
         needs.append((f"bench {suite}", "psutil", "psutil"))
     if suite == "qlora":
         needs.append(("bench qlora", "bitsandbytes", "bitsandbytes"))
