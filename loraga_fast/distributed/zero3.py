@@ -27,6 +27,8 @@ from ..errors import UsageError
 __all__ = ["check_partitions", "engine_module", "gathered", "gathering_engine", "is_hooked", "is_zero3",
            "offset_partition", "partition_range", "places_itself", "release_gathered", "writing", "zero3_group"]
 
+# DeepSpeed's message when a loss computed through an engine without optimizer is backpropagated directly
+_ENGINE_BACKWARD = "Direct calls to tensor.backward() are not supported"
 _ENGINE_CONFIG = {"train_micro_batch_size_per_gpu": 1,
                   # 0: the temporary engine marks no parameter persistent (whatever the user's engine will do)
                   "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
@@ -119,23 +121,31 @@ def gathering_engine(model: nn.Module, targets: Sequence[tuple[str, nn.Module]])
     """While open, a temporary DeepSpeed stage-3 engine (no optimizer) gathers the weights of a ZeRO-3 model that
     no engine wraps yet (a model loaded partitioned, before ``Trainer`` or ``deepspeed.initialize`` builds one); on
     exit its hooks are removed, so the user's own engine can wrap the model later. When an engine wraps the model
-    already, it is used as is. Either way every weight is partitioned again on exit (:func:`release_gathered`)."""
-    if all(is_hooked(module) for _, module in targets):
-        try:
-            yield
-        finally:
-            release_gathered(model)
-        return
-    import deepspeed
+    already, it is used as is. Either way every weight is partitioned again on exit (:func:`release_gathered`).
 
-    engine, *_ = deepspeed.initialize(model=model, config=_ENGINE_CONFIG)
+    A ``train_step`` that calls an engine built without an optimizer (``engine(**batch).loss.backward()``) fails
+    inside DeepSpeed's backward hook; that failure becomes one ``UsageError`` saying to call the model instead."""
+    engine = None
+    if not all(is_hooked(module) for _, module in targets):
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=model, config=_ENGINE_CONFIG)
     try:
         yield
+    except RuntimeError as err:
+        if _ENGINE_BACKWARD not in str(err):
+            raise
+        raise UsageError(
+            "train_step ran a backward pass through a DeepSpeed engine that has no optimizer: DeepSpeed refuses "
+            "loss.backward() there (and engine.backward needs an optimizer). In train_step call the model the engine "
+            "wraps (engine.module, the model given to deepspeed.initialize or accelerator.prepare), not the engine."
+        ) from None
     finally:
         try:
             release_gathered(model)
         finally:
-            engine.destroy()
+            if engine is not None:
+                engine.destroy()
 
 
 def release_gathered(model: nn.Module) -> None:

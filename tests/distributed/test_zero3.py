@@ -4,7 +4,8 @@ union of the batches; weights stay partitioned; each process holds half the accu
 once and read back; the paths users take (an engine, a model no engine wraps yet, the engine rebuilt for training)
 and the mistakes they make (uneven batches, a cache of another model, NVMe offload) each behave. Partitions offloaded
 to CPU and ZeRO++ hierarchical partitioning (a secondary copy of each partition that forward gathers from) give the
-same adapters with the offset in place; quantized partitions and a partition group smaller than the run are refused.
+same adapters with the offset in place; quantized partitions, a partition group smaller than the run and a train_step
+that calls an engine without optimizer are refused.
 
 Trainer and accelerate: ``test_zero3_hf.py``."""
 
@@ -270,10 +271,16 @@ def _offload_hpz_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         quantized.model.layers[1].self_attn.v_proj.weight.ds_tensor.ds_quant_scale = torch.ones(1)
         groups = [dist.new_group([r]) for r in range(world)]
         alone = _partitioned_llama(data_parallel_group=groups[rank])  # partitioned over this process only
-        for label, m in (("quantized", quantized), ("group", alone)):
+        wrapped = _partitioned_llama()
+        engine, *_ = deepspeed.initialize(model=wrapped, config=CONFIG)  # no optimizer: refuses loss.backward()
+        cases = (("quantized", quantized, _step(quantized, batches)), ("group", alone, _step(alone, batches)),
+                 ("engine", wrapped, _step(engine, batches)))  # train_step calls the engine, not the model
+        for label, m, step in cases:
             flags = [p.requires_grad for p in m.parameters()]
-            out[f"{label}_error"] = _error(lambda m=m: preprocess_loraga(m, lora_ga_config(TARGETS), _step(m, batches)))
+            out[f"{label}_error"] = _error(lambda m=m, step=step: preprocess_loraga(m, lora_ga_config(TARGETS), step))
             out[f"{label}_untouched"] = flags == [p.requires_grad for p in m.parameters()] and not attached(m)
+        out["engine_released"] = wrapped.model.layers[0].self_attn.q_proj.weight.numel() == 0
+        engine.destroy()
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -305,4 +312,6 @@ def test_zero3_offload_and_hierarchical_partitions(tmp_path: Path) -> None:
         assert "stored quantized" in res["quantized_error"] and "v_proj" in res["quantized_error"], res
         assert "'model.layers.0.self_attn.q_proj'" in res["group_error"], res["group_error"]
         assert "over 1 of the 2 processes" in res["group_error"], res["group_error"]
-        assert res["quantized_untouched"] and res["group_untouched"], r
+        assert "through a DeepSpeed engine that has no optimizer" in res["engine_error"], res["engine_error"]
+        assert res["quantized_untouched"] and res["group_untouched"] and res["engine_untouched"], r
+        assert res["engine_released"], r  # the weights the failed pass gathered are partitioned again
