@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.convergence import stop_rule
 from ..core.handoff import hand_off, release
 from ..core.passes import run_passes, summarize
 from ..distributed.layout import check_sharded_config, shard_layout
@@ -31,7 +32,7 @@ from ..distributed.zero3 import engine_module, places_itself, writing
 from ..errors import UsageError
 from ..layers.kinds import is_supported_layer, weight_shape
 from ..layers.quantized import UNTOUCHED_BASES, unsupported_quantized
-from ..layers.targets import GRAD_ATTR, fill_default_target_modules, find_targets, warn_left_out
+from ..layers.targets import GRAD_ATTR, fill_default_target_modules, find_targets, layer_ranks, warn_left_out
 from ..stores.sharded import new_store
 from .names import INIT_CHECKPOINT, OFFSETS_FILE
 from .steps import LossFn, train_step_from_dataloader
@@ -54,6 +55,8 @@ def estimate_gradient(
     lora_config: Any = None,
     loss_fn: LossFn | None = None,
     progress: bool = True,
+    until: str | None = None,
+    convergence_tol: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean gradient of every target layer's weight over ``dataloader``: ``{module_name: fp32 gradient}``.
 
@@ -80,6 +83,9 @@ def estimate_gradient(
             ``nn.Linear`` and transformers ``Conv1D`` of the model.
         loss_fn: ``loss_fn(outputs, batch) -> loss``; default ``outputs.loss``.
         progress: show a progress bar.
+        until, convergence_tol: ``until="converged"`` stops once the top-``2r`` singular subspaces of every mean
+            gradient have converged, as in :func:`~loraga_fast.preprocess_loraga` (``r`` from ``lora_config``, else
+            peft's default 8); the result is the mean over the batches actually run.
 
     Returns:
         ``{module_name: mean gradient}``: fp32, the weight's layout, on the weight's device, for every target that
@@ -94,6 +100,7 @@ def estimate_gradient(
             left as it was.
     """
     del quant_flag, origin_type, quant_type, no_split_module_classes  # the original's workaround only (see above)
+    stop = stop_rule(until, convergence_tol)  # before any data is read
     # a DeepSpeed engine (accelerator.prepare under DeepSpeed) runs its module: without an optimizer it refuses a
     # plain backward
     model = engine_module(model) or model
@@ -127,8 +134,9 @@ def estimate_gradient(
         total = len(dataloader)  # type: ignore[arg-type]
     group = layout.process_group if layout is not None else None
     with layout.estimating(named, targets) if layout is not None else contextlib.nullcontext():
-        run_passes(model, targets, store, step, ranks={}, process_group=group, guard_group=group, num_batches=total,
-                   progress=progress)
+        ranks = layer_ranks(lora_config, [name for name, _ in targets]) if lora_config is not None else {}
+        run_passes(model, targets, store, step, ranks=ranks, process_group=group, guard_group=group, num_batches=total,
+                   progress=progress, stop=stop)
     seen, _ = summarize(store, [name for name, _ in targets])
     warn_left_out([name for name, _ in targets], seen, (), what="are left out of the result")
     return store.mean_gradients()

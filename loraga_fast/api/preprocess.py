@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from ..distributed.collectives import is_distributed
 from ..stores.base import GradientSource
 from ..stores.cached import load_factors, load_gradients
 
-__all__ = ["check_preprocess", "preprocess_loraga", "run_plan"]
+__all__ = ["Estimation", "check_preprocess", "preprocess_loraga", "run_plan"]
 
 logger = logging.getLogger("loraga_fast")
 
@@ -44,6 +45,11 @@ def preprocess_loraga(
     sketch_size: int | None = None,
     passes: int | None = None,
     quantized_offset: str = "requantize",
+    until: str | None = None,
+    convergence_tol: float | None = None,
+    rank_budget: int | str | None = None,
+    min_rank: int = 1,
+    max_rank: int | None = None,
 ) -> None:
     """Estimate the mean gradient of every LoRA-GA target layer and attach it for ``peft.get_peft_model``.
 
@@ -85,6 +91,24 @@ def preprocess_loraga(
             does) or ``"none"`` (the quantized base is left untouched; the model's function then changes by
             ``s B A``). Quantized targets are captured through their own forward (the gradient with respect to the
             dequantized weight); no float copy of a weight is made.
+        until: None (default): the mean over every backward pass ``train_step`` runs. ``"converged"`` (exact mode):
+            every 4 backward passes the top-``2r`` singular subspaces of every running mean are checked, and once
+            every layer's moved by less than ``convergence_tol`` of its top-``2r`` energy at two checks in a row,
+            ``train_step`` is stopped at the start of its next forward of ``model`` (cleanly: the model is restored,
+            and the result is the mean over the passes actually run); a ``train_step`` whose gradients do not
+            converge runs to its end. Distributed (data parallel, FSDP), every rank stops at the same pass, and the
+            ranks must run the same number of forwards. See :mod:`loraga_fast.core.convergence`.
+        convergence_tol: with ``until="converged"``: the tolerance, in ``(0, 1)`` (default 0.01).
+        rank_budget: None (default): every target gets the config's rank. ``"uniform"`` (the LoRA parameter count of
+            the config's ranks) or a number of LoRA parameters: per-layer ranks are allocated to maximize the
+            gradient energy the adapters capture, ``sum_l sum_{i <= 2 r_l} sigma_i^2`` (LoRA-GA's first-step loss
+            decrease), under ``sum_l r_l (m_l + n_l) <= rank_budget``, and written to ``lora_config.rank_pattern``
+            and ``alpha_pattern`` (each layer's scaling kept at the config's), which ``get_peft_model``,
+            ``save_pretrained`` and ``PeftModel.from_pretrained`` use as usual. See
+            :mod:`loraga_fast.core.allocation`.
+        min_rank, max_rank: with ``rank_budget``: the bounds of every layer's rank (``max_rank=None``: 4 x the
+            config's rank, at most ``min(m, n) / 2``; a given ``max_rank`` must be at most ``min(m, n) / 2`` for
+            every target).
 
     Effects:
         Each target module gets ``module._peft_loraga_grad``: fp32, the weight's shape and layout, on the
@@ -98,23 +122,42 @@ def preprocess_loraga(
             bitsandbytes, no supported layer matches, ``2 r > min(m, n)`` for a target, the accumulators do not fit
             in memory (all checked from shapes and config before ``train_step`` runs); a target's forward is not
             the standard linear forward; ``train_step`` ran no backward pass through any target; or the cache does
-            not match the model.
+            not match the model. An ``until``, ``convergence_tol``, ``rank_budget``, ``min_rank`` or ``max_rank``
+            that cannot work (a tolerance outside ``(0, 1)``, a budget below ``min_rank`` on every target,
+            ``max_rank > min(m, n) / 2``, ``until="converged"`` in low-memory mode, ...) raises before any data is
+            read.
     """
     plan = make_plan(model, lora_config, cache_file, mode=mode, sketch_size=sketch_size, passes=passes,
-                     quantized_offset=quantized_offset, process_group=process_group)
+                     quantized_offset=quantized_offset, process_group=process_group, until=until,
+                     convergence_tol=convergence_tol, rank_budget=rank_budget, min_rank=min_rank, max_rank=max_rank)
     run_plan(model, plan, train_step, num_batches=num_batches, progress=progress)
 
 
+@dataclass(frozen=True)
+class Estimation:
+    """What :func:`run_plan` did: the backward passes the mean is over (None when read from a cache), the
+    convergence checks' summary (``until="converged"``), and the allocated ranks and their LoRA parameter count
+    (``rank_budget``)."""
+
+    backward_passes: int | None
+    convergence: dict[str, Any] | None = None
+    ranks: dict[str, int] | None = None
+    lora_params: int | None = None
+
+
 def run_plan(model: nn.Module, plan: Plan, train_step: Callable[[], None], *, num_batches: int | None = None,
-             progress: bool | None = None) -> None:
+             progress: bool | None = None) -> Estimation:
     """:func:`preprocess_loraga` after its checks: the memory fit, then the passes (or the cache) and the hand-off,
     for a :class:`~loraga_fast.core.plan.Plan` made (and possibly bound) by the caller."""
     logger.info("%s", plan.memory)
     plan.check_fits()
     start = time.perf_counter()
     source: GradientSource
+    backwards: int | None = None
+    convergence = None
     if plan.cached and plan.mode == "lowmem":
-        source = load_factors(plan.cache_file, dict(plan.targets), plan.ranks)  # type: ignore[arg-type]
+        need = plan.budget.max_ranks if plan.budget is not None else plan.ranks
+        source = load_factors(plan.cache_file, dict(plan.targets), need)  # type: ignore[arg-type]
         how = f"loaded from {plan.cache_file}"
     else:
         store = plan.new_store()
@@ -124,25 +167,49 @@ def run_plan(model: nn.Module, plan: Plan, train_step: Callable[[], None], *, nu
         else:
             guard = plan.layout.process_group if plan.layout is not None else None
             with plan.layout.estimating(model, plan.targets) if plan.layout is not None else contextlib.nullcontext():
-                run_passes(model, plan.targets, store, train_step, ranks=plan.ranks,
-                           process_group=plan.process_group, guard_group=guard, num_batches=num_batches,
-                           progress=progress)
+                monitor = run_passes(model, plan.targets, store, train_step, ranks=plan.ranks,
+                                     process_group=plan.process_group, guard_group=guard, num_batches=num_batches,
+                                     progress=progress, stop=plan.stop)
             backwards = max(store.counts().values(), default=0)
             how = (f"estimated in {store.passes} passes over {backwards} backward passes each" if store.passes > 1
                    else f"estimated over {backwards} backward passes")
+            if monitor is not None:
+                convergence = monitor.summary()
+                how += _converged_note(convergence)
         logger.info("LoRA-GA: %d target layers %s in %.2fs (%s: %.1f MiB)", len(plan.targets), how,
                     time.perf_counter() - start, "sketches" if plan.mode == "lowmem" else "fp32 accumulators",
                     store.nbytes / 2**20)
         source = store
     writer = not is_distributed(plan.process_group) or torch.distributed.get_rank(plan.process_group) == 0
-    hand_off(plan.lora_config, plan.targets, source, layout=plan.layout,
-             cache_file=plan.cache_file if not plan.cached else None, writer=writer,
-             quantized_offset=plan.quantized_offset)
+    ranks = hand_off(plan.lora_config, plan.targets, source, layout=plan.layout,
+                     cache_file=plan.cache_file if not plan.cached else None, writer=writer,
+                     quantized_offset=plan.quantized_offset, budget=plan.budget)
+    params = None
+    if ranks is not None:
+        assert plan.budget is not None
+        params = sum(r * plan.budget.costs[name] for name, r in ranks.items())
+        logger.info("LoRA-GA: ranks %d to %d allocated under a budget of %d LoRA parameters%s (%d used)",
+                    min(ranks.values()), max(ranks.values()), plan.budget.params,
+                    " (the config's uniform ranks)" if plan.budget.uniform else "", params)
+    return Estimation(backwards, convergence, ranks, params)
+
+
+def _converged_note(summary: dict[str, Any]) -> str:
+    last = summary["last_check"]
+    if summary["converged"]:
+        return (f" (converged: every layer's top-2r subspaces moved by < {summary['tol']:g} at the last two checks; "
+                f"largest {last['moved']:.2g})")
+    if last is None or last["moved"] is None:
+        return " (until='converged': train_step ended before two checks)"
+    return (f" (all of train_step: not converged, {last['layers_above_tol']} layer(s) moved by >= {summary['tol']:g} at "
+            f"the last check, the most {last['worst_layer']} by {last['moved']:.2g})")
 
 
 def check_preprocess(model: nn.Module, lora_config: LoraConfig, cache_file: str | os.PathLike[str] | None = None, *,
                      mode: str = "exact", sketch_size: int | None = None, passes: int | None = None,
-                     quantized_offset: str = "requantize", process_group: Any = None) -> Plan:
+                     quantized_offset: str = "requantize", process_group: Any = None, until: str | None = None,
+                     convergence_tol: float | None = None, rank_budget: int | str | None = None, min_rank: int = 1,
+                     max_rank: int | None = None) -> Plan:
     """Every check :func:`preprocess_loraga` makes from shapes and config before it runs ``train_step`` (LoRA-GA
     config, targets, ``2 r <= min(m, n)``, arguments, cache path, sharded layout, memory fit), without running
     anything: for callers that want to fail before spending time on data preparation. Fills
@@ -155,6 +222,7 @@ def check_preprocess(model: nn.Module, lora_config: LoraConfig, cache_file: str 
         ValueError: the first failed check, with the message :func:`preprocess_loraga` would give.
     """
     plan = make_plan(model, lora_config, cache_file, mode=mode, sketch_size=sketch_size, passes=passes,
-                     quantized_offset=quantized_offset, process_group=process_group)
+                     quantized_offset=quantized_offset, process_group=process_group, until=until,
+                     convergence_tol=convergence_tol, rank_budget=rank_budget, min_rank=min_rank, max_rank=max_rank)
     plan.check_fits()
     return plan

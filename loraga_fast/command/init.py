@@ -125,11 +125,18 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
                         target_modules=None, init_lora_weights="lora_ga",
                         lora_ga_config=LoraGAConfig(direction=args.direction, scale=args.scale, stable_gamma=args.gamma))
     lowmem = {"passes": args.passes} if args.mode == "lowmem" else {}
+    extra = {"until": "converged" if getattr(args, "until_converged", False) else None,
+             "convergence_tol": getattr(args, "convergence_tol", None), "rank_budget": getattr(args, "rank_budget", None),
+             "min_rank": getattr(args, "min_rank", 1), "max_rank": getattr(args, "max_rank", None)}
+    if extra["convergence_tol"] is not None and extra["until"] is None:
+        raise CliError("--convergence-tol applies with --until-converged only")
+    if extra["rank_budget"] is None and (extra["min_rank"] != 1 or extra["max_rank"] is not None):
+        raise CliError("--min-rank and --max-rank apply with --rank-budget only")
     # model kind, targets, ranks and arguments from the config alone (a meta-device skeleton), and the text, before
     # any weight is read
     skeleton = model_skeleton(args.model)
     targets = _resolve_targets(skeleton, config, args.targets)
-    plan = make_plan(skeleton, config, args.cache, mode=args.mode, quantized_offset="none", **lowmem)
+    plan = make_plan(skeleton, config, args.cache, mode=args.mode, quantized_offset="none", **lowmem, **extra)
     del skeleton
     text = read_text(args.data, args.text_field) if args.data else stdlib_text()
     with tqdm(total=2, desc="loading", unit="step") as bar:
@@ -149,7 +156,7 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     cache_reused = plan.cached
     try:
-        run_plan(model, plan, step, num_batches=args.batches, progress=True)
+        estimation = run_plan(model, plan, step, num_batches=args.batches, progress=True)
     except torch.OutOfMemoryError as err:
         hint = ("the sketches are small; lower --batch-size or --seq-len" if args.mode == "lowmem" else
                 "lower --batch-size or --seq-len (the fp32 accumulators take 4 bytes per target weight: --mode lowmem "
@@ -167,10 +174,14 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
     phases["init"] = time.perf_counter() - start
 
     n_targets = sum(1 for m in peft_model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    used = estimation.backward_passes if estimation.backward_passes is not None else args.batches
     params = {k: v for k, v in vars(args).items() if k not in ("command", "func", "debug")}
     summary = {
         "run_id": run_id, "model": description, "targets": n_targets, "target_modules": targets,
-        "tokens": None if cache_reused else args.batches * args.batch_size * args.seq_len,
+        "tokens": None if cache_reused else used * args.batch_size * args.seq_len,
+        "batches_used": None if cache_reused else used, "convergence": estimation.convergence,
+        "rank_budget": None if estimation.ranks is None else {
+            "budget": args.rank_budget, "lora_params": estimation.lora_params, "ranks": estimation.ranks},
         "cache": args.cache, "cache_reused": cache_reused, "params": params,
         "rank": args.rank, "phases_s": phases, "peak_memory_bytes": 0, "out": str(out),
         "device": str(device), "dtype": args.dtype, "mode": args.mode, "quantize": args.quantize,
@@ -192,8 +203,21 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
 def _summary_table(s: dict[str, Any]) -> str:
     rows = [("model", s["model"]), ("device / dtype", f"{s['device']} / {s['dtype']}"),
             ("targets", f"{s['targets']} layers ({', '.join(s['target_modules'])})"),
-            ("tokens", f"none: loaded from the cache {s['cache']}" if s.get("cache_reused") else str(s["tokens"])),
+            ("tokens", f"none: loaded from the cache {s['cache']}" if s.get("cache_reused") else
+             f"{s['tokens']} ({s['batches_used']} batches)"),
             ("rank", str(s["rank"]))]
+    conv = s.get("convergence")
+    if conv is not None:
+        last = conv["last_check"] or {}
+        rows.append(("convergence", (f"converged (tol {conv['tol']:g})" if conv["converged"] else
+                                         f"not converged in {s['batches_used']} batches (tol {conv['tol']:g})")
+                     + (f"; last check: largest move {last['moved']:.2g} ({last['worst_layer']})"
+                        if last.get("moved") is not None else "")))
+    budget = s.get("rank_budget")
+    if budget is not None:
+        ranks = list(budget["ranks"].values())
+        rows.append(("rank budget", f"{budget['budget']}: {budget['lora_params']} LoRA parameters, ranks {min(ranks)} to "
+                                    f"{max(ranks)} (rank_pattern in the adapter config)"))
     rows += [(f"time: {k}", f"{v:.2f} s") for k, v in s["phases_s"].items()]
     rows += [("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"), ("saved to", f"{s['out']} (run {s['run_id']})")]
     width = max(len(k) for k, _ in rows)

@@ -37,6 +37,30 @@ def _positive(text: str) -> int:
     return value
 
 
+def _budget(text: str) -> str | int:
+    """argparse type: ``uniform`` or a whole number of LoRA parameters >= 1."""
+    if text == "uniform":
+        return text
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'uniform' or a whole number of LoRA parameters, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
 def _device(text: str) -> str:
     """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where torch sees a GPU."""
     import torch
@@ -82,7 +106,8 @@ INIT_EXAMPLES = """\
 examples:
   loraga-fast init                                   # the embedded default, into ./loraga_init
   loraga-fast init --model HuggingFaceTB/SmolLM2-135M --data train.jsonl --rank 16 --batches 64 --out runs/smol
-  loraga-fast init --model ./llama-7b --dtype bf16 --mode lowmem --cache grads.safetensors --out runs/7b"""
+  loraga-fast init --model ./llama-7b --dtype bf16 --mode lowmem --cache grads.safetensors --out runs/7b
+  loraga-fast init --model ./smollm2 --data train.jsonl --batches 64 --until-converged --rank-budget uniform"""
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
@@ -112,7 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--targets", default=None,
                       help="comma-separated module names, e.g. q_proj,k_proj,v_proj,o_proj (default: peft's "
                            "default for the model type, e.g. q_proj,v_proj for LLaMA)")
-    init.add_argument("--batches", type=_positive, default=8, help="batches to estimate on (the paper uses 64-128)")
+    init.add_argument("--batches", type=_positive, default=8, help="batches to estimate on (the paper uses 64-128); "
+                                                                   "with --until-converged, the most it runs")
+    init.add_argument("--until-converged", action="store_true",
+                      help="stop estimating once the top-2r singular subspaces of every layer's mean gradient have "
+                           "converged (checked every 4 batches; exact mode only); the run folder's JSON records the "
+                           "batches and tokens used")
+    init.add_argument("--convergence-tol", type=_fraction, default=None,
+                      help="with --until-converged: how much of its top-2r gradient energy a layer's subspaces may "
+                           "still move by between checks (default: 0.01)")
+    init.add_argument("--rank-budget", type=_budget, default=None,
+                      help="allocate per-layer ranks from the gradient spectra under this many LoRA parameters, or "
+                           "'uniform' (the parameter count of --rank on every target); written as peft's rank_pattern "
+                           "(default: --rank everywhere)")
+    init.add_argument("--min-rank", type=_positive, default=1, help="with --rank-budget: the smallest rank of a layer")
+    init.add_argument("--max-rank", type=_positive, default=None,
+                      help="with --rank-budget: the largest rank of a layer, at most min(m, n) / 2 of every target "
+                           "(default: 4 x --rank, capped per layer)")
     init.add_argument("--batch-size", type=_positive, default=4, help="sequences per batch")
     init.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence")
     init.add_argument("--direction", choices=["ArBr", "A2rBr", "ArB2r", "random"], default="ArB2r",

@@ -1,9 +1,9 @@
 """Stopping the estimation once the top-``2r`` subspaces of every mean gradient have converged (``until="converged"``).
 
 Every :data:`CHECK_EVERY` backward passes (at the start of the next forward of the model: a pass boundary, so no
-backward is half-recorded), :class:`ConvergenceMonitor` factors each layer's running sum (one batched randomized
-SVD per shape group, top ``2r``) and measures how far the subspaces moved since the previous check: the share of
-the optimal top-``2r`` energy of the current running mean ``M`` that the previous check's directions capture,
+backward is half-recorded), :class:`ConvergenceMonitor` factors each layer's running sum, batched per shape group,
+and measures how far its top-``2r`` subspaces moved since the previous check: the share of the optimal top-``2r``
+energy of the current running mean ``M`` that the previous check's directions capture,
 
     moved = 1 - min(||M V_prev||^2, ||U_prev^T M||^2) / sum_{i <= 2r} sigma_i(M)^2
 
@@ -13,17 +13,25 @@ than the tolerance at two checks in a row, the next forward of the model raises 
 :func:`~loraga_fast.core.passes.run_passes` catches: ``train_step`` is abandoned at a clean pass boundary, the
 model is restored by the capture session, and the result is the mean over the passes actually run.
 
+The factorization is a randomized subspace iteration (``q = 4r`` columns) whose start holds the previous check's
+top-``2r`` right singular vectors beside ``2r`` Gaussian columns: one iteration, three sweeps over each sum, and the
+captured energies come out of the same sweeps; only the first check starts from a Gaussian alone, with peft's four
+iterations. So a check costs about three skinny products
+with every accumulator, a few percent of one backward pass at LoRA-GA's batch sizes (measured:
+docs/benchmarks.md, "Stopping when converged").
+
 Distributed, the decision is collective and made at the same backward count on every rank: one small all-reduce
 per forward carries the ranks' pass counts (and detects ranks running different numbers of forwards, like
 :class:`~loraga_fast.distributed.guard.StepGuard`), and the checks factor the sums where they are: data parallel
-sums through all-reduced skinny products, FSDP row shards through the sharded randomized SVD.
+sums through all-reduced skinny products, FSDP row shards with all-reduced Gram matrices (no sum is gathered).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +41,7 @@ from ..distributed.collectives import is_distributed
 from ..distributed.guard import StepGuard
 from ..errors import UsageError
 from ..ops._precision import with_exact_fp32
-from ..ops.rsvd import batched_rsvd, orthonormalize, sharded_rsvd
+from ..ops.rsvd import orthonormalize, orthonormalize_sharded
 from ..stores.exact import AccumulatorStore
 from ..stores.factors import DEFAULT_SEED, NITER
 from ..stores.sharded import ShardedStore
@@ -45,6 +53,7 @@ logger = logging.getLogger("loraga_fast")
 
 UNTIL = (None, "converged")
 DEFAULT_TOL = 0.01  # bench/stopping.py on SmolLM2-135M (docs/benchmarks.md, "Stopping when converged")
+WARM_NITER = 1  # subspace iterations of a check started from the previous check's vectors (NITER for the first)
 CHECK_EVERY = 4  # backward passes between checks (the same measurement; the check costs ~1% of a pass there)
 DEFAULT_WATCH_RANK = 8  # estimate_gradient without a LoraConfig watches 2 x 8 directions (peft's default r)
 
@@ -121,18 +130,22 @@ def _allsum(t: torch.Tensor, group: Any) -> torch.Tensor:
 
 
 class _Local:
-    """Whole sums in this process."""
+    """Whole sums ``a (B, m, n)`` in this process: products with skinny matrices, and orthonormal bases."""
 
-    def rsvd(self, a: torch.Tensor, rows: int, k: int, q: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return batched_rsvd(a, k, q, NITER, generator=gen)
+    def mv(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``M x`` (``x (B, n, q)``; rows as this process holds them)."""
+        return a @ x
 
-    def right(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``(B, k)``: ``||M v_j||^2`` for each column ``v_j``."""
-        return (a @ v).square().sum(1)
+    def mtv(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``M^T y`` (``y`` in the row layout of :meth:`mv`); whole on every process."""
+        return a.mT @ y
 
-    def left(self, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``(B, k)``: ``||u_j^T M||^2`` for each column ``u_j`` (``u`` in the row layout :meth:`rsvd` returns)."""
-        return (u.mT @ a).square().sum(2)
+    def orth_rows(self, y: torch.Tensor) -> torch.Tensor:
+        return orthonormalize(y)
+
+    def rowsum(self, t: torch.Tensor) -> torch.Tensor:
+        """A sum over rows, completed over the processes that hold other rows."""
+        return t
 
 
 class _Additive(_Local):
@@ -141,23 +154,11 @@ class _Additive(_Local):
     def __init__(self, group: Any):
         self.group = group
 
-    def rsvd(self, a: torch.Tensor, rows: int, k: int, q: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-        wide = a.shape[1] < a.shape[2]
-        mat = a.mT if wide else a
-        omega = torch.randn(mat.shape[2], q, dtype=a.dtype, device=a.device, generator=gen)
-        basis = orthonormalize(_allsum(mat @ omega, self.group))
-        for _ in range(NITER):
-            basis = orthonormalize(_allsum(mat.mT @ basis, self.group))
-            basis = orthonormalize(_allsum(mat @ basis, self.group))
-        u_small, s, vh = torch.linalg.svd(_allsum(basis.mT @ mat, self.group), full_matrices=False)
-        u, v = basis @ u_small[..., :k], vh[:, :k].mT
-        return (v, s[:, :k], u) if wide else (u, s[:, :k], v)
+    def mv(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _allsum(a @ x, self.group)
 
-    def right(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return _allsum(a @ v, self.group).square().sum(1)
-
-    def left(self, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return _allsum(u.mT @ a, self.group).square().sum(2)
+    def mtv(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _allsum(a.mT @ y, self.group)
 
 
 class _RowSharded(_Local):
@@ -166,14 +167,44 @@ class _RowSharded(_Local):
     def __init__(self, group: Any):
         self.group = group
 
-    def rsvd(self, a: torch.Tensor, rows: int, k: int, q: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return sharded_rsvd(a, rows, k, q, NITER, group=self.group, generator=gen)
+    def mtv(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _allsum(a.mT @ y, self.group)
 
-    def right(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return _allsum((a @ v).square().sum(1), self.group)
+    def orth_rows(self, y: torch.Tensor) -> torch.Tensor:
+        return orthonormalize_sharded(y, self.group)
 
-    def left(self, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return _allsum(u.mT @ a, self.group).square().sum(2)
+    def rowsum(self, t: torch.Tensor) -> torch.Tensor:
+        return _allsum(t, self.group)
+
+
+def subspace_step(algebra: _Local, a: torch.Tensor, start: torch.Tensor, k: int, niter: int,
+                  previous_left: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Top-``k`` triplets of each ``M = a[b]`` by subspace iteration from the right basis ``start (B, n, q)``
+    (a Gaussian, or the previous check's right singular vectors: a warm start), ``niter`` iterations; and, when
+    ``previous_left`` is given, what the previous check's directions capture of ``M``.
+
+    Returns ``(U, S, V_all, right, left)``: ``U`` (``k`` columns, rows as held), ``S (B, q)`` descending, ``V_all
+    (B, n, q)`` (all ``q`` right vectors, the next warm start), and ``right[b, j] = ||M start_j||^2``, ``left[b, j]
+    = ||previous_left_j^T M||^2`` (None without ``previous_left``). Sweeps over ``M``: ``2 niter + 1``.
+    """
+    right = left = None
+    basis = start
+    for i in range(niter):
+        y = algebra.mv(a, basis)
+        if i == 0 and previous_left is not None:
+            right = algebra.rowsum(y.square().sum(1))
+        q_left = algebra.orth_rows(y)
+        if i == 0 and previous_left is not None:  # one sweep for both: [Q_L, U_prev]
+            z = algebra.mtv(a, torch.cat([q_left, previous_left], dim=2))
+            z, left = z[..., : q_left.shape[2]], z[..., q_left.shape[2]:].square().sum(1)
+        else:
+            z = algebra.mtv(a, q_left)
+        basis = orthonormalize(z)
+    y = algebra.mv(a, basis)  # M R = L (L^T M R): the SVD of the small L^T M R gives M's triplets
+    q_left = algebra.orth_rows(y)
+    u_small, s, vh = torch.linalg.svd(algebra.rowsum(q_left.mT @ y), full_matrices=False)
+    return q_left @ u_small[..., :k], s, basis @ vh.mT, right, left
 
 
 @dataclass(eq=False)
@@ -184,8 +215,7 @@ class _Watched:
     rows: int
     names: list[str]
     ks: list[int]  # 2 r per layer
-    previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (U, V) of the previous check
-    moved: list[float] = field(default_factory=list)
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None  # U (k columns) and V (all q) of the previous check
 
 
 class ConvergenceMonitor:
@@ -204,25 +234,24 @@ class ConvergenceMonitor:
         self.store = store
         self.rule = rule
         self.checks: list[Check] = []
+        self.moves: dict[str, float] = {}  # each layer's move at the last check
         self.stopped = False
         self._calm = 0  # consecutive checks with every layer within the tolerance
         self._next = rule.every
+        self.group: Any = None  # the process group of the collectives (None: the world)
+        self.distributed = False
         if isinstance(store, ShardedStore):
             self.algebra: _Local = _RowSharded(store.process_group)
-            self.group: Any = store.process_group
+            self.group, self.distributed = store.process_group, is_distributed(store.process_group)
         elif is_distributed(process_group):
-            self.algebra, self.group = _Additive(process_group), process_group
+            self.algebra, self.group, self.distributed = _Additive(process_group), process_group, True
         else:
-            self.algebra, self.group = _Local(), None
+            self.algebra = _Local()
         self.watched: list[_Watched] = []
         for g in store.shape_groups:
             small = min(g.shape)
             ks = [min(2 * ranks.get(s.name, DEFAULT_WATCH_RANK), small) for s in g.slots]
             self.watched.append(_Watched(g.tensor, g.shape[0], [s.name for s in g.slots], ks))
-
-    @property
-    def distributed(self) -> bool:
-        return self.group is not None and is_distributed(self.group)
 
     def local_done(self) -> int:
         """Backward passes completed in this process so far in this pass (the most any target has seen)."""
@@ -254,29 +283,38 @@ class ConvergenceMonitor:
     @with_exact_fp32
     def check(self, done: int) -> Check:
         """Factor every running sum, measure how far each layer's subspaces moved since the previous check."""
-        import time
-
         start = time.perf_counter()
         moved: list[tuple[float, str]] = []
         for w in self.watched:
             k = max(w.ks)
-            q = min(2 * k, min(w.rows, w.tensor.shape[2]))
-            gen = torch.Generator(device=w.tensor.device).manual_seed(DEFAULT_SEED)
-            u, s, v = self.algebra.rsvd(w.tensor, w.rows, k, q, gen)
-            if w.previous is not None:
-                right = self.algebra.right(w.tensor, w.previous[1]).cumsum(1)
-                left = self.algebra.left(w.tensor, w.previous[0]).cumsum(1)
+            n = w.tensor.shape[2]
+            q = min(2 * k, min(w.rows, n))
+            # a Gaussian start, the same on every rank; from the second check on, its first k columns are the previous
+            # check's top-k right vectors (what is measured, and a warm start), the others stay random so that
+            # directions orthogonal to the previous subspace are found too
+            gen = torch.Generator(device=w.tensor.device).manual_seed(DEFAULT_SEED + len(self.checks))
+            start_basis = torch.randn(w.tensor.shape[0], n, q, device=w.tensor.device, generator=gen)
+            if w.previous is None:  # the first check: peft's iterations
+                u, s, v, _, _ = subspace_step(self.algebra, w.tensor, start_basis, k, NITER)
+            else:
+                start_basis[..., :k] = w.previous[1][..., :k]
+                u, s, v, right, left = subspace_step(self.algebra, w.tensor, start_basis, k, WARM_NITER, w.previous[0])
+                assert right is not None and left is not None
+                captured = torch.minimum(right.cumsum(1)[:, :k], left.cumsum(1))
                 best = s.square().cumsum(1)
                 for j, (name, kj) in enumerate(zip(w.names, w.ks)):
                     opt = float(best[j, kj - 1])
-                    got = min(float(right[j, kj - 1]), float(left[j, kj - 1]))
-                    moved.append((max(0.0, 1.0 - got / opt) if opt > 0 else 0.0, name))
+                    moved.append((max(0.0, 1.0 - float(captured[j, kj - 1]) / opt) if opt > 0 else 0.0, name))
             w.previous = (u, v)
+        self.moves = {name: m for m, name in moved}
         worst, name = max(moved, default=(None, None))  # type: ignore[type-var]
         above = sum(1 for m, _ in moved if m > self.rule.tol) if moved else None
         if self.distributed and moved:  # identical inputs everywhere; make the decision provably identical too
-            flags = torch.tensor([float(above)], dtype=torch.float64, device=self.watched[0].tensor.device)
-            above = int(_allsum(flags, self.group).item() > 0)
+            import torch.distributed as dist
+
+            flags = torch.tensor([above], dtype=torch.int64, device=self.watched[0].tensor.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            above = int(flags.item())
         total = done * (torch.distributed.get_world_size(self.group) if self.distributed else 1)
         record = Check(total, worst, name, above, time.perf_counter() - start)
         self.checks.append(record)
@@ -323,11 +361,3 @@ class _CountingGuard(StepGuard):
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         super()._pre_forward(module, args)
         self.monitor.at_forward(self._done)
-
-
-def watch_ranks(names: Sequence[str], ranks: Mapping[str, int]) -> dict[str, int]:
-    """The rank whose ``2 r`` directions are watched for each layer (its LoRA rank; peft's default 8 without one)."""
-    return {name: ranks.get(name, DEFAULT_WATCH_RANK) for name in names}
-
-
-Hook = Callable[..., None]

@@ -24,6 +24,7 @@ from ..layers.kinds import weight_shape
 from ..layers.targets import GRAD_ATTR, check_ranks, layer_ranks, warn_left_out
 from ..stores.base import GradientSource
 from ..stores.factors import PreparedGroup
+from .allocation import RankBudget, allocate, apply_ranks
 from .layer_init import init_layer_from_factors
 from .passes import summarize
 
@@ -38,11 +39,18 @@ _init_bar: Any = None
 
 def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source: GradientSource, *,
              layout: ShardLayout | None = None, cache_file: str | os.PathLike[str] | None = None,
-             writer: bool = True, quantized_offset: str = "requantize") -> None:
+             writer: bool = True, quantized_offset: str = "requantize",
+             budget: RankBudget | None = None) -> dict[str, int] | None:
     """Everything after estimation, for every mode: checks, prepared groups, optional cache, attach, register.
 
     Nothing is attached and no weight is touched unless every check passes; each shape group is factored (exact
-    mode) when ``get_peft_model`` initializes its first layer.
+    mode) when ``get_peft_model`` initializes its first layer. With a ``budget``, the groups are factored now
+    instead, once, to ``2 max_rank`` triplets; the ranks are allocated from those spectra
+    (:func:`~loraga_fast.core.allocation.allocate`) and written to ``lora_config.rank_pattern`` /
+    ``alpha_pattern``, and the same factors initialize the layers.
+
+    Returns:
+        The allocated ranks (every target's) with a ``budget``, else None.
 
     Raises:
         ValueError: a non-finite mean gradient, or ``2 r > min(m, n)`` for a layer that saw a backward pass.
@@ -50,10 +58,24 @@ def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source:
     names = [name for name, _ in targets]
     modules = dict(targets)
     seen, zero = summarize(source, names)
-    ranks = layer_ranks(lora_config, seen)
-    check_ranks({name: weight_shape(modules[name]) for name in seen}, ranks, seen)
+    if budget is None:
+        ranks = layer_ranks(lora_config, seen)
+        check_ranks({name: weight_shape(modules[name]) for name in seen}, ranks, seen)
+    else:
+        ranks = {name: budget.max_ranks[name] for name in seen}
     weight_svd = getattr(lora_config.lora_ga_config, "scale", None) == "weight_svd"
     groups, attached = source.prepare(modules, ranks, weight_svd=weight_svd, zero=zero)
+    allocated = None
+    if budget is not None:
+        spectra = {}
+        for group in groups:  # the one factorization, to 2 max_rank triplets (collective when sharded)
+            factors = group.factors()
+            spectra.update({name: factors[name].s for name in group.ranks if name in factors})
+        allocated = allocate(spectra, {name: budget.costs[name] for name in names}, budget.params, budget.min_rank,
+                             budget.max_ranks)
+        apply_ranks(lora_config, budget, allocated)
+        for group in groups:
+            group.ranks = {name: allocated[name] for name in group.ranks}
     for group in groups:
         group.quantized_offset = quantized_offset
     if cache_file is not None:
@@ -61,6 +83,7 @@ def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source:
     _attach(targets, attached)
     _register(groups, layout, targets)
     warn_left_out(names, seen, zero, what="keep peft's default init")
+    return allocated
 
 
 def _attach(targets: Sequence[tuple[str, nn.Module]], grads: Mapping[str, Any]) -> None:

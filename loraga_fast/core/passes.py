@@ -27,6 +27,7 @@ from ..layers.kinds import weight_shape
 from ..layers.targets import check_ranks, short_list
 from ..stores.base import GradientSource, Store
 from ..stores.factors import check_finite
+from .convergence import Converged, ConvergenceMonitor, StopRule
 
 __all__ = ["FINGERPRINT_RTOL", "Progress", "RandomState", "run_passes", "summarize"]
 
@@ -93,7 +94,8 @@ class RandomState:
 
 def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store: Store,
                train_step: Callable[[], None], *, ranks: Mapping[str, int], process_group: Any = None,
-               guard_group: Any = None, num_batches: int | None = None, progress: bool | None = None) -> None:
+               guard_group: Any = None, num_batches: int | None = None, progress: bool | None = None,
+               stop: StopRule | None = None) -> ConvergenceMonitor | None:
     """Run ``train_step`` ``store.passes`` times with ``targets`` routed into ``store``, reducing and checking each pass.
 
     Args:
@@ -102,6 +104,13 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
         guard_group: when set (FSDP-sharded models), every pass runs under a
             :class:`~loraga_fast.distributed.guard.StepGuard` over this process group, so processes running different
             numbers of forwards raise instead of hanging.
+        stop: ``until="converged"`` (exact mode, one pass): a :class:`~loraga_fast.core.convergence.ConvergenceMonitor`
+            checks the subspaces every few backward passes and ends ``train_step`` at the start of a forward once
+            they have converged (every rank at the same pass; distributed, ranks must then run the same number of
+            forwards). The store then holds the passes actually run.
+
+    Returns:
+        The monitor (its checks and whether it stopped ``train_step``) when ``stop`` is given, else None.
 
     Raises:
         ValueError: no backward pass reached any target; a non-finite mean gradient; a later pass saw another number
@@ -112,23 +121,35 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
     bar = Progress(num_batches, progress, store.passes)
     first_counts: dict[str, int] = {}
     first_prints: dict[str, torch.Tensor] | None = None
+    monitor = None
+    if stop is not None:
+        assert store.passes == 1, "until='converged' is refused in low-memory mode by the plan"
+        monitor = ConvergenceMonitor(store, ranks, stop, process_group=process_group)  # type: ignore[arg-type]
+    device = local_tensor(next(iter(model.parameters()))).device if monitor or guard_group is not None else None
     try:
         for index in range(store.passes):
             if state is not None and index:
                 state.restore()
             store.begin_pass(index)
             bar.begin_pass()
-            guard = None
-            if guard_group is not None:
-                guard = StepGuard(model, guard_group, local_tensor(next(iter(model.parameters()))).device)
+            guard: Any = None
+            watch: Any = None
+            if monitor is not None:
+                watch = monitor.attach(model, device)  # distributed: a StepGuard carrying the pass counts
+                guard = watch if isinstance(watch, StepGuard) else None
+            if guard is None and guard_group is not None:
+                guard = StepGuard(model, guard_group, device)
             try:
                 with CaptureSession(model, targets, store, on_backward=bar.callback), torch.enable_grad():
-                    train_step()
+                    try:
+                        train_step()
+                    except Converged:  # raised before a forward: every recorded backward pass is whole
+                        pass
                 if guard is not None:
                     guard.finish()
             finally:
-                if guard is not None:
-                    guard.remove()
+                for hook in {id(h): h for h in (guard, watch) if h is not None}.values():
+                    hook.remove()
             store.reduce(process_group)
             counts = store.counts()
             active = [name for name, count in counts.items() if count > 0]
@@ -150,6 +171,7 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
     finally:
         bar.close()
         store.release()
+    return monitor
 
 
 def _check_same_pass(store: Store, index: int, first_counts: Mapping[str, int],

@@ -22,6 +22,8 @@ from ..layers.targets import check_ranks, fill_default_target_modules, find_targ
 from ..stores.base import Store
 from ..stores.sharded import new_store
 from ..stores.sketch import DEFAULT_PASSES, DEFAULT_SKETCH_PER_LORA_RANK, SketchSpec, SketchStore, sketch_columns
+from .allocation import RankBudget, rank_budget as check_budget
+from .convergence import StopRule, stop_rule
 from .memory import MemoryEstimate, check_fits, target_memory
 
 __all__ = ["MODES", "Plan", "make_plan"]
@@ -37,6 +39,9 @@ class Plan:
     Attributes:
         cached: ``cache_file`` exists and is non-empty, so it is read instead of running ``train_step``.
         process_group: the process group the store is reduced over (an FSDP model's own group when sharded).
+        stop: ``until="converged"``: when to stop ``train_step`` (:mod:`~loraga_fast.core.convergence`), else None.
+        budget: ``rank_budget=``: the checked budget the ranks are allocated under
+            (:mod:`~loraga_fast.core.allocation`), else None (the config's ranks).
     """
 
     lora_config: Any
@@ -51,6 +56,8 @@ class Plan:
     layout: ShardLayout | None
     process_group: Any
     memory: MemoryEstimate
+    stop: StopRule | None = None
+    budget: RankBudget | None = None
 
     @property
     def names(self) -> list[str]:
@@ -96,9 +103,12 @@ class Plan:
 
 def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[str] | None = None, *,
               mode: str = "exact", sketch_size: int | None = None, passes: int | None = None,
-              quantized_offset: str = "requantize", process_group: Any = None) -> Plan:
+              quantized_offset: str = "requantize", process_group: Any = None, until: str | None = None,
+              convergence_tol: float | None = None, rank_budget: Any = None, min_rank: Any = 1,
+              max_rank: Any = None, check_every: int | None = None) -> Plan:
     """Check everything that needs only shapes and config, and decide the run (see :class:`Plan`). Fills
-    ``lora_config.target_modules`` from peft's defaults when it is None, as peft does.
+    ``lora_config.target_modules`` from peft's defaults when it is None, as peft does. ``check_every`` overrides
+    the convergence check interval (measurements).
 
     Raises:
         UsageError: the first failed check, naming the layer or argument and the fix.
@@ -122,8 +132,14 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
         raise UsageError(f"quantized_offset must be one of {', '.join(map(repr, OFFSETS))}, got {quantized_offset!r}.")
     if mode == "exact" and (sketch_size is not None or passes is not None):
         raise UsageError("sketch_size and passes apply to mode='lowmem' only.")
+    stop = stop_rule(until, convergence_tol, mode, check_every)
     ranks = layer_ranks(lora_config, [name for name, _ in targets])
-    check_ranks({name: weight_shape(module) for name, module in targets}, ranks, ranks)  # before any forward pass
+    shapes = {name: weight_shape(module) for name, module in targets}
+    check_ranks(shapes, ranks, ranks)  # before any forward pass
+    columns = None
+    if mode == "lowmem":
+        columns = {name: sketch_columns(*math_shape(module), ranks[name], sketch_size) for name, module in targets}
+    budget = check_budget(lora_config, shapes, ranks, rank_budget, min_rank, max_rank, sketch_columns=columns)
     if mode == "lowmem":
         passes = DEFAULT_PASSES if passes is None else passes
         if passes < 2:
@@ -145,4 +161,5 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
         process_group = layout.process_group  # sharded: everything is reduced over the model's process group
     return Plan(lora_config=lora_config, targets=targets, ranks=ranks, mode=mode, passes=passes or 1,
                 sketch_size=sketch_size, quantized_offset=quantized_offset, cache_file=path, cached=cached,
-                layout=layout, process_group=process_group, memory=target_memory(targets, ranks, sketch_size))
+                layout=layout, process_group=process_group, memory=target_memory(targets, ranks, sketch_size),
+                stop=stop, budget=budget)
