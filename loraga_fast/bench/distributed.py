@@ -68,9 +68,9 @@ ZERO3_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stag
                                                                           "stage3_param_persistence_threshold": 0}}
 
 
-def _zero3_model(rank: int, world: int, preset: str, options: dict[str, Any]) -> torch.nn.Module:
+def _zero3_model(rank: int, world: int, preset: str, options: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     """The preset's model built partitioned under ``deepspeed.zero.Init`` and wrapped by a stage-3 engine
-    (``options`` merged into ``zero_optimization``)."""
+    (``options`` merged into ``zero_optimization``), and the engine (destroyed before the process group goes)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     import deepspeed
     from transformers import LlamaForCausalLM  # noqa: F401 (imported outside zero.Init: its class patches survive)
@@ -81,17 +81,18 @@ def _zero3_model(rank: int, world: int, preset: str, options: dict[str, Any]) ->
     config = {**ZERO3_CONFIG, "zero_optimization": {**ZERO3_CONFIG["zero_optimization"], **options}}
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = build_model(preset, "fp32", "cpu")
-    deepspeed.initialize(model=model, config=config)  # its hooks stay on the model's layers
-    return model
+    engine, *_ = deepspeed.initialize(model=model, config=config)  # its hooks stay on the model's layers
+    return model, engine
 
 
 def _worker(rank: int, world: int, init: str, preset: str, dtype: str, repeats: int, out: str, mode: str,
             zero3_options: dict[str, Any]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share this machine's cores: no oversubscription
+    engine = None
     try:
         if mode == "zero3":
-            model = _zero3_model(rank, world, preset, zero3_options)
+            model, engine = _zero3_model(rank, world, preset, zero3_options)
         else:
             model = build_model(preset, dtype, "cpu")
         batches = make_batches(preset, "cpu")
@@ -147,6 +148,13 @@ def _worker(rank: int, world: int, init: str, preset: str, dtype: str, repeats: 
                                              "peak_extra_bytes_per_rank": [p for _, p in per_rank],
                                              "scattered_bytes": scattered[0], "batches_per_rank": len(batches),
                                              "factor_s": factor_s, "broadcast_s": broadcast_s}))
+        # DeepSpeed's engine and FSDP's state go while the process group still exists, and every rank leaves
+        # together: a process that tore its group down first aborted its peer's gloo threads ("terminate called")
+        if engine is not None:
+            engine.destroy()
+        del model, grads, local
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
