@@ -15,7 +15,6 @@ Code written for the original runs unchanged with these imports::
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 from collections.abc import Iterable, Mapping
@@ -38,8 +37,6 @@ from .names import INIT_CHECKPOINT, OFFSETS_FILE
 from .steps import LossFn, train_step_from_dataloader
 
 __all__ = ["LoraGAContext", "estimate_gradient", "save_loraga_model_final", "save_loraga_model_init"]
-
-logger = logging.getLogger("loraga_fast")
 
 
 def estimate_gradient(

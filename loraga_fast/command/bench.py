@@ -31,7 +31,8 @@ SUITES: dict[str, str] = {
     "sketch_memory": "low-memory mode's store alone: measured peak memory vs its formula (LLaMA-7B layers)",
     "accuracy": "factor accuracy on SmolLM2's real gradients (low-memory passes x sketch size, exact rSVD)",
     "qlora": "LoRA-GA on a bitsandbytes-quantized SmolLM2: drift at initialization and first training steps",
-    "convergence": "plain LoRA vs LoRA-GA fine-tuning SmolLM2 (held-out loss per step)",
+    "convergence": "plain LoRA vs LoRA-GA fine-tuning SmolLM2 (held-out loss per step); until='converged', rank_budget=",
+    "stopping": "how fast SmolLM2's gradient subspaces converge: until='converged''s tolerance, interval and cost",
     "distributed": "data parallel, FSDP2, FSDP1 and DeepSpeed ZeRO-3 on gloo processes: time, memory, bytes per rank",
 }
 ALL = ("kernels", "init", "e2e")
@@ -77,12 +78,10 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                              "tiny-groups and 7b-groups (default: llama-7b with a GPU, 70m otherwise; distributed: "
                              "70m)")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON results (and PNG charts)")
-    parser.add_argument("--plot", action="store_true", help="also write PNG charts next to the JSON results "
-                                                           "(needs matplotlib)")
-    parser.add_argument("--tune", action="store_true",
-                        help="kernels only: time candidate kernel configs on this GPU and write the fastest per "
-                             "(operand width, shape class) as a table, used only when LORAGA_FAST_KERNEL_TABLE names "
-                             "it")
+    parser.add_argument("--plot", action="store_true", help="also write PNG charts beside the JSON (needs matplotlib)")
+    tune_help = ("kernels only: time candidate kernel configs on this GPU and write the fastest per (operand width, "
+                 "shape class) as a table, used only when LORAGA_FAST_KERNEL_TABLE names it")
+    parser.add_argument("--tune", action="store_true", help=tune_help)
     parser.add_argument("--table", default=None,
                         help="with --tune: the table file to write (default: bench/results/kernel_table.json)")
 
@@ -114,7 +113,7 @@ def _split_options(args: argparse.Namespace) -> list[str]:
 def missing_packages(suite: str, preset: str | None, plot: bool) -> list[tuple[str, str]]:
     """``(what needs it, pip name)`` of every package the run needs and this Python lacks."""
     needs = []
-    if preset == "smollm2" or suite in ("accuracy", "qlora", "convergence"):
+    if preset == "smollm2" or suite in ("accuracy", "qlora", "convergence", "stopping"):
         what = "--preset smollm2" if preset == "smollm2" else f"bench {suite}"
         needs += [(what, pkg, module) for pkg, module in _SMOLLM2]
     if suite in ("e2e", "init", "lowmem", "sketch_memory", "distributed"):

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..api.quantize import QUANTIZE
 from ..errors import UsageError
@@ -26,12 +27,17 @@ DEBUG_ENV = "LORAGA_FAST_DEBUG"  # =1: tracebacks for every error, as --debug
 # ------------------------------------------------------------------------------------------------- main
 
 
+def _parsed(text: str, convert: type, expected: str) -> Any:
+    """``convert(text)``, or argparse's error naming what was ``expected``."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
 def _positive(text: str) -> int:
     """argparse type: an integer >= 1 (the error names the option through argparse's own message)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    value = _parsed(text, int, "a whole number >= 1")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -41,21 +47,12 @@ def _budget(text: str) -> str | int:
     """argparse type: ``uniform`` or a whole number of LoRA parameters >= 1."""
     if text == "uniform":
         return text
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'uniform' or a whole number of LoRA parameters, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _positive(str(_parsed(text.replace("_", ""), int, "'uniform' or a whole number of LoRA parameters")))
 
 
 def _fraction(text: str) -> float:
     """argparse type: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    value = _parsed(text, float, "a number in (0, 1)")
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
     return value

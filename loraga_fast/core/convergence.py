@@ -14,11 +14,11 @@ than the tolerance at two checks in a row, the next forward of the model raises 
 model is restored by the capture session, and the result is the mean over the passes actually run.
 
 The factorization is a randomized subspace iteration (``q = 4r`` columns) whose start holds the previous check's
-top-``2r`` right singular vectors beside ``2r`` Gaussian columns: one iteration, three sweeps over each sum, and the
+top-``2r`` right singular vectors beside ``2r`` Gaussian columns: two iterations, five sweeps over each sum, and the
 captured energies come out of the same sweeps; only the first check starts from a Gaussian alone, with peft's four
-iterations. So a check costs about three skinny products
-with every accumulator, a few percent of one backward pass at LoRA-GA's batch sizes (measured:
-docs/benchmarks.md, "Stopping when converged").
+iterations. One iteration was measured to misjudge moves by up to 0.02 on SmolLM2-135M (as large as the
+tolerance), two by about a tenth of that. A check costs a few percent of a forward+backward pass at the default
+interval (measured: docs/benchmarks.md, "Stopping when converged").
 
 Distributed, the decision is collective and made at the same backward count on every rank: one small all-reduce
 per forward carries the ranks' pass counts (and detects ranks running different numbers of forwards, like
@@ -41,7 +41,7 @@ from ..distributed.collectives import is_distributed
 from ..distributed.guard import StepGuard
 from ..errors import UsageError
 from ..ops._precision import with_exact_fp32
-from ..ops.rsvd import orthonormalize, orthonormalize_sharded
+from ..ops.rsvd import allsum, orthonormalize, orthonormalize_sharded
 from ..stores.exact import AccumulatorStore
 from ..stores.factors import DEFAULT_SEED, NITER
 from ..stores.sharded import ShardedStore
@@ -53,7 +53,6 @@ logger = logging.getLogger("loraga_fast")
 
 UNTIL = (None, "converged")
 DEFAULT_TOL = 0.01  # bench/stopping.py on SmolLM2-135M (docs/benchmarks.md, "Stopping when converged")
-WARM_NITER = 1  # subspace iterations of a check started from the previous check's vectors (NITER for the first)
 CHECK_EVERY = 4  # backward passes between checks (the same measurement; the check costs ~1% of a pass there)
 DEFAULT_WATCH_RANK = 8  # estimate_gradient without a LoraConfig watches 2 x 8 directions (peft's default r)
 
@@ -65,6 +64,7 @@ class StopRule:
 
     tol: float = DEFAULT_TOL
     every: int = CHECK_EVERY
+    iterations: int = 2  # subspace iterations of a check started from the previous one (bench/stopping.py)
 
 
 def stop_rule(until: str | None, tol: float | None, mode: str = "exact", every: int | None = None) -> StopRule | None:
@@ -116,21 +116,20 @@ class Check:
 
 
 def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
+    """Inside autograd's backward (a forward recomputed by activation checkpointing)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 # --- the algebra of one check, for each way the sums are held ------------------------------------------------------
 
 
-def _allsum(t: torch.Tensor, group: Any) -> torch.Tensor:
-    import torch.distributed as dist
-
-    dist.all_reduce(t, group=group)
-    return t
-
-
 class _Local:
-    """Whole sums ``a (B, m, n)`` in this process: products with skinny matrices, and orthonormal bases."""
+    """Whole sums ``a (B, m, n)`` in this process: products with skinny matrices, and orthonormal bases (the
+    subclasses run their collectives over ``process_group``)."""
+
+    def __init__(self, process_group: Any = None):
+        self.process_group = process_group
 
     def mv(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``M x`` (``x (B, n, q)``; rows as this process holds them)."""
@@ -151,30 +150,24 @@ class _Local:
 class _Additive(_Local):
     """Data parallel: each process holds a partial sum; products with skinny matrices are all-reduced."""
 
-    def __init__(self, group: Any):
-        self.group = group
-
     def mv(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return _allsum(a @ x, self.group)
+        return allsum(a @ x, self.process_group)
 
     def mtv(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _allsum(a.mT @ y, self.group)
+        return allsum(a.mT @ y, self.process_group)
 
 
 class _RowSharded(_Local):
     """FSDP: each process holds its rows of the reduced sums (zero padding past the last row)."""
 
-    def __init__(self, group: Any):
-        self.group = group
-
     def mtv(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _allsum(a.mT @ y, self.group)
+        return allsum(a.mT @ y, self.process_group)
 
     def orth_rows(self, y: torch.Tensor) -> torch.Tensor:
-        return orthonormalize_sharded(y, self.group)
+        return orthonormalize_sharded(y, self.process_group)
 
     def rowsum(self, t: torch.Tensor) -> torch.Tensor:
-        return _allsum(t, self.group)
+        return allsum(t, self.process_group)
 
 
 def subspace_step(algebra: _Local, a: torch.Tensor, start: torch.Tensor, k: int, niter: int,
@@ -238,13 +231,13 @@ class ConvergenceMonitor:
         self.stopped = False
         self._calm = 0  # consecutive checks with every layer within the tolerance
         self._next = rule.every
-        self.group: Any = None  # the process group of the collectives (None: the world)
+        self.process_group: Any = None  # the process group of the collectives (None: the world)
         self.distributed = False
         if isinstance(store, ShardedStore):
             self.algebra: _Local = _RowSharded(store.process_group)
-            self.group, self.distributed = store.process_group, is_distributed(store.process_group)
+            self.process_group, self.distributed = store.process_group, is_distributed(store.process_group)
         elif is_distributed(process_group):
-            self.algebra, self.group, self.distributed = _Additive(process_group), process_group, True
+            self.algebra, self.process_group, self.distributed = _Additive(process_group), process_group, True
         else:
             self.algebra = _Local()
         self.watched: list[_Watched] = []
@@ -261,7 +254,7 @@ class ConvergenceMonitor:
         """Install the check on ``model``'s forward: a pre-hook ahead of every other (FSDP's included); distributed, a
         :class:`StepGuard` that also carries the pass counts. Returns what to ``.remove()``."""
         if self.distributed:
-            return _CountingGuard(model, self.group, device, self)
+            return _CountingGuard(model, self.process_group, device, self)
         return model.register_forward_pre_hook(lambda module, args: self.at_forward(self.local_done()), prepend=True)
 
     def at_forward(self, done: int) -> None:
@@ -298,7 +291,8 @@ class ConvergenceMonitor:
                 u, s, v, _, _ = subspace_step(self.algebra, w.tensor, start_basis, k, NITER)
             else:
                 start_basis[..., :k] = w.previous[1][..., :k]
-                u, s, v, right, left = subspace_step(self.algebra, w.tensor, start_basis, k, WARM_NITER, w.previous[0])
+                u, s, v, right, left = subspace_step(self.algebra, w.tensor, start_basis, k, self.rule.iterations,
+                                                         w.previous[0])
                 assert right is not None and left is not None
                 captured = torch.minimum(right.cumsum(1)[:, :k], left.cumsum(1))
                 best = s.square().cumsum(1)
@@ -313,9 +307,9 @@ class ConvergenceMonitor:
             import torch.distributed as dist
 
             flags = torch.tensor([above], dtype=torch.int64, device=self.watched[0].tensor.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
             above = int(flags.item())
-        total = done * (torch.distributed.get_world_size(self.group) if self.distributed else 1)
+        total = done * (torch.distributed.get_world_size(self.process_group) if self.distributed else 1)
         record = Check(total, worst, name, above, time.perf_counter() - start)
         self.checks.append(record)
         self._calm = self._calm + 1 if above == 0 else 0
@@ -337,6 +331,9 @@ class _CountingGuard(StepGuard):
     """A :class:`StepGuard` whose per-forward all-reduce also sums the ranks' completed backward passes, so every
     rank decides whether to check (and stop) from the same number, at the same forward."""
 
+    situation = "with until='converged'"
+    why = "so that all stop at the same pass"
+
     def __init__(self, model: nn.Module, process_group: Any, device: torch.device, monitor: ConvergenceMonitor):
         self.monitor = monitor
         self._done = 0
@@ -344,19 +341,10 @@ class _CountingGuard(StepGuard):
 
     def _sync(self, flag: int) -> int:
         t = torch.tensor([flag, self.monitor.local_done() if flag else 0], dtype=torch.int64, device=self.device)
-        _allsum(t, self.process_group)
+        allsum(t, self.process_group)
         self._done = int(t[1]) // self.world
         return int(t[0])
 
-    def _error(self, running: int) -> UsageError:
-        import torch.distributed as dist
-
-        return UsageError(
-            f"LoRA-GA with until='converged': ranks ran different numbers of forward passes (rank "
-            f"{dist.get_rank(self.process_group)} after {self.forwards}; {running} of {self.world} still running). "
-            "Every rank must run the same number of steps, so that all stop at the same pass: give each rank the "
-            "same number of batches (e.g. a DistributedSampler with drop_last=True, or num_batches=)."
-        )
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         super()._pre_forward(module, args)

@@ -38,14 +38,16 @@ class StepGuard:
         dist.all_reduce(t, group=self.process_group)
         return int(t.item())
 
+    situation = "on a sharded model (FSDP or DeepSpeed ZeRO-3)"  # what the error says the run was
+    why = "so the collectives line up"  # and why every rank must run the same steps
+
     def _error(self, running: int) -> UsageError:
         import torch.distributed as dist
 
         where = f"rank {dist.get_rank(self.process_group)} after {self.forwards}; {running} of {self.world} still running"
-        return UsageError(f"LoRA-GA on a sharded model (FSDP or DeepSpeed ZeRO-3): ranks ran different numbers of "
-                          f"forward passes ({where}). Every rank must run the same number of steps: give each rank the "
-                          "same number of batches (e.g. a DistributedSampler with drop_last=True, or num_batches=) so "
-                          "the collectives line up.")
+        return UsageError(f"LoRA-GA {self.situation}: ranks ran different numbers of forward passes ({where}). Every "
+                          "rank must run the same number of steps: give each rank the same number of batches (e.g. a "
+                          f"DistributedSampler with drop_last=True, or num_batches=) {self.why}.")
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         running = self._sync(1)

@@ -124,7 +124,8 @@ def _orthonormal_layout(y: torch.Tensor) -> torch.Tensor:
 # small products travel: q x q Gram matrices, n x q sketches and the q x n projection.
 
 
-def _allsum(t: torch.Tensor, group: object) -> torch.Tensor:
+def allsum(t: torch.Tensor, group: object) -> torch.Tensor:
+    """``t`` summed over the processes of ``group``, in place (one all-reduce); returns ``t``."""
     import torch.distributed as dist
 
     dist.all_reduce(t, group=group)
@@ -153,7 +154,7 @@ def orthonormalize_sharded(y: torch.Tensor, group: object) -> torch.Tensor:
     import torch.distributed as dist
 
     c = y.shape[1]
-    x, failed = _cholesky_qr2(y, c * dist.get_world_size(group), lambda t: _allsum(t, group))
+    x, failed = _cholesky_qr2(y, c * dist.get_world_size(group), lambda t: allsum(t, group))
     if bool(failed.any()):  # the same decision on every rank: all inputs of it were all-reduced
         idx = failed.nonzero().squeeze(1)
         full = gather_rows(y[idx], group)
@@ -188,23 +189,23 @@ def sharded_rsvd(a: torch.Tensor, rows: int, k: int, q: int | None = None, niter
         omega = torch.randn(n, q, dtype=a.dtype, device=a.device, generator=generator)
         basis = orthonormalize_sharded(a @ omega, group)
         for _ in range(niter):
-            z = orthonormalize(_allsum(a.mT @ basis, group))
+            z = orthonormalize(allsum(a.mT @ basis, group))
             basis = orthonormalize_sharded(a @ z, group)
-        u_small, s, vh = torch.linalg.svd(_allsum(basis.mT @ a, group), full_matrices=False)
+        u_small, s, vh = torch.linalg.svd(allsum(basis.mT @ a, group), full_matrices=False)
         return _canonical_signs(basis @ u_small[..., :k], s[:, :k], vh[:, :k].mT)
     # wide: batched_rsvd factors A^T, whose columns are sharded here
     omega = torch.randn(rows, q, dtype=a.dtype, device=a.device, generator=generator)
     omega_local = torch.zeros(c, q, dtype=a.dtype, device=a.device)
     mine = omega[start : start + c]
     omega_local[: mine.shape[0]] = mine
-    basis = orthonormalize(_allsum(a.mT @ omega_local, group))
+    basis = orthonormalize(allsum(a.mT @ omega_local, group))
     for _ in range(niter):
         w = orthonormalize_sharded(a @ basis, group)
-        basis = orthonormalize(_allsum(a.mT @ w, group))
+        basis = orthonormalize(allsum(a.mT @ w, group))
     # SVD of basis^T A^T = (A basis)^T: A basis = Qw R (sharded CholeskyQR), then the SVD of the small R^T
     w = a @ basis
     qw = orthonormalize_sharded(w, group)
-    r = _allsum(qw.mT @ w, group)
+    r = allsum(qw.mT @ w, group)
     u_small, s, vh = torch.linalg.svd(r.mT, full_matrices=False)
     return _canonical_signs(qw @ vh[:, :k].mT, s[:, :k], basis @ u_small[..., :k])
 
