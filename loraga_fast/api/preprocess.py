@@ -98,7 +98,7 @@ def preprocess_loraga(
             and the result is the mean over the passes actually run); a ``train_step`` whose gradients do not
             converge runs to its end. Distributed (data parallel, FSDP), every rank stops at the same pass, and the
             ranks must run the same number of forwards. See :mod:`loraga_fast.core.convergence`.
-        convergence_tol: with ``until="converged"``: the tolerance, in ``(0, 1)`` (default 0.01).
+        convergence_tol: with ``until="converged"``: the tolerance, in ``(0, 1)`` (default 0.05).
         rank_budget: None (default): every target gets the config's rank. ``"uniform"`` (the LoRA parameter count of
             the config's ranks) or a number of LoRA parameters: per-layer ranks are allocated to maximize the
             gradient energy the adapters capture, ``sum_l sum_{i <= 2 r_l} sigma_i^2`` (LoRA-GA's first-step loss

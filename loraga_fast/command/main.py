@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "batches and tokens used")
     init.add_argument("--convergence-tol", type=_fraction, default=None,
                       help="with --until-converged: how much of its top-2r gradient energy a layer's subspaces may "
-                           "still move by between checks (default: 0.01)")
+                           "still move by between checks (default: 0.05)")
     init.add_argument("--rank-budget", type=_budget, default=None,
                       help="allocate per-layer ranks from the gradient spectra under this many LoRA parameters, or "
                            "'uniform' (the parameter count of --rank on every target); written as peft's rank_pattern "

@@ -52,7 +52,7 @@ __all__ = ["CHECK_EVERY", "DEFAULT_TOL", "UNTIL", "Check", "Converged", "Converg
 logger = logging.getLogger("loraga_fast")
 
 UNTIL = (None, "converged")
-DEFAULT_TOL = 0.01  # bench/stopping.py on SmolLM2-135M (docs/benchmarks.md, "Stopping when converged")
+DEFAULT_TOL = 0.05  # measured on SmolLM2-135M: loraga_fast/bench/stopping.py, docs/benchmarks.md "Stopping when converged"
 CHECK_EVERY = 4  # backward passes between checks (the same measurement; the check costs ~1% of a pass there)
 DEFAULT_WATCH_RANK = 8  # estimate_gradient without a LoraConfig watches 2 x 8 directions (peft's default r)
 

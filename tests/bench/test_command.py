@@ -41,6 +41,7 @@ def _module(cmd: list[str]) -> str:
     ("sketch_memory", [], ["--json", "{out}/sketch_memory.json"]),
     ("qlora", [], ["--json", "{out}/qlora.json"]),
     ("convergence", [], ["--out", "{out}"]),
+    ("stopping", [], ["--json", "{out}/stopping.json"]),
     ("distributed", [], ["--preset", "70m", "--json", "{out}/distributed.json"]),
 ])
 def test_bench_suites_run_their_modules(suite: str, given: list[str], expected: list[str], tmp_path: Path,

@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, LoraGAConfig, get_peft_model
 from torch import nn
 
-from loraga_fast import estimate_gradient, preprocess_loraga, train_step_from_dataloader
+from loraga_fast import estimate_gradient, preprocess_loraga, train_step_from_dataloader, train_step_from_trainer
 from loraga_fast.api.preprocess import run_plan
 from loraga_fast.core.convergence import CHECK_EVERY, ConvergenceMonitor, StopRule
 from loraga_fast.core.plan import make_plan
@@ -155,6 +155,22 @@ def test_the_helpers_and_estimate_gradient_stop_too() -> None:
     named = estimate_gradient(Probe(), batches, loss_fn=lambda out, batch: out, progress=False,
                               lora_config=probe_config(), until="converged")
     torch.testing.assert_close(named["lin"], expected, rtol=1e-6, atol=0)
+
+    class Trainer:  # the four things train_step_from_trainer uses of a transformers Trainer
+        model = Probe()
+
+        def get_train_dataloader(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return batches
+
+        def _prepare_inputs(self, batch: object) -> object:
+            return batch
+
+        def compute_loss(self, model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return model(*inputs)
+
+    trainer = Trainer()
+    preprocess_loraga(trainer.model, probe_config(), train_step_from_trainer(trainer), until="converged")
+    torch.testing.assert_close(trainer.model.lin._peft_loraga_grad, expected, rtol=1e-6, atol=0)
 
 
 def test_a_real_model_without_convergence_equals_the_plain_run() -> None:
