@@ -7,6 +7,13 @@ mode and peft, and projected accumulator memory for LLaMA 7B-70B shapes.
 the model alone is 13.5 GB, exact mode is refused by its memory check (reported as refused, with the figures) and
 peft is not run (its bf16 gradients would not fit beside the model in 24 GB; the figure is printed instead).
 
+``--preset llama-13b-nf4-cpu`` (and ``llama-7b-nf4-cpu``) is a QLoRA base on a CPU host: LLaMA-2-13B with every
+decoder linear in bitsandbytes nf4 (compute dtype bf16), built one weight at a time
+(:func:`~loraga_fast.bench.workloads.build_quantized_model`; the bf16 model, 26 GB, never exists). By default only the
+floor and low-memory mode run; exact mode is not run but its refusal is recorded from the memory check
+(``check_preprocess(mode="exact")``, made in every worker after the model is built: ``exact_check`` in each run,
+``refused["exact"]`` in the JSON), and peft refuses quantized bases.
+
 Each implementation runs in a fresh process (:func:`loraga_fast.bench.harness.in_fresh_process`) on the preset's
 seeded random LLaMA (:mod:`loraga_fast.bench.workloads` builders), after one untimed no-grad forward; on CUDA also
 after one untimed call of the implementation itself (Triton compilation and cuBLAS/cuSOLVER start-up are not what a
@@ -33,13 +40,21 @@ from typing import Any
 import peft
 import torch
 
-from ..api.preprocess import preprocess_loraga
+from ..api.preprocess import check_preprocess, preprocess_loraga
 from ..core.memory import accumulator_bytes, memory_estimate
 from ..errors import UsageError
 from ..layers.capture import CaptureSession, Slot
 from ..layers.targets import find_targets
 from ..stores.sketch import DEFAULT_PASSES
-from .harness import WorkerFailed, in_fresh_process, nothing_measured, num, result_path, suite_parser, write_json
+from .harness import (
+    WorkerFailed,
+    in_fresh_process,
+    nothing_measured,
+    num,
+    result_path,
+    suite_parser,
+    write_json,
+)
 from .memprobe import MemoryProbe
 from .workloads import (
     LLAMA_SHAPES,
@@ -51,6 +66,7 @@ from .workloads import (
     make_batches,
     make_lora_config,
     make_train_step,
+    model_bytes,
     quantize_model,
 )
 
@@ -77,14 +93,18 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: boo
             sketch_size: int | None = None, quantize: str | None = None) -> dict[str, Any]:
     """One implementation measured in this process (a fresh one: :func:`main` runs it through
     :func:`~loraga_fast.bench.harness.in_fresh_process`); ``refused`` instead of the figures when its memory check
-    refused it."""
+    refused it. ``exact_check``: exact mode's memory check on this model (``check_preprocess(mode="exact")``), None
+    when it fits, else its refusal."""
     p = get_preset(preset)
     if batches is not None:
         p = dataclasses.replace(p, num_batches=batches)
+    if p.quant is not None and quantize not in (None, p.quant):
+        raise ValueError(f"preset {p.name} is built quantized ({p.quant}): it takes no --quantize {quantize}")
     start = time.perf_counter()
-    model = build_model(p, dtype)
-    if quantize is not None:
+    model = build_model(p, dtype)  # a preset with quant: built quantized, one weight at a time
+    if quantize is not None and p.quant is None:
         model = quantize_model(model, quantize)
+    quantize = quantize or p.quant
     build_s = time.perf_counter() - start
     data = make_batches(p, "auto")
     cfg = make_lora_config(p)
@@ -112,11 +132,17 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: boo
         clear_loraga_state(model)
         gc.collect()
     estimate = memory_estimate(model, cfg, sketch_size=sketch_size)
+    try:
+        check_preprocess(model, cfg, mode="exact")
+        exact_check = None
+    except UsageError as err:
+        exact_check = str(err)
+    held = model_bytes(model)
     info = {"impl": impl, "device": str(device), "num_batches": p.num_batches, "tokens": p.num_batches * p.tokens_per_batch,
             "threads": torch.get_num_threads(), "warmed_up": warmup, "passes": DEFAULT_PASSES if impl == "lowmem" else 1,
             "sketch_size": sketch_size, "quantize": quantize,
-            "build_s": build_s, "model_bytes": sum(t.nbytes for t in model.parameters()) + sum(
-                t.nbytes for t in model.buffers()),
+            "build_s": build_s, "model_bytes": held["total"], "model_quantized_bytes": held["quantized"],
+            "model_float_bytes": held["float"], "sketch_bytes": estimate.lowmem_bytes, "exact_check": exact_check,
             "estimate": {"exact_bytes": estimate.exact_bytes, "lowmem_bytes": estimate.lowmem_bytes,
                          "lowmem_peak_bytes": estimate.lowmem_peak_bytes}}
     with MemoryProbe(device) as probe:
@@ -149,10 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", "--out", dest="json", default=result_path(None, "lowmem"),
                         help="results file (default %(default)s)")
     args = parser.parse_args(argv)
+    preset = get_preset(args.preset)
     if args.dtype is None:
-        args.dtype = "bf16" if get_preset(args.preset).init_in_dtype else "fp32"
-    if args.impls is None:
-        args.impls = [i for i in IMPLS if not (i == "peft" and args.preset.endswith("-cpu"))]
+        args.dtype = "bf16" if preset.init_in_dtype else "fp32"
+    if preset.quant is not None and args.quantize not in (None, preset.quant):
+        parser.error(f"--preset {args.preset} is built quantized ({preset.quant}): drop --quantize {args.quantize}")
+    if args.impls is None:  # quantized presets: exact mode's refusal comes from each worker's check (exact_check)
+        args.impls = [i for i in IMPLS if not (i == "peft" and args.preset.endswith("-cpu"))
+                      and not (i == "exact" and preset.quant is not None)]
 
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, dict[str, Any]] = {}
@@ -172,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[lowmem] {impl}: FAILED (exit {err.exit_code})\n{err.stderr_tail}", file=sys.stderr)
             failed[impl] = err.record()
             run = None
+        if run is not None and run.get("exact_check") and "exact" not in args.impls:
+            refused.setdefault("exact", run["exact_check"])  # not run: its memory check on the built model
         if run is not None and "refused" in run:
             refused[impl] = run["refused"]
             print(f"[lowmem] {impl}: refused: {refused[impl]}", file=sys.stderr, flush=True)
@@ -180,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[lowmem] {impl}: {results[impl]['time_s']:.3f}s (process {time.perf_counter() - start:.1f}s)",
                   file=sys.stderr, flush=True)
         floor_run = results.get("floor")
-        for name, res in results.items():
+        for res in results.values():
             if floor_run:
                 res["x_floor"] = res["time_s"] / floor_run["time_s"]
                 res["per_pass_x_floor"] = res["time_s"] / res.get("passes", 1) / floor_run["time_s"]
@@ -189,10 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         return nothing_measured("lowmem")
     first = next(iter(results.values()))
     est = first["estimate"]
+    quantized = f", {first['quantize']}: {first['model_quantized_bytes'] / 2**30:.2f} GiB quantized + " \
+        f"{first['model_float_bytes'] / 2**30:.2f} GiB float" if first["quantize"] else ""
     print(f"preset {args.preset} ({args.dtype}, {first['num_batches']} batches, {first['tokens']} tokens, "
           f"{first['device']}, {first['threads']} threads); lowmem passes = {DEFAULT_PASSES}; model "
-          f"{first['model_bytes'] / 2**30:.2f} GiB (built in {first['build_s']:.0f} s); memory_estimate: exact "
-          f"{est['exact_bytes'] / 2**30:.2f} GiB, lowmem peak {est['lowmem_peak_bytes'] / 2**30:.2f} GiB")
+          f"{first['model_bytes'] / 2**30:.2f} GiB{quantized} (built in {first['build_s']:.0f} s); memory_estimate: "
+          f"exact {est['exact_bytes'] / 2**30:.2f} GiB, lowmem peak {est['lowmem_peak_bytes'] / 2**30:.2f} GiB "
+          f"(sketches {first['sketch_bytes'] / 2**30:.2f} GiB)")
     print(f"{'impl':8} {'time s':>8} {'x floor':>8} {'per pass x floor':>17} {'extra peak MiB':>15} {'peak GiB':>9}")
     for impl, res in results.items():
         print(f"{impl:8} {res['time_s']:8.2f} {num(res.get('x_floor'), '.2f'):>8} {num(res.get('per_pass_x_floor'), '.2f'):>17} "
@@ -202,8 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowmem extra peak over the floor's: {over / 2**20:.1f} MiB; memory_estimate's low-memory peak "
               f"{est['lowmem_peak_bytes'] / 2**20:.1f} MiB")
     for impl, message in refused.items():
-        print(f"{impl:8} refused before the first forward pass: {message}")
-    if "peft" not in args.impls:
+        how = "not run; its memory check on the built model" if impl not in args.impls else \
+            "refused before the first forward pass"
+        print(f"{impl:8} {how}: {message}")
+    if "peft" not in args.impls and first["quantize"]:
+        print("peft (not run): peft's preprocess_loraga refuses quantized layers")
+    elif "peft" not in args.impls:
         grads = est["exact_bytes"] // 4 * (2 if args.dtype == "bf16" else 4)
         print(f"peft (not run): the .grad of every target weight in {args.dtype} alone would add "
               f"{grads / 2**30:.2f} GiB to the model")

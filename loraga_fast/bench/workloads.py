@@ -4,7 +4,9 @@
 Every suite builds from here (``e2e``, ``init``, ``lowmem``, ``distributed``, ...): the same preset and seed give
 the same model and batches everywhere. A model is a
 ``transformers.LlamaForCausalLM`` built from the preset's ``LlamaConfig`` with seeded random weights (the
-``smollm2`` preset loads the pretrained SmolLM2-135M instead); LoRA-GA targets all seven projection types.
+``smollm2`` preset loads the pretrained SmolLM2-135M instead); LoRA-GA targets all seven projection types. Presets
+with ``quant`` (``llama-13b-nf4-cpu``, ``llama-7b-nf4-cpu``) are QLoRA bases built one weight at a time
+(:func:`build_quantized_model`): no float copy of the whole model ever exists.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "Preset",
     "add_token_options",
     "build_model",
+    "build_quantized_model",
     "clear_loraga_state",
     "get_impl",
     "get_preset",
@@ -37,9 +40,11 @@ __all__ = [
     "make_batches",
     "make_lora_config",
     "make_train_step",
+    "model_bytes",
     "param_count",
     "quantize_model",
     "resolve_device",
+    "seeded_init_",
     "smollm2_gguf",
 ]
 
@@ -77,6 +82,8 @@ class Preset:
     num_kv_heads: int | None = None  # None: MHA
     tie_word_embeddings: bool = False
     init_in_dtype: bool = False  # initialize directly in the model dtype (no fp32 copy: a 7B model on a 24 GB host)
+    quant: str | None = None  # bitsandbytes 4-bit kind ("nf4", "fp4") of the decoder blocks' linears, built one
+    # weight at a time with the model dtype as compute dtype (build_quantized_model); None: a float model
 
     def llama_config(self) -> Any:
         """The ``transformers.LlamaConfig`` of this preset (MHA, untied embeddings, no KV cache)."""
@@ -125,6 +132,15 @@ PRESETS: dict[str, Preset] = {
     "llama-7b-4l-cpu": Preset(name="llama-7b-4l-cpu", hidden_size=4096, num_layers=4, intermediate_size=11008,
                               num_heads=32, vocab_size=32000, batch_size=1, seq_len=64, num_batches=4,
                               init_in_dtype=True),
+    # QLoRA bases on a CPU host (the lowmem suite): every linear of the decoder blocks in bitsandbytes nf4 (compute
+    # dtype bf16), embeddings, norms and lm_head in bf16, built one weight at a time (build_quantized_model); the
+    # bf16 model would not fit in 24 GB (13B: 26 GB), the nf4 one does
+    "llama-13b-nf4-cpu": Preset(name="llama-13b-nf4-cpu", hidden_size=5120, num_layers=40, intermediate_size=13824,
+                                num_heads=40, vocab_size=32000, batch_size=1, seq_len=64, num_batches=4,
+                                init_in_dtype=True, quant="nf4"),
+    "llama-7b-nf4-cpu": Preset(name="llama-7b-nf4-cpu", hidden_size=4096, num_layers=32, intermediate_size=11008,
+                               num_heads=32, vocab_size=32000, batch_size=1, seq_len=64, num_batches=4,
+                               init_in_dtype=True, quant="nf4"),
 }
 
 
@@ -178,11 +194,14 @@ def param_count(preset: str | Preset) -> int:
 
 def build_model(preset: str | Preset, dtype: str, device: str | torch.device = "auto", seed: int = 0) -> nn.Module:
     """The preset's ``LlamaForCausalLM`` with seeded random weights (initialized in fp32, then cast; presets with
-    ``init_in_dtype`` directly in ``dtype``), in eval mode like a model from ``from_pretrained``. The same seed
-    gives the same weights for every dtype (``init_in_dtype``: for the same dtype)."""
+    ``init_in_dtype`` directly in ``dtype``; presets with ``quant``: :func:`build_quantized_model`), in eval mode like
+    a model from ``from_pretrained``. The same seed gives the same weights for every dtype (``init_in_dtype``: for
+    the same dtype)."""
     from transformers import LlamaForCausalLM
 
     p = get_preset(preset)
+    if p.quant is not None:
+        return build_quantized_model(p, dtype, device, seed)
     if p.name == "smollm2":
         return _smollm2().to(device=resolve_device(device), dtype=_dtype(dtype)).eval()
     torch.manual_seed(seed)
@@ -192,6 +211,109 @@ def build_model(preset: str | Preset, dtype: str, device: str | torch.device = "
             return LlamaForCausalLM._from_config(p.llama_config(), dtype=_dtype(dtype)).eval()
         model = LlamaForCausalLM(p.llama_config())
     return model.to(dtype=_dtype(dtype)).eval()
+
+
+def _initial_value(module: nn.Module, name: str, shape: torch.Size, dtype: torch.dtype, std: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """A fresh CPU tensor for ``module.<name>`` as transformers' ``_init_weights`` initializes LLaMA (linear and
+    embedding weights ``normal(0, std)``, norm weights one, biases zero), drawn from ``generator``."""
+    value = torch.empty(shape, dtype=dtype)
+    if name == "bias":
+        return value.zero_()
+    if name == "weight" and isinstance(module, nn.Linear | nn.Embedding):  # bitsandbytes' Linear4bit is an nn.Linear
+        return value.normal_(0.0, std, generator=generator)
+    if name == "weight" and type(module).__name__.endswith("RMSNorm"):
+        return value.fill_(1.0)
+    raise ValueError(f"no seeded initialization for {type(module).__name__}.{name}")
+
+
+def _param_owners(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, parameter name)`` of every parameter, in ``named_parameters`` order (the seeded draw order)."""
+    return [(model.get_submodule(full.rpartition(".")[0]), full.rpartition(".")[2])
+            for full, _ in model.named_parameters()]
+
+
+@torch.no_grad()
+def seeded_init_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Initialize a float ``LlamaForCausalLM`` in place with the weights :func:`build_quantized_model` draws for the
+    same config and seed (before quantization): one generator, parameters in ``named_parameters`` order. The
+    plain-build reference of the block-wise builder (``quantize_model`` of this model gives the same nf4 model)."""
+    generator = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    for module, name in _param_owners(model):
+        param = getattr(module, name)
+        param.copy_(_initial_value(module, name, param.shape, param.dtype, std, generator))
+    return model
+
+
+@torch.no_grad()
+def build_quantized_model(preset: str | Preset, dtype: str = "bf16", device: str | torch.device = "cpu",
+                          seed: int = 0) -> nn.Module:
+    """The preset's ``LlamaForCausalLM`` with every linear of its decoder blocks quantized by bitsandbytes
+    (``preset.quant``: ``nf4`` or ``fp4``, ``dtype`` as compute dtype; embeddings, norms and ``lm_head`` in ``dtype``),
+    as ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` would load it, from seeded random weights
+    created one at a time: no float copy of the model ever exists (LLaMA-13B: 26 GB in bf16, 7.8 GB this way).
+
+    The skeleton is built on the meta device and transformers' own bitsandbytes quantizer swaps its linears (all but
+    ``lm_head``) for meta ``Linear4bit``; then each parameter, in ``named_parameters`` order, is drawn in ``dtype``
+    from one seeded CPU generator (:func:`seeded_init_` draws the same), a quantized one through
+    ``Params4bit(w).to(device)`` (which quantizes it, as transformers' loader does) and its float weight dropped
+    before the next: at most one projection's float weight (and bitsandbytes' quantization temporaries) is alive at
+    a time. The quantizer then marks the model as transformers does (``hf_quantizer``, ``is_loaded_in_4bit``,
+    ``config.quantization_config``: peft builds its 4-bit LoRA layers from them). In eval mode."""
+    import bitsandbytes as bnb
+    from transformers import LlamaForCausalLM
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    from loraga_fast.api.quantize import bnb_config
+
+    p = get_preset(preset)
+    if p.quant not in ("nf4", "fp4"):
+        raise ValueError(f"build_quantized_model builds 4-bit bases (quant 'nf4' or 'fp4'), not {p.quant!r}")
+    target, float_dtype = resolve_device(device), _dtype(dtype)
+    config = p.llama_config()
+    config.quantization_config = bnb_config(p.quant, float_dtype)
+    quantizer = AutoHfQuantizer.from_config(config.quantization_config, pre_quantized=False)
+    device_map = {"": str(target)}
+    quantizer.validate_environment(device_map=device_map, weights_only=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM._from_config(config, dtype=float_dtype)
+        quantizer.preprocess_model(model=model, dtype=float_dtype, device_map=device_map, checkpoint_files=None)
+    generator = torch.Generator().manual_seed(seed)
+    for module, name in _param_owners(model):
+        old = getattr(module, name)
+        value = _initial_value(module, name, old.shape, float_dtype, config.initializer_range, generator)
+        if isinstance(old, bnb.nn.Params4bit):  # transformers' Bnb4bitQuantize: quantized by .to(device)
+            new: nn.Parameter = bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(target)
+        else:
+            new = nn.Parameter(value.to(target), requires_grad=old.requires_grad)
+        setattr(module, name, new)
+        del value, new  # the float weight goes before the next is drawn
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(target)  # its buffers, computed
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"build_quantized_model left tensors on the meta device: {', '.join(left)}")
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    return model.eval()
+
+
+def model_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes the model holds: ``quantized`` (bitsandbytes weights with their quantization state: absmax, code,
+    nested statistics), ``float`` (every other parameter and buffer) and their ``total``."""
+    quantized = floating = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        state = getattr(t, "quant_state", None)
+        if state is None:
+            floating += t.nbytes
+            continue
+        quantized += t.nbytes
+        for s in (state, getattr(state, "state2", None)):
+            if s is not None:
+                quantized += sum(x.nbytes for x in (s.absmax, s.code) if isinstance(x, torch.Tensor))
+    return {"quantized": quantized, "float": floating, "total": quantized + floating}
 
 
 def quantize_model(model: nn.Module, quant: str) -> nn.Module:

