@@ -83,8 +83,11 @@ def preprocess_loraga(
             See :mod:`loraga_fast.stores.sketch`.
         sketch_size: low-memory mode only: sketch columns ``k`` per layer (default ``24 r``, capped at
             ``min(m, n)``); must be at least ``2 r``.
-        passes: low-memory mode only: calls of ``train_step`` (default 3, at least 2); more passes are more
-            accurate (each is one power iteration).
+        passes: low-memory mode only: calls of ``train_step`` (default 3). ``1``: one call; each layer keeps a
+            rank-``k`` truncated SVD of its gradient sum, updated on every backward pass (the same ``4 (m + n) k``
+            bytes; more compute per backward pass, no replay of the batches; see :mod:`loraga_fast.stores.stream`).
+            ``2`` or more: sketches, one call of ``train_step`` per pass; more passes are more accurate (each is one
+            power iteration).
         quantized_offset: bitsandbytes 4-/8-bit targets only (QLoRA): how ``get_peft_model`` applies LoRA-GA's base
             offset ``W - s B A``, which 4 or 8 bits cannot store exactly: ``"requantize"`` (default: dequantize,
             subtract in fp32, quantize again with the layer's own settings, as the original LoRA-GA repository

@@ -25,6 +25,8 @@ implementation. Implementations:
 * ``floor``: one forward + backward over the batches with every target routed through the capture op but
   accumulating nothing (input gradients only) -- what any method must at least pay per pass;
 * ``lowmem``: ``loraga_fast.preprocess_loraga(mode="lowmem")`` (3 passes by default);
+* ``lowmem1``: ``loraga_fast.preprocess_loraga(mode="lowmem", passes=1)`` (one pass: a truncated SVD per layer,
+  updated on every backward pass, :mod:`loraga_fast.stores.stream`);
 * ``exact``: ``loraga_fast.preprocess_loraga`` (exact mode);
 * ``peft``: ``peft.preprocess_loraga``.
 """
@@ -70,7 +72,8 @@ from .workloads import (
     quantize_model,
 )
 
-IMPLS = ("floor", "lowmem", "exact", "peft")
+IMPLS = ("floor", "lowmem1", "lowmem", "exact", "peft")
+FLOP_TOKENS = 2048  # tokens per backward pass of the one-pass FLOP table (LLaMA-7B shapes)
 
 class _NullSlot(Slot):
     """A capture slot that accumulates nothing."""
@@ -124,14 +127,18 @@ def run_one(impl: str, preset: str, dtype: str, batches: int | None, warmup: boo
         def call() -> None:
             peft.preprocess_loraga(model, cfg, step)
     else:
+        mode = "exact" if impl == "exact" else "lowmem"
+        options = {"passes": 1} if impl == "lowmem1" else {}
+
         def call() -> None:
-            preprocess_loraga(model, cfg, step, mode=impl, sketch_size=sketch_size if impl == "lowmem" else None)
+            preprocess_loraga(model, cfg, step, mode=mode, sketch_size=sketch_size if mode == "lowmem" else None,
+                              **options)
     warmup = device.type == "cuda" if warmup is None else warmup
     if warmup:
         call()
         clear_loraga_state(model)
         gc.collect()
-    estimate = memory_estimate(model, cfg, sketch_size=sketch_size)
+    estimate = memory_estimate(model, cfg, sketch_size=sketch_size, passes=1 if impl == "lowmem1" else None)
     try:
         check_preprocess(model, cfg, mode="exact")
         exact_check = None
@@ -188,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     failed: dict[str, dict[str, Any]] = {}
     refused: dict[str, str] = {}
     projections = _projections()
+    flops = onepass_flops()
 
     def save() -> None:
         write_json(args.json, {"preset": args.preset, "dtype": args.dtype, "passes": DEFAULT_PASSES, "runs": results,
-                               "failed": failed, "refused": refused, "projections": projections})
+                               "failed": failed, "refused": refused, "projections": projections,
+                               "onepass_flops": flops})
 
     for impl in args.impls:
         start = time.perf_counter()
@@ -232,10 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     for impl, res in results.items():
         print(f"{impl:8} {res['time_s']:8.2f} {num(res.get('x_floor'), '.2f'):>8} {num(res.get('per_pass_x_floor'), '.2f'):>17} "
               f"{res['peak_extra_bytes'] / 2**20:15.1f} {res['peak_bytes'] / 2**30:9.2f}")
-    if "lowmem" in results and "floor" in results:
-        over = results["lowmem"]["peak_extra_bytes"] - results["floor"]["peak_extra_bytes"]
-        print(f"lowmem extra peak over the floor's: {over / 2**20:.1f} MiB; memory_estimate's low-memory peak "
-              f"{est['lowmem_peak_bytes'] / 2**20:.1f} MiB")
+    for impl in ("lowmem", "lowmem1"):
+        if impl in results and "floor" in results:
+            over = results[impl]["peak_extra_bytes"] - results["floor"]["peak_extra_bytes"]
+            print(f"{impl} extra peak over the floor's: {over / 2**20:.1f} MiB; memory_estimate's low-memory peak "
+                  f"{results[impl]['estimate']['lowmem_peak_bytes'] / 2**20:.1f} MiB")
     for impl, message in refused.items():
         how = "not run; its memory check on the built model" if impl not in args.impls else \
             "refused before the first forward pass"
@@ -252,8 +262,43 @@ def main(argv: list[str] | None = None) -> int:
     for p in projections:
         exact, low = p["exact_bytes"], p["lowmem_bytes"]
         print(f"{p['model']:6} {p['r']:3d} {exact / 2**30:10.2f} {low / 2**30:11.2f} {exact / low:7.1f}")
+    print(f"\none-pass low-memory mode's work per backward pass vs the floor's (forward + input gradient, 4 t m n), "
+          f"LLaMA-7B's 7 projections per block, t = {FLOP_TOKENS} tokens (GFLOP per block):")
+    print(f"{'r':>3} {'l':>4} {'floor':>8} {'compress':>9} {'merge':>8} {'one pass x floor':>17} {'three passes x floor':>21}")
+    for f in flops:
+        print(f"{f['r']:3d} {f['l']:4d} {f['floor'] / 1e9:8.1f} {f['compress'] / 1e9:9.1f} {f['merge'] / 1e9:8.1f} "
+              f"{1 + f['overhead']:17.3f} {f['three_pass_x_floor']:21.3f}")
     save()
     return 1 if failed else 0
+
+
+def stream_flops(m: int, n: int, k: int, tokens: int) -> dict[str, float]:
+    """FLOPs one-pass low-memory mode spends on one ``(m, n)`` layer per backward pass of ``tokens`` tokens, keeping
+    ``k`` columns (:mod:`loraga_fast.ops.stream`; Householder QR with Q formed: ``4 rows cols^2``; the core's SVD
+    with both factors: ``22 c^3``): ``compress`` (the range finder, when ``tokens > k``) and ``merge``."""
+    width = min(tokens, k)
+    compress = 4.0 * tokens * (m + n) * k + 4.0 * m * k * k if tokens > k else 0.0
+    c = k + width
+    merge = 4.0 * (m + n) * c * c + 2.0 * c**3 + 22.0 * c**3 + 2.0 * (m + n) * c * k
+    return {"compress": compress, "merge": merge}
+
+
+def onepass_flops(tokens: int = FLOP_TOKENS) -> list[dict[str, Any]]:
+    """The FLOP table: per LLaMA-7B block, one-pass mode's compress + merge work against the floor's ``4 t m n`` per
+    projection, and three-pass mode's (two more floors, plus its sketch products ``2 t (m + n) k`` per pass)."""
+    hidden, inter, _, kv = LLAMA_SHAPES["7B"]
+    shapes = layer_shapes(hidden, inter, 1, kv)
+    rows = []
+    for r in (8, 16):
+        k = 24 * r
+        floor = sum(4.0 * tokens * m * n for m, n in shapes)
+        work = [stream_flops(m, n, min(k, m, n), tokens) for m, n in shapes]
+        compress, merge = sum(w["compress"] for w in work), sum(w["merge"] for w in work)
+        sketch = sum(2.0 * tokens * (m + n) * min(k, m, n) for m, n in shapes)
+        rows.append({"r": r, "l": k, "tokens": tokens, "floor": floor, "compress": compress, "merge": merge,
+                     "overhead": (compress + merge) / floor,
+                     "three_pass_x_floor": DEFAULT_PASSES + DEFAULT_PASSES * sketch / floor})
+    return rows
 
 
 def _projections() -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ SUITES: dict[str, str] = {
     "lowmem": "low-memory mode vs exact mode, peft and the forward+backward floor",
     "sketch_memory": "low-memory mode's store alone: measured peak memory vs its formula (LLaMA-7B layers)",
     "accuracy": "factor accuracy on SmolLM2's real gradients (low-memory passes x sketch size, exact rSVD)",
+    "onepass": "one-pass low-memory mode's accuracy on SmolLM2's real gradients next to three passes (4k/16k tokens)",
     "qlora": "LoRA-GA on a bitsandbytes-quantized SmolLM2: drift at initialization and first training steps",
     "convergence": "plain LoRA vs LoRA-GA fine-tuning SmolLM2 (held-out loss per step); until='converged', rank_budget=",
     "stopping": "how fast SmolLM2's gradient subspaces converge: until='converged''s tolerance, interval and cost",
@@ -116,7 +117,7 @@ def _split_options(args: argparse.Namespace) -> list[str]:
 def missing_packages(suite: str, preset: str | None, plot: bool) -> list[tuple[str, str]]:
     """``(what needs it, pip name)`` of every package the run needs and this Python lacks."""
     needs = []
-    if preset == "smollm2" or suite in ("accuracy", "qlora", "convergence", "stopping"):
+    if preset == "smollm2" or suite in ("accuracy", "onepass", "qlora", "convergence", "stopping"):
         what = "--preset smollm2" if preset == "smollm2" else f"bench {suite}"
         needs += [(what, pkg, module) for pkg, module in _SMOLLM2]
     if suite in ("e2e", "init", "lowmem", "sketch_memory", "distributed"):

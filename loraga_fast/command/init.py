@@ -184,7 +184,8 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
             "budget": args.rank_budget, "lora_params": estimation.lora_params, "ranks": estimation.ranks},
         "cache": args.cache, "cache_reused": cache_reused, "params": params,
         "rank": args.rank, "phases_s": phases, "peak_memory_bytes": 0, "out": str(out),
-        "device": str(device), "dtype": args.dtype, "mode": args.mode, "quantize": args.quantize,
+        "device": str(device), "dtype": args.dtype, "mode": args.mode,
+        "passes": args.passes if args.mode == "lowmem" else 1, "quantize": args.quantize,
         "base_untouched": bool(args.quantize),
     }
 

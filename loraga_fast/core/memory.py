@@ -16,7 +16,8 @@ from ..layers.targets import fill_default_target_modules, find_targets, layer_ra
 from ..stores.sketch import CHUNK_LAYERS, DEFAULT_PASSES, FINGERPRINT_PROBES, sketch_columns
 
 __all__ = ["MemoryEstimate", "accumulator_bytes", "available_bytes", "capture_bytes", "check_fits",
-           "extra_bytes_per_layer", "factor_bytes", "memory_estimate", "target_memory", "workspace_bytes"]
+           "extra_bytes_per_layer", "factor_bytes", "memory_estimate", "stream_workspace_bytes", "target_memory",
+           "workspace_bytes"]
 
 WORKSPACE_CHUNKS = 6
 """Layer-sized fp32 ``(max(m, n), k)`` temporaries the sketch algebra holds at once, at most: orthonormalizing the
@@ -25,13 +26,29 @@ previous pass's product (CholeskyQR2: the two triangular solves and their column
 the sketches on LLaMA-7B shapes stays within ``1.3 x sketches + this``."""
 
 
-def accumulator_bytes(shapes: Iterable[tuple[int, int]], r: int, sketch_size: int | None = None) -> tuple[int, int]:
+STREAM_WORKSPACE = 8
+"""fp32 ``(m + n, l)`` blocks one-pass low-memory mode holds while it merges one layer's batch into its truncated
+SVD (:mod:`loraga_fast.stores.stream`): the test matrix and the compressed batch (one block), the two
+concatenations ``[U diag(s), L]``, ``[V, R]`` and their Q factors (two blocks each, ``l + w <= 2 l`` columns), the
+new ``U``, ``V`` (one block) and LAPACK's copies (two)."""
+
+
+def stream_workspace_bytes(layers: Iterable[tuple[int, int, int]]) -> int:
+    """Transient bytes of one-pass low-memory mode for layers ``(m, n, l)``: one layer is merged at a time, so
+    ``4 * STREAM_WORKSPACE * (m + n) * l`` of the largest layer."""
+    return max((4 * STREAM_WORKSPACE * (m + n) * k for m, n, k in layers), default=0)
+
+
+def accumulator_bytes(shapes: Iterable[tuple[int, int]], r: int, sketch_size: int | None = None,
+                      passes: int | None = None) -> tuple[int, int]:
     """``(exact, lowmem)`` accumulator bytes for layers of weight shapes ``shapes`` at rank ``r``: ``4 m n`` per
-    layer in exact mode, ``4 (m + n) k`` in low-memory mode (plus :func:`extra_bytes_per_layer`)."""
+    layer in exact mode, ``4 (m + n) k`` in low-memory mode (plus :func:`extra_bytes_per_layer` with two or more
+    passes, the ``k`` singular values with one)."""
     exact = lowmem = 0
     for m, n in shapes:
+        k = sketch_columns(m, n, r, sketch_size)
         exact += 4 * m * n
-        lowmem += 4 * (m + n) * sketch_columns(m, n, r, sketch_size) + extra_bytes_per_layer(m, n)
+        lowmem += 4 * (m + n) * k + (4 * k if passes == 1 else extra_bytes_per_layer(m, n))
     return exact, lowmem
 
 
@@ -81,6 +98,9 @@ class MemoryEstimate:
         lowmem_bytes: the ``(m + n) k`` fp32 sketches plus fingerprints and probes (low-memory mode).
         num_layers: target layers.
         sketch_columns: ``k`` of each layer (by name).
+        passes: low-memory mode's passes the figures are for (None: the default, ``DEFAULT_PASSES``; 1: the one-pass
+            truncated SVDs of :mod:`loraga_fast.stores.stream`, whose ``lowmem_bytes`` are ``4 ((m + n) k + k)`` per
+            layer and whose workspace is :func:`stream_workspace_bytes`).
         workspace_bytes: low-memory mode's bounded transient workspace (:func:`workspace_bytes`).
         factor_bytes: the top-``2r`` factors it holds after the last pass (:func:`factor_bytes`). Its peak is
             :attr:`lowmem_peak_bytes` = ``lowmem_bytes + factor_bytes + workspace_bytes``, plus, while one layer's
@@ -93,6 +113,7 @@ class MemoryEstimate:
     sketch_columns: dict[str, int] = field(default_factory=dict)
     workspace_bytes: int = 0
     factor_bytes: int = 0
+    passes: int | None = None
 
     @property
     def lowmem_peak_bytes(self) -> int:
@@ -109,7 +130,13 @@ class MemoryEstimate:
             than = "about the same as exact mode"
         return (f"LoRA-GA accumulator memory for {self.num_layers} target layers: exact mode {_fmt(self.exact_bytes)}, "
                 f"low-memory mode {_fmt(self.lowmem_peak_bytes)} (sketches {_fmt(self.lowmem_bytes)}, factors "
-                f"{_fmt(self.factor_bytes)}, workspace {_fmt(self.workspace_bytes)}; {than}, {DEFAULT_PASSES} passes over the batches by default)")
+                f"{_fmt(self.factor_bytes)}, workspace {_fmt(self.workspace_bytes)}; {than}, {self._passes_text})")
+
+    @property
+    def _passes_text(self) -> str:
+        if self.passes is None:
+            return f"{DEFAULT_PASSES} passes over the batches by default"
+        return "one pass over the batches" if self.passes == 1 else f"{self.passes} passes over the batches"
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -129,7 +156,7 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def check_fits(targets: Sequence[tuple[str, nn.Module]], ranks: Mapping[str, int], mode: str,
-               sketch_size: int | None = None) -> None:
+               sketch_size: int | None = None, passes: int | None = None) -> None:
     """Refuse, before the first forward pass, a run whose accumulators alone exceed what a device has available.
 
     Raises:
@@ -143,7 +170,7 @@ def check_fits(targets: Sequence[tuple[str, nn.Module]], ranks: Mapping[str, int
         free = available_bytes(device)
         if free is None:
             continue
-        memory = target_memory(members, ranks, sketch_size)
+        memory = target_memory(members, ranks, sketch_size, passes=passes if mode == "lowmem" else None)
         need = memory.exact_bytes if mode == "exact" else memory.lowmem_peak_bytes
         if need <= free:
             continue
@@ -164,31 +191,35 @@ def _fmt(nbytes: int) -> str:
 
 
 def target_memory(targets: Sequence[tuple[str, nn.Module]], ranks: Mapping[str, int],
-                   sketch_size: int | None = None) -> MemoryEstimate:
-    """:class:`MemoryEstimate` for ``targets`` (``(name, module)``) with per-layer ``ranks``."""
+                  sketch_size: int | None = None, passes: int | None = None) -> MemoryEstimate:
+    """:class:`MemoryEstimate` for ``targets`` (``(name, module)``) with per-layer ``ranks`` (low-memory mode's
+    figures for ``passes``; None: the default)."""
     exact = lowmem = 0
     columns = {}
     layers, ranked = [], []
     for name, module in targets:
         m, n = math_shape(module)
-        e, lm = accumulator_bytes([(m, n)], ranks[name], sketch_size)
+        e, lm = accumulator_bytes([(m, n)], ranks[name], sketch_size, passes)
         exact += e
         lowmem += lm
         columns[name] = sketch_columns(m, n, ranks[name], sketch_size)
         layers.append((m, n, columns[name]))
         ranked.append((m, n, ranks[name]))
+    workspace = stream_workspace_bytes(layers) if passes == 1 else workspace_bytes(layers)
     return MemoryEstimate(exact_bytes=exact, lowmem_bytes=lowmem, num_layers=len(targets), sketch_columns=columns,
-                          workspace_bytes=workspace_bytes(layers), factor_bytes=factor_bytes(ranked))
+                          workspace_bytes=workspace, factor_bytes=factor_bytes(ranked), passes=passes)
 
 
-def memory_estimate(model: nn.Module, lora_config: Any, *, sketch_size: int | None = None) -> MemoryEstimate:
+def memory_estimate(model: nn.Module, lora_config: Any, *, sketch_size: int | None = None,
+                    passes: int | None = None) -> MemoryEstimate:
     """Bytes of the accumulators ``preprocess_loraga`` would hold for ``model`` and ``lora_config``.
 
     Exact mode: ``4 m n`` per target layer (one fp32 gradient). Low-memory mode: ``4 (m + n) k`` per layer with
     ``k = sketch_size`` or ``24 r`` (capped at ``min(m, n)``), plus a ``4 x 4`` fingerprint and the probes
     (:func:`extra_bytes_per_layer`); its bounded workspace is ``workspace_bytes`` (:func:`workspace_bytes`) and the
     factors it keeps after the last pass ``factor_bytes``, so its peak is ``lowmem_peak_bytes``. Activations and the model are not included (the same in both modes; low-memory
-    mode adds one layer's capture temporaries at a time, :func:`capture_bytes`). ``lora_config`` is not
+    mode adds one layer's capture temporaries at a time, :func:`capture_bytes`). ``passes=1``: the figures of
+    one-pass low-memory mode (``4 ((m + n) k + k)`` per layer, workspace :func:`stream_workspace_bytes`). ``lora_config`` is not
     modified. ``str()`` of the result is a one-line summary (what ``preprocess_loraga`` logs).
 
     Raises:
@@ -202,4 +233,4 @@ def memory_estimate(model: nn.Module, lora_config: Any, *, sketch_size: int | No
         names = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
         raise UsageError(f"memory_estimate: no nn.Linear or Conv1D layer of the model matches target_modules="
                          f"{names!r}{wrapped}.")
-    return target_memory(targets, layer_ranks(config, [name for name, _ in targets]), sketch_size)
+    return target_memory(targets, layer_ranks(config, [name for name, _ in targets]), sketch_size, passes)

@@ -152,6 +152,11 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
                     hook.remove()
             store.reduce(process_group)
             counts = store.counts()
+            if index:  # a later pass: the same backward passes and data as the first (a train_step that cannot be
+                _check_same_pass(store, index, first_counts, first_prints)  # replayed runs none: that is the news)
+                if index + 1 < store.passes:
+                    check_finite(store.max_abs(), [name for name, count in counts.items() if count > 0])
+                continue
             active = [name for name, count in counts.items() if count > 0]
             if not active:
                 raise UsageError(
@@ -162,12 +167,9 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
                 )
             if index + 1 < store.passes:  # before more passes are spent; the last is checked by summarize, which
                 check_finite(store.max_abs(), active)  # every caller runs next (one read of the sums, not two)
-            if index == 0:
-                first_counts, first_prints = counts, store.fingerprints()
-                if store.passes > 1:
-                    check_ranks({n: weight_shape(m) for n, m in targets}, ranks, active)
-                continue
-            _check_same_pass(store, index, first_counts, first_prints)
+            first_counts, first_prints = counts, store.fingerprints()
+            if store.passes > 1:
+                check_ranks({n: weight_shape(m) for n, m in targets}, ranks, active)
     finally:
         bar.close()
         store.release()

@@ -22,6 +22,7 @@ from ..layers.targets import check_ranks, fill_default_target_modules, find_targ
 from ..stores.base import Store
 from ..stores.sharded import new_store
 from ..stores.sketch import DEFAULT_PASSES, DEFAULT_SKETCH_PER_LORA_RANK, SketchSpec, SketchStore, sketch_columns
+from ..stores.stream import StreamStore
 from .allocation import RankBudget, rank_budget as check_budget
 from .convergence import StopRule, stop_rule
 from .memory import MemoryEstimate, check_fits, target_memory
@@ -87,10 +88,11 @@ class Plan:
         """Refuse a run whose accumulators exceed what the targets' devices have available (not for FSDP, which
         shards them, nor for a factor cache, which holds no accumulator). Raises UsageError."""
         if self.layout is None and not (self.cached and self.mode == "lowmem"):
-            check_fits(self.targets, self.ranks, self.mode, self.sketch_size)
+            check_fits(self.targets, self.ranks, self.mode, self.sketch_size, self.passes)
 
     def new_store(self) -> Store:
-        """The store of the mode: exact fp32 accumulators (row shards on FSDP models) or low-memory sketches."""
+        """The store of the mode: exact fp32 accumulators (row shards on FSDP models), low-memory sketches (two or
+        more passes) or low-memory mode's one-pass truncated SVDs."""
         if self.mode == "exact":
             return new_store(self.targets, self.layout)
         specs = []
@@ -98,7 +100,7 @@ class Plan:
             m, n = math_shape(module)
             specs.append(SketchSpec(name, m, n, sketch_columns(m, n, self.ranks[name], self.sketch_size),
                                     module.weight.device, weight_layout_transposed(module)))
-        return SketchStore(specs, passes=self.passes)
+        return StreamStore(specs) if self.passes == 1 else SketchStore(specs, passes=self.passes)
 
 
 def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[str] | None = None, *,
@@ -142,8 +144,9 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
     budget = check_budget(lora_config, shapes, ranks, rank_budget, min_rank, max_rank, sketch_columns=columns)
     if mode == "lowmem":
         passes = DEFAULT_PASSES if passes is None else passes
-        if passes < 2:
-            raise UsageError(f"low-memory mode needs passes >= 2 (the default is {DEFAULT_PASSES}), got {passes}.")
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+            raise UsageError(f"passes must be a positive integer (1: one pass, a running truncated SVD; 2 or more: "
+                             f"sketches, one pass each; the default is {DEFAULT_PASSES}), got {passes!r}.")
         if sketch_size is not None and sketch_size < 2 * max(ranks.values()):
             raise UsageError(f"sketch_size={sketch_size} must be at least 2 * r = {2 * max(ranks.values())} (the "
                              f"default, {DEFAULT_SKETCH_PER_LORA_RANK} r, meets LoRA-GA's accuracy needs).")
@@ -161,5 +164,6 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
         process_group = layout.process_group  # sharded: everything is reduced over the model's process group
     return Plan(lora_config=lora_config, targets=targets, ranks=ranks, mode=mode, passes=passes or 1,
                 sketch_size=sketch_size, quantized_offset=quantized_offset, cache_file=path, cached=cached,
-                layout=layout, process_group=process_group, memory=target_memory(targets, ranks, sketch_size),
+                layout=layout, process_group=process_group,
+                memory=target_memory(targets, ranks, sketch_size, passes=passes if mode == "lowmem" else None),
                 stop=stop, budget=budget)

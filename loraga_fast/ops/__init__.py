@@ -8,6 +8,8 @@ entries in the one dispatch table, :data:`loraga_fast.ops._dispatch.IMPLS`)::
     sketch_accumulate      sketch.py      sketch_accumulate_     torch, triton  sketch_accumulate_ref
     probe_accumulate       sketch.py      probe_accumulate_      torch          (its torch implementation)
     factors_from_sketch    sketch.py      factors_from_sketch    torch          factors_from_sketch_ref
+    compress_update        stream.py      compress_update        torch          compress_update_ref
+    merge_update           stream.py      merge_update           torch          merge_update_ref
     batched_rsvd           rsvd.py        batched_rsvd           torch          rsvd_ref
     orthonormalize         rsvd.py        orthonormalize         torch          (torch.linalg.qr(y).Q)
     sharded_rsvd           rsvd.py        -- (plain function)    --             batched_rsvd of the gathered rows
@@ -39,6 +41,7 @@ when it is installed and defines the kernel only then; it is jitted on first use
 
 from .accumulate import accumulate, accumulate_ref, accumulate_triton
 from .rsvd import batched_rsvd, gather_rows, orthonormalize, orthonormalize_sharded, rsvd_ref, sharded_rsvd
+from .stream import compress_update, compress_update_ref, merge_update, merge_update_ref
 from .sketch import (
     factors_from_sketch,
     factors_from_sketch_ref,
@@ -52,9 +55,13 @@ __all__ = [
     "accumulate_ref",
     "accumulate_triton",
     "batched_rsvd",
+    "compress_update",
+    "compress_update_ref",
     "factors_from_sketch",
     "factors_from_sketch_ref",
     "gather_rows",
+    "merge_update",
+    "merge_update_ref",
     "orthonormalize",
     "orthonormalize_sharded",
     "probe_accumulate",

@@ -37,7 +37,7 @@ from tests._helpers import (
 
 bnb = pytest.importorskip("bitsandbytes")
 
-LOWMEM_PASSES = [3]
+LOWMEM_PASSES = [1, 3]
 """The low-memory pass counts covered here (``passes=``); the one-pass mode appends 1."""
 
 MODES = [pytest.param("exact", None, id="exact")] + [

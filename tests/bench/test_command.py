@@ -36,6 +36,7 @@ def _module(cmd: list[str]) -> str:
     ("lowmem", ["--preset", "llama-7b-cpu"], ["--preset", "llama-7b-cpu", "--json", "{out}/lowmem.json"]),
     ("lowmem", ["--preset", "llama-13b-nf4-cpu"], ["--preset", "llama-13b-nf4-cpu", "--json", "{out}/lowmem.json"]),
     ("accuracy", [], ["--json", "{out}/accuracy.json"]),
+    ("onepass", [], ["--json", "{out}/onepass.json"]),
     ("e2e", ["--preset", "tiny"], ["--preset", "tiny", "--json", "{out}/e2e.json"]),
     ("init", ["--preset", "tiny"], ["--preset", "tiny-groups", "--json", "{out}/init.json"]),
     ("kernels", ["--preset", "70m"], ["--preset", "cpu", "--json", "{out}/kernels.json"]),

@@ -18,11 +18,13 @@ from loraga_fast.command.inputs import load_model
 SMALL = ["--batches", "2", "--batch-size", "2", "--seq-len", "48", "--rank", "4"]
 
 
-@pytest.mark.parametrize("mode", ["exact", "lowmem"])
+@pytest.mark.parametrize("mode", ["exact", "lowmem", "lowmem-1"])
 def test_default_init_saves_an_initialized_model_that_reloads(mode: str, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert main(["init", "--out", str(out), "--mode", mode, *SMALL]) == 0
+    passes = ["--passes", "1"] if mode == "lowmem-1" else []
+    mode = mode.removesuffix("-1")
+    assert main(["init", "--out", str(out), "--mode", mode, *passes, *SMALL]) == 0
     printed = capsys.readouterr().out
     # peft's default targets for LLaMA: q_proj and v_proj in each of the 4 layers
     assert "LoRA-GA initialization" in printed and "targets         8 layers (q_proj, v_proj)" in printed
@@ -30,6 +32,8 @@ def test_default_init_saves_an_initialized_model_that_reloads(mode: str, tmp_pat
     assert "accumulator memory for 8 target layers: exact mode" in printed and f"-> mode {mode}" in printed
     summary = json.loads((out / "loraga_fast_init.json").read_text())
     assert summary["target_modules"] == ["q_proj", "v_proj"] and len(summary["run_id"]) == 12
+    if passes:
+        assert summary["passes"] == 1 and "one pass over the batches" in printed
     assert summary["mode"] == mode and summary["targets"] == 8 and summary["tokens"] == 2 * 2 * 48 and set(summary["phases_s"]) == {"load", "estimate", "init", "save"}
 
     # the saved offset base + adapter is the initialized model, whose function equals the original's

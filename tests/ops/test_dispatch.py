@@ -16,7 +16,9 @@ from loraga_fast.ops import (
     accumulate_ref,
     accumulate_triton,
     batched_rsvd,
+    compress_update,
     factors_from_sketch,
+    merge_update,
     orthonormalize,
     probe_accumulate,
     sketch_accumulate,
@@ -147,6 +149,9 @@ def _calls() -> dict[str, Callable[[], Any]]:
         "factors_from_sketch": lambda: factors_from_sketch(torch.linalg.qr(torch.randn(2, 8, 3)).Q, torch.randn(2, 6, 3), 2),
         "batched_rsvd": lambda: batched_rsvd(torch.randn(2, 8, 6), 2),
         "orthonormalize": lambda: orthonormalize(torch.randn(2, 8, 3)),
+        "compress_update": lambda: compress_update(g, x, torch.randn(5, 2)),
+        "merge_update": lambda: merge_update(torch.zeros(6, 2), torch.zeros(2), torch.zeros(5, 2), torch.randn(6, 1),
+                                             torch.randn(5, 1)),
     }
 
 

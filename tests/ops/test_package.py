@@ -59,7 +59,7 @@ def test_import_touches_no_cuda_and_no_layer_above() -> None:
     result = _import_in_fresh_process("triton")
     assert result == {"missing": [], "cuda": False, "upper": [], "ops": sorted(
         ["accumulate_", "sketch_accumulate_", "probe_accumulate_", "factors_from_sketch", "batched_rsvd",
-         "orthonormalize"])}
+         "orthonormalize", "compress_update", "merge_update"])}
 
 
 def test_import_works_without_triton() -> None:

@@ -14,8 +14,12 @@ from loraga_fast.ops import (
     accumulate,
     accumulate_ref,
     batched_rsvd,
+    compress_update,
+    compress_update_ref,
     factors_from_sketch,
     factors_from_sketch_ref,
+    merge_update,
+    merge_update_ref,
     orthonormalize,
     probe_accumulate,
     sketch_accumulate,
@@ -33,6 +37,8 @@ REGISTERED = {
     "factors_from_sketch": "factors_from_sketch",
     "batched_rsvd": "batched_rsvd",
     "orthonormalize": "orthonormalize",
+    "compress_update": "compress_update",
+    "merge_update": "merge_update",
 }
 TOKEN_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 LINALG_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
@@ -149,6 +155,69 @@ def test_orthonormalize(dtype: torch.dtype, degenerate: bool) -> None:
     torch.testing.assert_close(out.mT @ out, torch.eye(5, dtype=dtype).expand(3, 5, 5), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", TOKEN_DTYPES)
+def test_compress_update(dtype: torch.dtype) -> None:
+    g, x = _tokens(dtype)  # 10 tokens, M = 16, N = 8
+    omega = torch.randn(8, 4)
+    _check("compress_update", (g, x, omega, 1))
+    left, right = OPS.compress_update(g, x, omega, 0)
+    assert _same((left, right), compress_update(g, x, omega))
+    assert left.shape == (16, 4) and right.shape == (8, 4) and left.dtype == right.dtype == torch.float32
+    torch.testing.assert_close(left.T @ left, torch.eye(4), rtol=0, atol=1e-5)
+    # L R^T is the gradient projected onto range(A Omega), which a wide Omega (q = N) makes the whole gradient
+    assert rel_err(left @ right.T, compress_update_ref(g.float(), x.float(), omega)) < 1e-5
+    powered_l, powered_r = compress_update(g, x, omega, 1)
+    assert rel_err(powered_l @ powered_r.T, compress_update_ref(g.float(), x.float(), omega, 1)) < 1e-5
+    assert rel_err(powered_l @ powered_r.T, left @ right.T) > 1e-3  # another subspace: the power is applied
+    full_l, full_r = compress_update(g, x, torch.randn(8, 8))
+    assert rel_err(full_l @ full_r.T, g.double().reshape(-1, 16).T @ x.double().reshape(-1, 8)) < 1e-5
+
+
+def _state(m: int, n: int, keep: int, filled: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A running sum of rank ``filled`` held in ``keep`` columns (zeros past ``filled``, as the store starts)."""
+    u, s, v = torch.zeros(m, keep), torch.zeros(keep), torch.zeros(n, keep)
+    if filled:
+        u[:, :filled] = torch.linalg.qr(torch.randn(m, filled)).Q
+        v[:, :filled] = torch.linalg.qr(torch.randn(n, filled)).Q
+        s[:filled] = torch.linspace(5, 1, filled)
+    return u, s, v
+
+
+@pytest.mark.parametrize("filled", [0, 3, 6], ids=["empty", "partly", "full"])
+def test_merge_update(filled: int) -> None:
+    u, s, v = _state(20, 12, 6, filled)
+    left, right = torch.randn(20, 4), torch.randn(12, 4)
+    _check("merge_update", (u, s, v, left, right))
+    out = OPS.merge_update(u, s, v, left, right)
+    assert _same(out, merge_update(u, s, v, left, right))
+    uu, ss, vv = out
+    ru, rs, rv = merge_update_ref(u, s, v, left, right)
+    torch.testing.assert_close(ss.double(), rs, rtol=1e-5, atol=1e-5)
+    # the same best rank-6 approximation (unique: the reference's 6th and 7th singular values differ)
+    assert rel_err((uu * ss) @ vv.T, (ru * rs) @ rv.T) < 1e-5
+    torch.testing.assert_close(uu.T @ uu, torch.eye(6), rtol=0, atol=1e-5)
+    if filled + 4 <= 6:  # the sum has rank <= l: kept exactly
+        dense = (u.double() * s.double()) @ v.double().T + left.double() @ right.double().T
+        assert rel_err((uu * ss) @ vv.T, dense) < 1e-5
+
+
+def test_merge_update_marks_a_non_finite_sum_instead_of_raising() -> None:
+    u, s, v = _state(20, 12, 6, 3)
+    left = torch.randn(20, 4)
+    left[2, 1] = float("nan")
+    _, ss, _ = merge_update(u, s, v, left, torch.randn(12, 4))
+    assert torch.isnan(ss).all()
+
+
+def test_stream_ops_reject_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="exceeds min"):
+        merge_update(*_state(5, 4, 5, 0)[:1], torch.zeros(5), torch.zeros(4, 5), torch.zeros(5, 1), torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="shapes do not match"):
+        merge_update(*_state(8, 6, 3, 0), torch.zeros(8, 2), torch.zeros(6, 3))
+    with pytest.raises(ValueError, match="omega must be float32"):
+        compress_update(torch.zeros(3, 8), torch.zeros(3, 6), torch.zeros(5, 2))
+
+
 # ---- torch.compile: one opaque op per call, the same bits as eager -----------------------------------------
 
 
@@ -162,6 +231,8 @@ def _compile_cases() -> dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]:
                                 (torch.linalg.qr(torch.randn(2, 30, 12)).Q, torch.randn(2, 50, 12))),
         "batched_rsvd": (lambda a: batched_rsvd(a, 4), (torch.randn(2, 20, 30),)),
         "orthonormalize": (orthonormalize, (torch.randn(2, 20, 5),)),
+        "compress_update": (lambda g, x, o: compress_update(g, x, o, 1), (g, x, torch.randn(8, 3))),
+        "merge_update": (merge_update, (*_state(16, 8, 4, 2), torch.randn(16, 2), torch.randn(8, 2))),
     }
 
 
