@@ -32,7 +32,7 @@ import torch
 from ._dispatch import dispatch, register_impl, run_op
 from ._precision import with_exact_fp32
 
-__all__ = ["batched_rsvd", "gather_rows", "orthonormalize", "orthonormalize_sharded", "rsvd_ref", "sharded_rsvd"]
+__all__ = ["batched_rsvd", "canonical_signs", "gather_rows", "orthonormalize", "orthonormalize_sharded", "rsvd_ref", "sharded_rsvd"]
 
 
 def _check_batch(op: str, a: torch.Tensor, layout: str) -> tuple[int, int, int]:
@@ -192,7 +192,7 @@ def sharded_rsvd(a: torch.Tensor, rows: int, k: int, q: int | None = None, niter
             z = orthonormalize(allsum(a.mT @ basis, group))
             basis = orthonormalize_sharded(a @ z, group)
         u_small, s, vh = torch.linalg.svd(allsum(basis.mT @ a, group), full_matrices=False)
-        return _canonical_signs(basis @ u_small[..., :k], s[:, :k], vh[:, :k].mT)
+        return canonical_signs(basis @ u_small[..., :k], s[:, :k], vh[:, :k].mT)
     # wide: batched_rsvd factors A^T, whose columns are sharded here
     omega = torch.randn(rows, q, dtype=a.dtype, device=a.device, generator=generator)
     omega_local = torch.zeros(c, q, dtype=a.dtype, device=a.device)
@@ -207,7 +207,7 @@ def sharded_rsvd(a: torch.Tensor, rows: int, k: int, q: int | None = None, niter
     qw = orthonormalize_sharded(w, group)
     r = allsum(qw.mT @ w, group)
     u_small, s, vh = torch.linalg.svd(r.mT, full_matrices=False)
-    return _canonical_signs(qw @ vh[:, :k].mT, s[:, :k], basis @ u_small[..., :k])
+    return canonical_signs(qw @ vh[:, :k].mT, s[:, :k], basis @ u_small[..., :k])
 
 
 def batched_rsvd(a: torch.Tensor, k: int, q: int | None = None, niter: int = 4, *,
@@ -243,7 +243,7 @@ def _rsvd_factors(mat: torch.Tensor, basis: torch.Tensor, k: int, wide: bool) ->
     u = basis @ u_small[..., :k]
     v = vh[:, :k].mT
     s = s[:, :k]
-    return _canonical_signs(v, s, u) if wide else _canonical_signs(u, s, v)
+    return canonical_signs(v, s, u) if wide else canonical_signs(u, s, v)
 
 
 @with_exact_fp32
@@ -274,7 +274,7 @@ def _batched_rsvd_fake(a: torch.Tensor, omega: torch.Tensor, k: int, niter: int)
     return _rsvd_factors(mat, _orthonormal_layout(mat @ omega), k, wide)
 
 
-def _canonical_signs(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def canonical_signs(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flip each singular pair ``(u_j, v_j)`` so that the largest-magnitude entry of ``v_j`` is positive.
 
     An SVD fixes each pair only up to a joint sign; this convention makes the factors independent of how they

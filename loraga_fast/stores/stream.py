@@ -31,6 +31,7 @@ import torch
 
 from ..distributed.collectives import all_reduce_counts, is_distributed
 from ..layers.capture import Slot
+from ..ops.rsvd import canonical_signs
 from ..ops.stream import compress_update, merge_update
 from .base import FactorSource, Store
 from .factors import DEFAULT_SEED, LayerFactors
@@ -155,7 +156,7 @@ class StreamStore(Store, FactorSource):
 
     def factors(self, ranks: Mapping[str, int]) -> dict[str, LayerFactors]:
         """The top ``2 r`` triplets of each mean gradient in ``ranks`` (the leading columns of the state, singular
-        values divided by the pass count), in the weight's stored layout."""
+        values divided by the pass count, signs as exact mode's), in the weight's stored layout."""
         out: dict[str, LayerFactors] = {}
         for g in self.shape_groups:
             wanted = [slot for slot in g.slots if slot.name in ranks]
@@ -163,8 +164,11 @@ class StreamStore(Store, FactorSource):
                 continue
             k = min(2 * max(ranks[slot.name] for slot in wanted), g.k)  # 2 r_max of the group, as the sketches give
             for slot in wanted:
-                u, v = g.u[slot.index, :, :k], g.v[slot.index, :, :k]
-                s = g.s[slot.index, :k] / max(slot.count, 1)
+                # exact mode's sign convention (largest entry of each right vector positive): the factors, and
+                # LoRA-GA's B A, do not depend on the order the batches or the processes were merged in
+                u, s, v = canonical_signs(g.u[slot.index, None, :, :k], g.s[slot.index, None, :k],
+                                          g.v[slot.index, None, :, :k])
+                u, s, v = u[0], s[0] / max(slot.count, 1), v[0]
                 uu, vv = (v, u) if slot.transposed else (u, v)
                 out[slot.name] = LayerFactors(u=uu.contiguous(), s=s.contiguous(), v=vv.contiguous())
         return out

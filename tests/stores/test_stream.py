@@ -52,6 +52,23 @@ def test_exact_while_the_sum_fits_in_l_columns() -> None:
     assert 1 - subspace_cos(f.u, u0[:, :12]) < 1e-9 and 1 - subspace_cos(f.v, vh0[:12].T) < 1e-9
 
 
+def test_signs_do_not_depend_on_the_merge_order() -> None:
+    """LoRA-GA pairs left and right vectors of different singular values (B from u_{r+1..2r}, A from v_{1..r}), so
+    the joint sign an SVD leaves free changes B A: the factors carry exact mode's convention, whatever order the
+    batches (or processes) were merged in."""
+    gen = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(3, 30, generator=gen), torch.randn(3, 20, generator=gen)) for _ in range(4)]
+    got = []
+    for order in (batches, batches[::-1], batches[1::2] + batches[::2]):
+        store = _store(30, 20, 16)
+        _feed(store, "layer0", order)
+        got.append(store.factors({"layer0": 3})["layer0"])
+    for f in got[1:]:
+        torch.testing.assert_close(f.u, got[0].u, rtol=0, atol=1e-4)
+        torch.testing.assert_close(f.v, got[0].v, rtol=0, atol=1e-4)
+    assert (got[0].v.abs().argmax(0) == got[0].v.argmax(0)).all()  # each column's largest entry is positive
+
+
 def test_compressed_batches_recover_a_decaying_spectrum() -> None:
     """Every batch has rank 25 > l = 16 (4 r), so each one goes through the range finder (half the test matrix from
     the running sum's right vectors) and the sum is truncated after each; the top 2r = 8 triplets of the sum must
