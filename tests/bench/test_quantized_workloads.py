@@ -156,7 +156,7 @@ def test_the_lowmem_suite_runs_an_nf4_preset(tiny_preset: str, tmp_path: Path) -
     out = tmp_path / "lowmem.json"
     assert lowmem.main(["--preset", tiny_preset, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["dtype"] == "bf16" and list(result["runs"]) == ["floor", "lowmem"]  # exact and peft not run
+    assert result["dtype"] == "bf16" and list(result["runs"]) == ["floor", "lowmem1", "lowmem"]  # exact and peft not run
     assert result["refused"] == {} and result["failed"] == {}
     for run in result["runs"].values():
         assert run["quantize"] == "nf4" and run["exact_check"] is None
