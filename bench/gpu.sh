@@ -14,8 +14,9 @@
 #   e2e       bench e2e --preset llama-7b --repeats 1 --interleave 0: LLaMA-7B (random weights, 32
 #             layers, bf16, 8 batches of 4 x 512 tokens) estimation, ours vs peft, time, peak memory      110 s
 #   init      bench init --preset llama-7b --dtypes bf16 --ranks 8 (7b-groups): init time ours vs peft   60 s
-#   lowmem    bench lowmem -- --preset llama-7b-4l --dtype bf16 --impls floor lowmem exact: low-memory
-#             mode's time per pass vs the fwd+bwd floor (7B widths, 4 blocks)                             60 s
+#   lowmem    bench lowmem -- --preset llama-7b-4l --dtype bf16 --impls floor lowmem1 lowmem exact: low-
+#             memory mode's time (one pass, three) vs the fwd+bwd floor (7B widths, 4 blocks, 2048 tokens
+#             per backward: the one-pass FLOP table's case)                                               80 s
 #   sketch_memory  bench sketch_memory --blocks 4 32: low-memory mode's store alone on 4 and 32 LLaMA-7B
 #             blocks, max_memory_allocated vs the sketch bytes and the documented workspace               40 s
 #   [tune]    with --tune only, after the rest: bench kernels --tune --table $OUT/kernel_table.json     150 s
@@ -131,7 +132,7 @@ if [ "$DRY" = 1 ]; then
     step e2e 110 "${BENCH[@]}" e2e --preset tiny --out "$OUT" --dtypes bf16 --repeats 1 --interleave 0
     step init 60 "${BENCH[@]}" init --preset tiny --out "$OUT" --dtypes bf16 --ranks 8
     # (exact mode's code path is lowmem's with mode="exact", and the e2e step runs it: two workers suffice here)
-    step lowmem 60 "${BENCH[@]}" lowmem --preset tiny --out "$OUT" --dtype bf16 --impls floor lowmem
+    step lowmem 60 "${BENCH[@]}" lowmem --preset tiny --out "$OUT" --dtype bf16 --impls floor lowmem1 lowmem
     step sketch_memory 60 "${BENCH[@]}" sketch_memory --out "$OUT" --blocks 2 --tokens 16
     if [ "$TUNE" = 1 ]; then
         step tune 150 env TRITON_INTERPRET=1 "${BENCH[@]}" kernels --tune --preset tiny --out "$OUT" \
@@ -141,8 +142,8 @@ else
     step kernels 60 "${BENCH[@]}" kernels --preset llama-7b --out "$OUT"
     step e2e 110 "${BENCH[@]}" e2e --preset llama-7b --out "$OUT" --repeats 1 --interleave 0
     step init 60 "${BENCH[@]}" init --preset llama-7b --out "$OUT" --dtypes bf16 --ranks 8
-    step lowmem 60 "${BENCH[@]}" lowmem --out "$OUT" -- --preset llama-7b-4l --dtype bf16 \
-        --impls floor lowmem exact
+    step lowmem 80 "${BENCH[@]}" lowmem --out "$OUT" -- --preset llama-7b-4l --dtype bf16 \
+        --impls floor lowmem1 lowmem exact
     step sketch_memory 40 "${BENCH[@]}" sketch_memory --out "$OUT" --blocks 4 32
     if [ "$TUNE" = 1 ]; then
         step tune 150 "${BENCH[@]}" kernels --tune --out "$OUT" --table "$OUT/kernel_table.json"

@@ -161,6 +161,9 @@ def lowmem_figures(path: Path) -> dict[str, Any]:
             "impls": {k: {"time_s": v.get("time_s"), "per_pass_x_floor": v.get("per_pass_x_floor"),
                           "peak_extra_bytes": v.get("peak_extra_bytes")} for k, v in runs.items()},
             "lowmem_per_pass_x_floor": runs.get("lowmem", {}).get("per_pass_x_floor"),
+            "onepass_x_floor": runs.get("lowmem1", {}).get("x_floor"),
+            "onepass_flops": [{k: f.get(k) for k in ("r", "tokens", "overhead", "three_pass_x_floor")}
+                              for f in data.get("onepass_flops", [])],
             "failed": sorted(data.get("failed", {})), "refused": data.get("refused", {})}
 
 
@@ -223,6 +226,7 @@ def headline(name: str, fig: dict[str, Any]) -> str:
         return (f"floor {num(imp.get('floor', {}).get('time_s'), '.3f', 's')}; lowmem "
                 f"{num(imp.get('lowmem', {}).get('time_s'), '.3f', 's')} over {fig.get('passes')} passes = "
                 f"{num(fig.get('lowmem_per_pass_x_floor'), '.2f', 'x')} floor per pass"
+                + (f"; one pass {num(fig.get('onepass_x_floor'), '.2f', 'x')} floor" if "lowmem1" in imp else "")
                 + (f"; exact {num(imp['exact'].get('per_pass_x_floor'), '.2f', 'x')} floor" if "exact" in imp else "")
                 + (f"; failed: {', '.join(fig['failed'])}" if fig.get("failed") else ""))
     if name == "sketch_memory":

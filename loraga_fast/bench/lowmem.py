@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     quantized = f", {first['quantize']}: {first['model_quantized_bytes'] / 2**30:.2f} GiB quantized + " \
         f"{first['model_float_bytes'] / 2**30:.2f} GiB float" if first["quantize"] else ""
     print(f"preset {args.preset} ({args.dtype}, {first['num_batches']} batches, {first['tokens']} tokens, "
-          f"{first['device']}, {first['threads']} threads); lowmem passes = {DEFAULT_PASSES}; model "
+          f"{first['device']}, {first['threads']} threads); lowmem passes = {DEFAULT_PASSES}, lowmem1 = 1; model "
           f"{first['model_bytes'] / 2**30:.2f} GiB{quantized} (built in {first['build_s']:.0f} s); memory_estimate: "
           f"exact {est['exact_bytes'] / 2**30:.2f} GiB, lowmem peak {est['lowmem_peak_bytes'] / 2**30:.2f} GiB "
           f"(sketches {first['sketch_bytes'] / 2**30:.2f} GiB)")

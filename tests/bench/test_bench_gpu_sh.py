@@ -86,8 +86,9 @@ def test_dry_run_json_has_versions_and_figures(dry_run: tuple[subprocess.Complet
     assert figures["e2e"]["impls"]["loraga_fast"]["num_grads"] == 14  # 2 layers x 7 projections
 
     lowmem = figures["lowmem"]
-    assert set(lowmem["impls"]) == {"floor", "lowmem"} and not lowmem["failed"]
-    assert lowmem["passes"] >= 2 and lowmem["lowmem_per_pass_x_floor"] > 0
+    assert set(lowmem["impls"]) == {"floor", "lowmem1", "lowmem"} and not lowmem["failed"]
+    assert lowmem["passes"] >= 2 and lowmem["lowmem_per_pass_x_floor"] > 0 and lowmem["onepass_x_floor"] > 0
+    assert [f["r"] for f in lowmem["onepass_flops"]] == [8, 16] and lowmem["onepass_flops"][0]["overhead"] > 0
     store = figures["sketch_memory"]  # live RSS and glibc's defaults, on the CPU of a dry run
     assert [r["measure"] for r in store["rows"]] == ["live", "glibc default"] and store["all_meet_bar"]
     assert all(r["blocks"] == 2 and r["peak_extra_bytes"] >= r["sketch_bytes"] > 0 for r in store["rows"])
