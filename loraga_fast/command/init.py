@@ -124,7 +124,11 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
     config = LoraConfig(r=args.rank, lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,
                         target_modules=None, init_lora_weights="lora_ga",
                         lora_ga_config=LoraGAConfig(direction=args.direction, scale=args.scale, stable_gamma=args.gamma))
-    lowmem = {"passes": args.passes} if args.mode == "lowmem" else {}
+    if args.passes is not None and args.mode != "lowmem":  # exact mode reads the data once: --passes means lowmem
+        raise CliError(f"--passes applies with --mode lowmem only (exact mode reads the data once): add --mode lowmem "
+                       f"to run low-memory mode in {args.passes} pass(es)")
+    passes = 3 if args.passes is None else args.passes
+    lowmem = {"passes": passes} if args.mode == "lowmem" else {}
     extra = {"until": "converged" if getattr(args, "until_converged", False) else None,
              "convergence_tol": getattr(args, "convergence_tol", None), "rank_budget": getattr(args, "rank_budget", None),
              "min_rank": getattr(args, "min_rank", 1), "max_rank": getattr(args, "max_rank", None)}
@@ -185,7 +189,7 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
         "cache": args.cache, "cache_reused": cache_reused, "params": params,
         "rank": args.rank, "phases_s": phases, "peak_memory_bytes": 0, "out": str(out),
         "device": str(device), "dtype": args.dtype, "mode": args.mode,
-        "passes": args.passes if args.mode == "lowmem" else 1, "quantize": args.quantize,
+        "passes": passes if args.mode == "lowmem" else 1, "quantize": args.quantize,
         "base_untouched": bool(args.quantize),
     }
 

@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--mode", choices=["exact", "lowmem"], default="exact",
                       help="exact: fp32 gradient accumulators (4 bytes per target weight); lowmem: skinny sketches, "
                            "--passes passes over the data")
-    init.add_argument("--passes", type=_positive, default=3,
-                      help="passes over the data with --mode lowmem (default %(default)s; 1: one pass, a running "
+    init.add_argument("--passes", type=_positive, default=None,
+                      help="passes over the data with --mode lowmem (default 3; 1: one pass, a running "
                            "truncated SVD per layer, more compute per batch; 2 or more: sketches)")
     init.add_argument("--seed", type=int, default=0, help="seeds the random weights of the embedded model only "
                                                           "(a given --model is loaded as is)")

@@ -56,6 +56,7 @@ def test_until_converged_and_a_rank_budget_are_recorded_and_reload(tmp_path: Pat
     (["--rank-budget", "uniform", "--max-rank", "200"], "max_rank=200 is over min(m, n) / 2 = 128"),
     (["--rank-budget", "10"], "is smaller than min_rank=1 on every target"),
     (["--rank-budget", "lots"], "--rank-budget: expected 'uniform' or a whole number"),
+    (["--passes", "1"], "--passes applies with --mode lowmem only"),
 ])
 def test_flag_mistakes_are_one_line_before_anything_is_read(args: list[str], expected: str, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
