@@ -152,10 +152,10 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
                     hook.remove()
             store.reduce(process_group)
             counts = store.counts()
-            if index:  # a later pass: the same backward passes and data as the first (a train_step that cannot be
-                _check_same_pass(store, index, first_counts, first_prints)  # replayed runs none: that is the news)
-                if index + 1 < store.passes:
+            if index:  # a later pass: finite, then the same backward passes and data as the first (a train_step
+                if index + 1 < store.passes:  # that cannot be replayed runs none: that is the news, not "no backward")
                     check_finite(store.max_abs(), [name for name, count in counts.items() if count > 0])
+                _check_same_pass(store, index, first_counts, first_prints)
                 continue
             active = [name for name, count in counts.items() if count > 0]
             if not active:
