@@ -211,6 +211,9 @@ def _summary_table(s: dict[str, Any]) -> str:
             ("tokens", f"none: loaded from the cache {s['cache']}" if s.get("cache_reused") else
              f"{s['tokens']} ({s['batches_used']} batches)"),
             ("rank", str(s["rank"]))]
+    if s.get("mode") == "lowmem":
+        passes = s.get("passes", 3)
+        rows.append(("mode", f"lowmem, {passes} pass{'es' if passes != 1 else ''} over the data"))
     conv = s.get("convergence")
     if conv is not None:
         last = conv["last_check"] or {}

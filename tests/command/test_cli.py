@@ -34,6 +34,7 @@ def test_default_init_saves_an_initialized_model_that_reloads(mode: str, tmp_pat
     assert summary["target_modules"] == ["q_proj", "v_proj"] and len(summary["run_id"]) == 12
     if passes:
         assert summary["passes"] == 1 and "one pass over the batches" in printed
+        assert "mode            lowmem, 1 pass over the data" in printed
     assert summary["mode"] == mode and summary["targets"] == 8 and summary["tokens"] == 2 * 2 * 48 and set(summary["phases_s"]) == {"load", "estimate", "init", "save"}
 
     # the saved offset base + adapter is the initialized model, whose function equals the original's
