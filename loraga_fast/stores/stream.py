@@ -13,7 +13,7 @@ backward pass through the layer folds its ``A_t = G^T X`` in (:mod:`loraga_fast.
    truncated to rank ``l``.
 
 At the end the top ``2 r`` triplets are the leading columns of the state (divided by the pass count for the
-mean). Distributed (data parallel and FSDP tested), each process keeps the factorization of its own batches;
+mean). Distributed (data parallel, FSDP, ZeRO-3), each process keeps the factorization of its own batches;
 :meth:`StreamStore.reduce` all-gathers every process's ``U diag(s)`` and ``V`` (``4 (m + n) l`` bytes per layer and
 process) and every process re-factors the concatenation in process order, so all hold the same factors.
 

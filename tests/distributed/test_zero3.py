@@ -100,7 +100,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:  # noq
         probe = token_batches(n=1, seed=7)[0]
         cache = os.path.join(out_dir, "grads.safetensors")
 
-        model, again, bare, lowmem, other, nvme, uneven = (_partitioned_llama() for _ in range(7))
+        model, again, bare, lowmem, onepass, other, nvme, uneven = (_partitioned_llama() for _ in range(8))
 
         # (a) an engine wraps the model: estimate, initialize, rebuild the engine for training
         out["weights"] = _full_weights(model)
@@ -139,10 +139,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:  # noq
         out["cached_factors"] = _factors(peft.get_peft_model(again, cfg2))
 
         # (c) no engine yet (preprocess before the Trainer builds one): a temporary one, gone afterwards
-        for mode, scale in (("exact", "weight_svd"), ("lowmem", "stable")):
-            m = lowmem if mode == "lowmem" else bare
+        for mode, scale in (("exact", "weight_svd"), ("lowmem", "stable"), ("lowmem1", "stable")):
+            m = {"lowmem": lowmem, "lowmem1": onepass}.get(mode, bare)
             c = lora_ga_config(TARGETS, scale=scale)
-            preprocess_loraga(m, c, _step(m, batches), mode=mode)
+            preprocess_loraga(m, c, _step(m, batches), **_options(mode))
             out[f"hooked_{mode}"] = any(is_hooked(x) for x in m.modules())
             out[f"factors_{mode}_{scale}"] = _factors(peft.get_peft_model(m, c))
 
@@ -165,6 +165,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:  # noq
         dist.destroy_process_group()
 
 
+def _options(mode: str) -> dict[str, object]:
+    """``lowmem1``: one-pass low-memory mode (each process folds its own batches; merged after the pass)."""
+    return {"mode": "lowmem", "passes": 1} if mode == "lowmem1" else {"mode": mode}
+
+
 @pytest.mark.slow
 def test_zero3_equals_single_process_and_refuses_mistakes(tmp_path: Path) -> None:
     import peft
@@ -178,10 +183,10 @@ def test_zero3_equals_single_process_and_refuses_mistakes(tmp_path: Path) -> Non
     with torch.no_grad():
         probe_logits = single(input_ids=token_batches(n=1, seed=7)[0]).logits
     expected = {}
-    for mode, scale in (("exact", "stable"), ("exact", "weight_svd"), ("lowmem", "stable")):
+    for mode, scale in (("exact", "stable"), ("exact", "weight_svd"), ("lowmem", "stable"), ("lowmem1", "stable")):
         single.load_state_dict(base)
         cfg = lora_ga_config(TARGETS, scale=scale)
-        preprocess_loraga(single, cfg, _step(single, batches), mode=mode)
+        preprocess_loraga(single, cfg, _step(single, batches), **_options(mode))
         grads = {n: g.clone() for n, g in attached(single).items()} if mode == "exact" else {}
         pm = peft.get_peft_model(single, cfg)
         expected[mode, scale] = (grads, _factors(pm), {n: w.clone() for n, w in pm.state_dict().items()
@@ -213,13 +218,14 @@ def test_zero3_equals_single_process_and_refuses_mistakes(tmp_path: Path) -> Non
         same_factors(res["cached_factors"], factors, f"cache rank {r}")
         same_factors(res["factors_exact_weight_svd"], expected["exact", "weight_svd"][1], f"weight_svd rank {r}")
         same_factors(res["factors_lowmem_stable"], expected["lowmem", "stable"][1], f"lowmem rank {r}")
+        same_factors(res["factors_lowmem1_stable"], expected["lowmem1", "stable"][1], f"one-pass rank {r}")
         assert res["offset"].keys() == offsets.keys() and offsets
         for n, w in res["offset"].items():
             assert rel_err(w, offsets[n]) < 1e-5, (r, n)  # W - s B A, written partition by partition
         assert res["partitioned"], r  # the offset went into the partitions: nothing stayed gathered
         assert res["out_diff"] <= 1e-5 * res["out_scale"], r  # W - s B A + s B A = W
         assert all(torch.isfinite(torch.tensor(res["losses"]))), r
-        assert not res["hooked_exact"] and not res["hooked_lowmem"], r  # the temporary engine left no hook
+        assert not res["hooked_exact"] and not res["hooked_lowmem"] and not res["hooked_lowmem1"], r  # the temporary engine left no hook
         assert "does not match the model" in res["cache_error"], res["cache_error"]
         assert "offloaded to NVMe" in res["nvme_error"] and "down_proj" in res["nvme_error"], res["nvme_error"]
         assert "ranks ran different numbers of forward passes" in res["uneven_error"], res["uneven_error"]
