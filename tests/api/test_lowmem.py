@@ -10,6 +10,7 @@ import copy
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -93,6 +94,34 @@ def _low_rank_plus_noise(m: int, n: int, gen: torch.Generator) -> torch.Tensor:
     return (u * s) @ v.T + 0.01 * torch.randn(m, n, generator=gen, dtype=torch.float64)
 
 
+def constructed_llama_block(r: int, calls: list[int] | None = None) -> tuple[Any, Any, dict[str, torch.Tensor], Any]:
+    """``(model, lora_config, designed, train_step)``: every target of a LLaMA block (:func:`wide_llama`) sees inputs
+    ``X`` with orthonormal columns and output gradients ``G = X A^T`` over two backward passes of 300 tokens, so the
+    summed gradient is exactly a constructed ``A`` (``designed``; the mean is ``A / 2``). ``calls`` counts the calls
+    of ``train_step``."""
+    model = wide_llama()
+    cfg = lora_ga_config(LLAMA_TARGETS)
+    cfg.r = r
+    gen = torch.Generator().manual_seed(7)
+    targets = [(n, mod) for n, mod in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS]
+    designed, inputs = {}, {}
+    for name, mod in targets:
+        m, n = mod.weight.shape
+        designed[name] = _low_rank_plus_noise(m, n, gen)
+        inputs[name] = torch.linalg.qr(torch.randn(600, n, generator=gen, dtype=torch.float64)).Q  # X^T X = I
+
+    def train_step() -> None:
+        if calls is not None:
+            calls.append(1)
+        for half in (slice(0, 300), slice(300, 600)):  # two backward passes per layer: the mean is A / 2
+            for name, mod in targets:
+                x = inputs[name][half].float()
+                grad_out = (inputs[name][half] @ designed[name].T).float()
+                (mod(x) * grad_out).sum().backward()
+
+    return model, cfg, designed, train_step
+
+
 # passes -> (largest 1 - subspace cosine, largest relative singular-value error) allowed: about 10x the measured
 # (2.7e-5, 2.6e-5) for the default 3 passes (k = 24 r) and (8.5e-8, 5.9e-7) for 4. Two passes (no power iteration)
 # are measurably worse (measured 1 - cos = 8.8e-3, singular values 7.7e-3 off; the README says cos ~0.991): the
@@ -105,24 +134,8 @@ def test_constructed_low_rank_plus_noise_on_a_llama_block(passes: int | None) ->
     """Each target of a LLaMA block sees inputs X with orthonormal columns and output gradients G = X A^T, so the
     summed gradient G^T X is exactly a constructed A; the top-2r triplets must match A's exact SVD. Even pass
     counts end on an adjoint product (U and V swap roles)."""
-    model = wide_llama()
     r = 2
-    cfg = lora_ga_config(LLAMA_TARGETS)
-    cfg.r = r
-    gen = torch.Generator().manual_seed(7)
-    targets = [(n, mod) for n, mod in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS]
-    designed, inputs = {}, {}
-    for name, mod in targets:
-        m, n = mod.weight.shape
-        designed[name] = _low_rank_plus_noise(m, n, gen)
-        inputs[name] = torch.linalg.qr(torch.randn(600, n, generator=gen, dtype=torch.float64)).Q  # X^T X = I
-
-    def train_step() -> None:
-        for half in (slice(0, 300), slice(300, 600)):  # two backward passes per layer: the mean is A / 2
-            for name, mod in targets:
-                x = inputs[name][half].float()
-                grad_out = (inputs[name][half] @ designed[name].T).float()
-                (mod(x) * grad_out).sum().backward()
+    model, cfg, designed, train_step = constructed_llama_block(r)
 
     preprocess_loraga(model, cfg, train_step, mode="lowmem", passes=passes)
     factors = prepared_factors(model)
@@ -143,7 +156,7 @@ def test_constructed_low_rank_plus_noise_on_a_llama_block(passes: int | None) ->
     if passes == 2:
         assert worst > 5e-3  # really two passes: a third (a power iteration) brings this below 3e-5
     k = DEFAULT_SKETCH_PER_LORA_RANK * r
-    assert k < min(mod.weight.shape[0] for _, mod in targets)  # the sketch is a real compression here
+    assert k < min(a.shape[0] for a in designed.values())  # the sketch is a real compression here
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------

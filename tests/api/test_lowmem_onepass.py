@@ -36,7 +36,7 @@ from tests._helpers import (
     train_step_for,
     wide_llama,
 )
-from tests.api.test_lowmem import _low_rank_plus_noise
+from tests.api.test_lowmem import constructed_llama_block
 
 
 def test_constructed_low_rank_plus_noise_through_the_compressed_path() -> None:
@@ -45,26 +45,9 @@ def test_constructed_low_rank_plus_noise_through_the_compressed_path() -> None:
     each (the first with one power iteration). Measured on these shapes (store fed directly): 1 - cos <= 8.1e-4 (U;
     V 1.3e-5), singular values within 0.17%; the bounds are 5-10x that (three passes: 2.7e-5, test_lowmem.py).
     Without the first batch's power iteration it was 2.4e-3 / 0.6%."""
-    model = wide_llama()
     r = 2
-    cfg = lora_ga_config(LLAMA_TARGETS)
-    cfg.r = r
-    gen = torch.Generator().manual_seed(7)
-    targets = [(n, mod) for n, mod in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS]
-    designed, inputs = {}, {}
-    for name, mod in targets:
-        m, n = mod.weight.shape
-        designed[name] = _low_rank_plus_noise(m, n, gen)
-        inputs[name] = torch.linalg.qr(torch.randn(600, n, generator=gen, dtype=torch.float64)).Q
-    calls = []
-
-    def train_step() -> None:
-        calls.append(1)
-        for half in (slice(0, 300), slice(300, 600)):
-            for name, mod in targets:
-                x = inputs[name][half].float()
-                (mod(x) * (inputs[name][half] @ designed[name].T).float()).sum().backward()
-
+    calls: list[int] = []
+    model, cfg, designed, train_step = constructed_llama_block(r, calls)
     preprocess_loraga(model, cfg, train_step, mode="lowmem", passes=1)
     assert len(calls) == 1
     factors = prepared_factors(model)
