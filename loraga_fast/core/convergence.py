@@ -53,7 +53,7 @@ logger = logging.getLogger("loraga_fast")
 
 UNTIL = (None, "converged")
 DEFAULT_TOL = 0.05  # measured on SmolLM2-135M: loraga_fast/bench/stopping.py, docs/benchmarks.md "Stopping when converged"
-CHECK_EVERY = 4  # backward passes between checks (the same measurement; the check costs ~1% of a pass there)
+CHECK_EVERY = 4  # backward passes between checks (the same measurement; a check costs 0.23 pass: 5.7% overhead)
 DEFAULT_WATCH_RANK = 8  # estimate_gradient without a LoraConfig watches 2 x 8 directions (peft's default r)
 
 

@@ -14,8 +14,8 @@ gradient sum. The one-pass store keeps the sum as a truncated SVD ``U diag(s) V^
   0.9991, singular values 0.88% -> 0.16% off; no difference on SmolLM2's 16-batch streams). A batch of ``T <= q`` tokens is not compressed
   (``L = G^T``, ``R = X^T``: exact);
 * :func:`merge_update` -- ``U diag(s) V^T + L R^T`` truncated to rank ``l``: QR of ``[U diag(s), L]`` and ``[V,
-  R]``, the SVD of the small ``(l + q)`` square core, the top ``l`` triplets rotated back (``2 (M + N) (l + q)^2``
-  flops for the QRs, ``2 (M + N) (l + q) l`` for the rotation, ``O((l + q)^3)`` for the core). A non-finite core
+  R]``, the SVD of the small ``(l + q)`` square core, the top ``l`` triplets rotated back (``4 (M + N) (l + q)^2``
+  flops for the QRs with their Q formed, ``2 (M + N) (l + q) l`` for the rotation, ``O((l + q)^3)`` for the core). A non-finite core
   gives ``s = NaN`` (the store reports the layer) instead of a LAPACK error.
 
 Both are ``torch.library`` custom ops with fake implementations, run through the one dispatch table (torch only:
@@ -114,10 +114,12 @@ def _merge(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, left: torch.Tensor
     q1, r1 = torch.linalg.qr(torch.cat([u * s, left.to(torch.float32)], 1))
     q2, r2 = torch.linalg.qr(torch.cat([v, right.to(torch.float32)], 1))
     core = r1 @ r2.t()
-    if not bool(torch.isfinite(core).all()):  # NaN/Inf in the batch: the layer is reported, LAPACK is not asked
-        return u.clone(), torch.full_like(s, float("nan")), v.clone()
-    cu, cs, cvh = torch.linalg.svd(core)
-    return q1 @ cu[:, :keep], cs[:keep].contiguous(), q2 @ cvh[:keep].t()
+    # NaN/Inf in the batch: LAPACK gets a zero core instead (it may raise on non-finite input), U and V stay, s = NaN
+    # reports the layer; decided on the device, without a host sync per layer and backward pass
+    finite = torch.isfinite(core).all()
+    cu, cs, cvh = torch.linalg.svd(torch.where(finite, core, torch.zeros_like(core)))
+    return (torch.where(finite, q1 @ cu[:, :keep], u), torch.where(finite, cs[:keep], float("nan")).contiguous(),
+            torch.where(finite, q2 @ cvh[:keep].t(), v))
 
 
 _merge_torch = with_exact_fp32(_merge)
