@@ -16,14 +16,33 @@ from torch import nn
 from ..distributed.dtensor import is_dtensor, rows_per_process
 from ..distributed.zero3 import is_zero3, offset_partition
 from ..errors import UsageError
-from ..layers.kinds import weight_shape
+from ..layers.kinds import math_shape, weight_shape
 from ..layers.quantized import UNTOUCHED_BASES, dense_weight, is_bnb_quantized, offset_weight
 from ..ops._precision import with_exact_fp32
 from ..stores.factors import NITER, LayerFactors
 
-__all__ = ["init_layer_from_factors"]
+__all__ = ["PEFT_STABLE_READS_OUT_FEATURES", "init_layer_from_factors", "stable_features"]
 
 logger = logging.getLogger("loraga_fast")
+
+
+def _peft_stable_reads_out_features() -> bool:
+    import peft
+    from packaging.version import Version
+
+    return Version(peft.__version__).release >= (0, 22)
+
+
+PEFT_STABLE_READS_OUT_FEATURES = _peft_stable_reads_out_features()
+"""The installed peft's ``stable`` scale reads the layer's ``out_features`` (peft >= 0.22); earlier releases read
+``weight.shape[0]``, which for a transformers ``Conv1D`` (weight ``(in, out)``) is its in_features."""
+
+
+def stable_features(base: nn.Module) -> int:
+    """The feature count ``d`` of ``scale="stable"``'s factor ``d ** 0.25 / stable_gamma ** 0.5`` as the installed
+    peft computes it: the layer's out_features (peft >= 0.22), or the first dimension of the stored weight (peft
+    0.19-0.21; the same for ``nn.Linear``, in_features for ``Conv1D``)."""
+    return math_shape(base)[0] if PEFT_STABLE_READS_OUT_FEATURES else weight_shape(base)[0]
 
 
 def _transpose(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -81,7 +100,7 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
 
     scale = lora_ga_config.scale  # type: ignore[attr-defined]
     if scale == "stable":
-        b_w = b_w * (weight_shape(base)[0] ** 0.25 / lora_ga_config.stable_gamma**0.5)  # type: ignore[attr-defined]
+        b_w = b_w * (stable_features(base) ** 0.25 / lora_ga_config.stable_gamma**0.5)  # type: ignore[attr-defined]
     elif scale == "weight_svd":
         sigma = factors.weight_sigma
         if sigma is None:  # the config changed after preprocessing: estimate as peft does
