@@ -156,7 +156,9 @@ class StreamStore(Store, FactorSource):
 
     def factors(self, ranks: Mapping[str, int]) -> dict[str, LayerFactors]:
         """The top ``2 r`` triplets of each mean gradient in ``ranks`` (the leading columns of the state, singular
-        values divided by the pass count, signs as exact mode's), in the weight's stored layout."""
+        values divided by the pass count), in the weight's stored layout (Conv1D: ``(in, out)``, ``U`` and ``V``
+        swapped), with exact mode's signs fixed in that layout: the largest-magnitude entry of each stored right
+        vector is positive (:func:`~loraga_fast.ops.rsvd.canonical_signs`)."""
         out: dict[str, LayerFactors] = {}
         for g in self.shape_groups:
             wanted = [slot for slot in g.slots if slot.name in ranks]
@@ -164,11 +166,14 @@ class StreamStore(Store, FactorSource):
                 continue
             k = min(2 * max(ranks[slot.name] for slot in wanted), g.k)  # 2 r_max of the group, as the sketches give
             for slot in wanted:
-                # exact mode's sign convention (largest entry of each right vector positive): the factors, and
-                # LoRA-GA's B A, do not depend on the order the batches or the processes were merged in
-                u, s, v = canonical_signs(g.u[slot.index, None, :, :k], g.s[slot.index, None, :k],
-                                          g.v[slot.index, None, :, :k])
-                u, s, v = u[0], s[0] / max(slot.count, 1), v[0]
-                uu, vv = (v, u) if slot.transposed else (u, v)
-                out[slot.name] = LayerFactors(u=uu.contiguous(), s=s.contiguous(), v=vv.contiguous())
+                # the stored layout first: Conv1D's (in, out) weight is the transpose of the (out, in) state
+                left, right = g.u[slot.index, None, :, :k], g.v[slot.index, None, :, :k]
+                if slot.transposed:
+                    left, right = right, left
+                # then exact mode's sign convention in that layout (the largest entry of each right vector
+                # positive): LoRA-GA pairs u_{r+j} with v_j, so B A is exact mode's, whatever the order the batches
+                # or the processes were merged in
+                u, s, v = canonical_signs(left, g.s[slot.index, None, :k], right)
+                out[slot.name] = LayerFactors(u=u[0].contiguous(), s=(s[0] / max(slot.count, 1)).contiguous(),
+                                              v=v[0].contiguous())
         return out

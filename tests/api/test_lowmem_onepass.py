@@ -29,6 +29,7 @@ from tests._helpers import (
     lora_ga_config,
     prepared_factors,
     reference_mean_grads,
+    rel_err,
     subspace_cos,
     tiny_gpt2,
     tiny_llama,
@@ -109,6 +110,7 @@ def test_get_peft_model_after_one_pass_matches_exact_mode() -> None:
         a, b = results[1][n]
         assert a.shape == ea.shape and b.shape == eb.shape
         assert 1 - subspace_cos(a.T, ea.T) <= 1e-6 and 1 - subspace_cos(b, eb) <= 1e-6, n
+        assert rel_err(b @ a, eb @ ea) < 1e-3, (n, rel_err(b @ a, eb @ ea))  # signs too: LoRA-GA pairs u_{r+j} with v_j
 
 
 def test_non_finite_gradient_raises_and_leaves_the_model_untouched() -> None:

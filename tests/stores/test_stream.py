@@ -21,7 +21,7 @@ def _store(m: int, n: int, k: int, layers: int = 1, seed: int = 0) -> StreamStor
 def _feed(store: StreamStore, name: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     slot = store[name]
     for g, x in batches:  # what the capture op does per backward pass
-        slot.add(g, x, False)
+        slot.add(g, x, slot.transposed)
         slot.count += 1
 
 
@@ -67,6 +67,31 @@ def test_signs_do_not_depend_on_the_merge_order() -> None:
         torch.testing.assert_close(f.u, got[0].u, rtol=0, atol=1e-4)
         torch.testing.assert_close(f.v, got[0].v, rtol=0, atol=1e-4)
     assert (got[0].v.abs().argmax(0) == got[0].v.argmax(0)).all()  # each column's largest entry is positive
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_lora_ga_pairs_equal_exact_modes_signs_included(transposed: bool) -> None:
+    """Where both are exact (a sum of rank 6 <= l and <= exact mode's q = 4 r), one pass gives exact mode's LoRA-GA
+    pairs ``u_{r+j} v_j^T`` (B A up to the scales), signs included: each right vector of the *stored* layout has its
+    largest entry positive, which for Conv1D (stored ``(in, out)``) is the math layout's left vector. Subspace
+    cosines ignore signs; before the stored-layout fix 17 of 20 seeds gave another B A on this Conv1D layer."""
+    from loraga_fast.ops.rsvd import batched_rsvd
+
+    r = 2
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        batches = [(torch.randn(2, 20, generator=gen), torch.randn(2, 12, generator=gen)) for _ in range(3)]
+        store = StreamStore([SketchSpec("w", 20, 12, 8, torch.device("cpu"), transposed=transposed)])
+        _feed(store, "w", batches)
+        f = store.factors({"w": r})["w"]
+        total = sum(g.T @ x for g, x in batches) / 3  # (out, in); exact mode holds it in the weight's layout
+        stored = total.T if transposed else total
+        u0, s0, v0 = batched_rsvd(stored[None].contiguous(), 2 * r, 4 * r, 4, generator=torch.Generator().manual_seed(0))
+        assert (f.u.shape, f.v.shape) == (u0[0].shape, v0[0].shape)
+        pairs, pairs0 = f.u[:, r : 2 * r] @ f.v[:, :r].T, u0[0, :, r : 2 * r] @ v0[0, :, :r].T
+        assert rel_err(pairs, pairs0) < 1e-4, (seed, rel_err(pairs, pairs0))
+        torch.testing.assert_close(f.u * f.s, u0[0] * s0[0], rtol=0, atol=1e-4)  # every triplet, sign included
+        torch.testing.assert_close(f.v, v0[0], rtol=0, atol=1e-4)
 
 
 def test_compressed_batches_recover_a_decaying_spectrum() -> None:
