@@ -24,8 +24,8 @@ from ..layers.kinds import weight_shape
 from ..layers.targets import GRAD_ATTR, check_ranks, layer_ranks, warn_left_out
 from ..stores.base import GradientSource
 from ..stores.factors import PreparedGroup
-from .allocation import RankBudget, allocate, apply_ranks
-from .layer_init import init_layer_from_factors
+from .allocation import RankBudget, allocate, apply_ranks, decrease_curve
+from .layer_init import init_layer_from_factors, stable_features
 from .passes import summarize
 
 __all__ = ["hand_off", "init_progress", "release"]
@@ -45,9 +45,9 @@ def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source:
 
     Nothing is attached and no weight is touched unless every check passes; each shape group is factored (exact
     mode) when ``get_peft_model`` initializes its first layer. With a ``budget``, the groups are factored now
-    instead, once, to ``2 max_rank`` triplets; the ranks are allocated from those spectra
-    (:func:`~loraga_fast.core.allocation.allocate`) and written to ``lora_config.rank_pattern`` /
-    ``alpha_pattern``, and the same factors initialize the layers.
+    instead, once, to ``2 max_rank`` triplets; the ranks are allocated from the first-step loss decrease those
+    spectra predict for the config's direction and scale (:func:`~loraga_fast.core.allocation.allocate`) and
+    written to ``lora_config.rank_pattern`` / ``alpha_pattern``, and the same factors initialize the layers.
 
     Returns:
         The allocated ranks (every target's) with a ``budget``, else None.
@@ -67,11 +67,8 @@ def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source:
     groups, attached = source.prepare(modules, ranks, weight_svd=weight_svd, zero=zero)
     allocated = None
     if budget is not None:
-        spectra = {}
-        for group in groups:  # the one factorization, to 2 max_rank triplets (collective when sharded)
-            factors = group.factors()
-            spectra.update({name: factors[name].s for name in group.ranks if name in factors})
-        allocated = allocate(spectra, {name: budget.costs[name] for name in names}, budget.params, budget.min_rank,
+        curves = _decrease_curves(lora_config.lora_ga_config, budget, groups, modules)
+        allocated = allocate(curves, {name: budget.costs[name] for name in names}, budget.params, budget.min_rank,
                              budget.max_ranks)
         apply_ranks(lora_config, budget, allocated)
         for group in groups:
@@ -84,6 +81,27 @@ def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source:
     _register(groups, layout, targets)
     warn_left_out(names, seen, zero, what="keep peft's default init")
     return allocated
+
+
+def _decrease_curves(lora_ga_config: Any, budget: RankBudget, groups: Sequence[PreparedGroup],
+                     modules: Mapping[str, nn.Module]) -> dict[str, list[float]]:
+    """Each factored layer's predicted first-step decrease at every rank up to its ``max_rank``, for the config's
+    direction and scale (:func:`~loraga_fast.core.allocation.decrease_curve`), from the one factorization (to
+    ``2 max_rank`` triplets; collective when sharded)."""
+    direction, scale = lora_ga_config.direction, lora_ga_config.scale
+    gamma = getattr(lora_ga_config, "stable_gamma", 1)
+    curves = {}
+    for group in groups:
+        factors = group.factors()
+        for name in group.ranks:
+            if name not in factors:
+                continue
+            f = factors[name]
+            curves[name] = decrease_curve(f.s.tolist(), budget.max_ranks[name], direction, scale,
+                                          scaling=budget.scaling[name],
+                                          stable_factor=stable_features(modules[name]) ** 0.25 / gamma**0.5,
+                                          weight_sigma=f.weight_sigma)
+    return curves
 
 
 def _attach(targets: Sequence[tuple[str, nn.Module]], grads: Mapping[str, Any]) -> None:
