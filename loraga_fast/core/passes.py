@@ -154,7 +154,7 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
             counts = store.counts()
             if index:  # a later pass: finite, then the same backward passes and data as the first (a train_step
                 if index + 1 < store.passes:  # that cannot be replayed runs none: that is the news, not "no backward")
-                    check_finite(store.max_abs(), [name for name, count in counts.items() if count > 0])
+                    check_finite(store.magnitudes(), [name for name, count in counts.items() if count > 0])
                 _check_same_pass(store, index, first_counts, first_prints)
                 continue
             active = [name for name, count in counts.items() if count > 0]
@@ -166,7 +166,7 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
                     "gradient reaches them)."
                 )
             if index + 1 < store.passes:  # before more passes are spent; the last is checked by summarize, which
-                check_finite(store.max_abs(), active)  # every caller runs next (one read of the sums, not two)
+                check_finite(store.magnitudes(), active)  # every caller runs next (one read of the sums, not two)
             first_counts, first_prints = counts, store.fingerprints()
             if store.passes > 1:
                 check_ranks({n: weight_shape(m) for n, m in targets}, ranks, active)
@@ -206,6 +206,6 @@ def summarize(source: GradientSource, names: Sequence[str]) -> tuple[list[str], 
     """
     counts = source.counts()
     seen = [name for name in names if counts.get(name, 0) > 0]
-    maxabs = source.max_abs()
-    check_finite(maxabs, seen)
-    return seen, {name for name in seen if maxabs[name] == 0}
+    magnitudes = source.magnitudes()  # 0 iff all zero, non-finite iff not finite
+    check_finite(magnitudes, seen)
+    return seen, {name for name in seen if magnitudes[name] == 0}

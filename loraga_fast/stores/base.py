@@ -42,8 +42,12 @@ class GradientSource(ABC):
         """Backward passes through each layer (summed over processes once reduced)."""
 
     @abstractmethod
-    def max_abs(self) -> dict[str, float]:
-        """A per-layer magnitude: 0 for an all-zero gradient, NaN/Inf for a non-finite one."""
+    def magnitudes(self) -> dict[str, float]:
+        """A non-negative number per layer that is 0 exactly when its gradient is all zero and non-finite (NaN/Inf)
+        exactly when the gradient is not finite: what the finite and all-zero checks read
+        (:func:`~loraga_fast.core.passes.summarize`). Not comparable across stores: exact mode's stores give the
+        largest absolute entry of the sum, the sketches the largest absolute entry of their current product, the
+        one-pass store the top singular value of its sum, a factor cache the top cached singular value."""
 
     @abstractmethod
     def prepare(self, modules: Mapping[str, nn.Module], ranks: Mapping[str, int], *, weight_svd: bool,

@@ -49,7 +49,8 @@ class CachedFactors(FactorSource):
     def counts(self) -> dict[str, int]:
         return {name: int(name in self.cached or name in self.zero) for name in self.names}
 
-    def max_abs(self) -> dict[str, float]:
+    def magnitudes(self) -> dict[str, float]:
+        """:meth:`GradientSource.magnitudes`: each cached layer's top singular value, 0 for a layer cached as zero."""
         return {name: float(self.cached[name].s[0]) if name in self.cached else 0.0 for name in self.names}
 
     def factors(self, ranks: Mapping[str, int]) -> dict[str, LayerFactors]:

@@ -113,8 +113,9 @@ class AccumulatorStore(Store):
         """Per-layer maxima over the whole gradients, from this process's part (here: ``values`` as is)."""
         return values
 
-    def max_abs(self) -> dict[str, float]:
-        """Each layer's largest absolute entry: one reduction per shape group, no full-size temporary."""
+    def magnitudes(self) -> dict[str, float]:
+        """Each layer's largest absolute entry of its sum (:meth:`GradientSource.magnitudes`; a sharded store's over
+        all processes' rows): one reduction per shape group, no full-size temporary."""
         out: dict[str, float] = {}
         for group in self.shape_groups:
             values = self.global_max(row_max_abs(group.tensor)).tolist()

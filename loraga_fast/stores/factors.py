@@ -51,9 +51,9 @@ class LayerFactors:
     weight_sigma: float | None = None
 
 
-def check_finite(maxabs: Mapping[str, float], names: Collection[str]) -> None:
+def check_finite(magnitudes: Mapping[str, float], names: Collection[str]) -> None:
     """Raise ``ValueError`` naming the layers among ``names`` whose mean gradient has NaN or Inf entries."""
-    bad = [name for name in names if not math.isfinite(maxabs[name])]
+    bad = [name for name in names if not math.isfinite(magnitudes[name])]
     if bad:
         raise UsageError(
             f"LoRA-GA: the mean gradient of {len(bad)} layer(s) is not finite (NaN/Inf), e.g. from an overflowing "

@@ -199,9 +199,10 @@ class SketchStore(Store, FactorSource):
     def fingerprints(self) -> dict[str, torch.Tensor]:
         return {name: slot.fingerprint.clone() for name, slot in self.slots.items()}
 
-    def max_abs(self) -> dict[str, float]:
-        """Each layer's largest absolute entry of the current product (NaN/Inf propagate; 0 means ``A = 0``
-        almost surely, ``A`` times a Gaussian or an orthonormal basis of its own range)."""
+    def magnitudes(self) -> dict[str, float]:
+        """:meth:`GradientSource.magnitudes`: each layer's largest absolute entry of the current product (NaN/Inf
+        propagate; 0 means ``A = 0`` almost surely, ``A`` times a Gaussian or an orthonormal basis of its own
+        range)."""
         out: dict[str, float] = {}
         for g in self.shape_groups:
             values = row_max_abs(self._sides(g)[1]).tolist()

@@ -147,8 +147,9 @@ class StreamStore(Store, FactorSource):
         device = self.shape_groups[0].device if self.shape_groups else None
         all_reduce_counts(list(self.slots.values()), device, process_group)
 
-    def max_abs(self) -> dict[str, float]:
-        """Each layer's largest singular value of the sum: 0 for an all-zero gradient, NaN for a non-finite one."""
+    def magnitudes(self) -> dict[str, float]:
+        """:meth:`GradientSource.magnitudes`: each layer's largest singular value of its sum (0 for an all-zero
+        gradient, NaN for a non-finite one)."""
         out: dict[str, float] = {}
         for g in self.shape_groups:
             out.update({slot.name: v for slot, v in zip(g.slots, g.s[:, 0].tolist())})

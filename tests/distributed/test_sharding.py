@@ -132,7 +132,7 @@ def _store_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         store.reduce()
         if rank == 1:
             store["c"].acc[0, 0] = float("nan")  # a NaN in one rank's rows is every rank's non-finite gradient
-        maxabs = store.max_abs()
+        maxabs = store.magnitudes()
         means = store.mean_gradients()
         out = {"rows": {n: tuple(store.local_rows(s[0])) for n, s in SHAPES.items()}, "counts": store.counts(),
                "local": {n: tuple(local_tensor(t).shape) for n, t in means.items()}, "maxabs": maxabs,

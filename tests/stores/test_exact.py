@@ -56,14 +56,14 @@ def test_mean_gradients_divide_once_and_are_idempotent() -> None:
     assert torch.equal(store.shape_groups[0].tensor[0], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
 
 
-def test_max_abs_per_layer_with_nan_inf_and_zero() -> None:
+def test_magnitudes_per_layer_with_nan_inf_and_zero() -> None:
     names = ["big", "nan", "zero", "inf", "neg"]
     store = AccumulatorStore([(n, (2, 3), CPU) for n in names])
     store["big"].acc.copy_(torch.tensor([[1.0, -7.0, 2.0], [0.0, 3.0, 5.0]]))
     store["nan"].acc.copy_(torch.tensor([[1.0, float("nan"), 2.0], [0.0, 3.0, 5.0]]))
     store["inf"].acc[1, 2] = float("-inf")
     store["neg"].acc.fill_(-0.5)
-    values = store.max_abs()
+    values = store.magnitudes()
     assert list(values) == names
     assert values["big"] == 7.0 and values["zero"] == 0.0 and values["inf"] == math.inf and values["neg"] == 0.5
     assert math.isnan(values["nan"])

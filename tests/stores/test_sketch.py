@@ -132,7 +132,7 @@ def test_fingerprint_is_the_probed_gradient() -> None:
     assert rel_err(store.fingerprints()["a"], expected) < 1e-5
 
 
-def test_max_abs_reports_zero_and_non_finite_gradients() -> None:
+def test_magnitudes_reports_zero_and_non_finite_gradients() -> None:
     store = SketchStore([SketchSpec(n, 8, 6, 4, CPU) for n in ("live", "zero", "nan", "inf")])
     store.begin_pass(0)
     x = torch.randn(5, 6)
@@ -140,6 +140,6 @@ def test_max_abs_reports_zero_and_non_finite_gradients() -> None:
     store["zero"].add(torch.zeros(5, 8), x, False)
     store["nan"].add(torch.full((5, 8), float("nan")), x, False)
     store["inf"].add(torch.full((5, 8), float("inf")), x, False)  # inf times a Gaussian basis: inf or NaN
-    values = store.max_abs()
+    values = store.magnitudes()
     assert values["live"] > 0 and values["zero"] == 0
     assert math.isnan(values["nan"]) and not math.isfinite(values["inf"])
