@@ -27,16 +27,29 @@ the sketches on LLaMA-7B shapes stays within ``1.3 x sketches + this``."""
 
 
 STREAM_WORKSPACE = 8
-"""fp32 ``(m + n, l)`` blocks one-pass low-memory mode holds while it merges one layer's batch into its truncated
-SVD (:mod:`loraga_fast.stores.stream`): the test matrix and the compressed batch (one block), the two
-concatenations ``[U diag(s), L]``, ``[V, R]`` and their Q factors (two blocks each, ``l + w <= 2 l`` columns), the
-new ``U``, ``V`` (one block) and LAPACK's copies (two)."""
+"""fp32 ``(m + n, l)`` blocks one-pass low-memory mode holds at once, at most, while it merges one layer
+(:mod:`loraga_fast.stores.stream`): a backward pass's fold (the test matrix and the compressed batch ``[L; R]``)
+or a distributed merge's step (the partial this process has merged so far and the one it received: two blocks),
+then :func:`~loraga_fast.ops.stream.merge_update` of width ``2 l``: the concatenation being factored (``[U diag(s),
+L]`` or ``[V, R]``, ``2 l`` columns), both Q factors (two blocks; LAPACK factors in the Q's own column-major
+buffer) and the new ``U``, ``V`` with their ``torch.where`` copies. The distributed merge is a binomial tree of
+such ``2 l``-wide merges, so this does not grow with the number of processes (the all-gather it replaced held
+``P`` processes' factors and merged ``(P + 1) l`` columns at once). Measured peaks of the ops' allocations, the
+``STREAM_CORE`` matrices included: a fold 5.2-7.3 blocks on shapes from ``(16, 1000)`` to ``(1000, 16)``
+(tests/stores/test_stream_workspace.py), a 4-process tree merge 9.6 blocks on ``(40, 70)`` with ``l = 16``
+(tests/distributed/test_stream_merge.py), against this formula's 8.5-11.2 and 12.7 blocks there."""
+
+STREAM_CORE = 8
+"""fp32 ``(2 l, 2 l)`` matrices of the same merge: the two R factors, the core, its singular vectors, and the SVD's
+copy of the core and work space (measured: five visible)."""
 
 
 def stream_workspace_bytes(layers: Iterable[tuple[int, int, int]]) -> int:
-    """Transient bytes of one-pass low-memory mode for layers ``(m, n, l)``: one layer is merged at a time, so
-    ``4 * STREAM_WORKSPACE * (m + n) * l`` of the largest layer."""
-    return max((4 * STREAM_WORKSPACE * (m + n) * k for m, n, k in layers), default=0)
+    """Transient bytes of one-pass low-memory mode for layers ``(m, n, l)``, in a backward pass's fold and in the
+    distributed merge alike: one layer is merged at a time, ``2 l`` columns at once, so
+    ``4 (STREAM_WORKSPACE (m + n) l + STREAM_CORE (2 l)^2)`` of the largest layer, whatever the number of
+    processes."""
+    return max((4 * (STREAM_WORKSPACE * (m + n) * k + STREAM_CORE * (2 * k) ** 2) for m, n, k in layers), default=0)
 
 
 def accumulator_bytes(shapes: Iterable[tuple[int, int]], r: int, sketch_size: int | None = None,

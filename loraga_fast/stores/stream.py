@@ -13,23 +13,31 @@ backward pass through the layer folds its ``A_t = G^T X`` in (:mod:`loraga_fast.
    truncated to rank ``l``.
 
 At the end the top ``2 r`` triplets are the leading columns of the state (divided by the pass count for the
-mean). Distributed (data parallel, FSDP, ZeRO-3), each process keeps the factorization of its own batches;
-:meth:`StreamStore.reduce` all-gathers every process's ``U diag(s)`` and ``V`` (``4 (m + n) l`` bytes per layer and
-process) and every process re-factors the concatenation in process order, so all hold the same factors.
+mean). Distributed (data parallel, FSDP, ZeRO-3), each process keeps the factorization of its own batches, and
+:meth:`StreamStore.merged` combines them layer by layer in a binomial tree over the processes of the group: in
+round ``d = 1, 2, 4, ...`` the process of group rank ``i`` with ``i % 2d == d`` sends its ``[U diag(s); V]``
+(``4 (m + n) l`` bytes) to ``i - d``, which folds it into its own with :func:`~loraga_fast.ops.stream.merge_update`
+(width ``2 l``: the same merge as a batch's); after ``ceil(log2 P)`` rounds group rank 0 holds the merged
+factorization and broadcasts it. Per layer that is ``ceil(log2 P)`` merges of width ``2 l`` on the critical path
+(``O((m + n) l^2 + l^3)`` each) and a transient workspace independent of ``P``
+(:data:`loraga_fast.core.memory.STREAM_WORKSPACE`); the merge order is fixed by rank and every process gets the
+broadcast bits, so the factors are bit-identical everywhere. :meth:`StreamStore.reduce` writes them into the state.
 
-Deterministic: the Gaussian columns come from one generator per layer seeded from the store's seed, the layer's
-shape and its index in its shape group, drawn once per backward pass.
+Deterministic: the Gaussian columns come from one generator per layer seeded (plain integer arithmetic) from the
+store's seed, the layer's shape and its index in its shape group, drawn once per backward pass. The factors handed
+out carry exact mode's sign convention in the weight's stored layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..distributed.collectives import all_reduce_counts, is_distributed
+from ..errors import UsageError
 from ..layers.capture import Slot
 from ..ops.rsvd import canonical_signs
 from ..ops.stream import compress_update, merge_update
@@ -37,7 +45,7 @@ from .base import FactorSource, Store
 from .factors import DEFAULT_SEED, LayerFactors
 from .sketch import SketchSpec
 
-__all__ = ["StreamGroup", "StreamSlot", "StreamStore"]
+__all__ = ["StreamGroup", "StreamSlot", "StreamStore", "tree_merge"]
 
 
 @dataclass(eq=False)
@@ -66,6 +74,13 @@ class StreamSlot(Slot):
         self.generator = generator
 
     def add(self, grad_out: torch.Tensor, x: torch.Tensor, transposed: bool) -> None:
+        """Fold this backward pass's ``G^T X`` (``G (..., m)``, ``X (..., n)``) into the layer's truncated SVD.
+        ``transposed`` is the capture op's layout flag; it must be the slot's (the state is ``(out, in)`` either
+        way, only :meth:`StreamStore.factors` turns it into the weight's layout)."""
+        if transposed != self.transposed:
+            raise UsageError(f"LoRA-GA one-pass store: layer '{self.name}' was set up with transposed="
+                             f"{self.transposed} but the capture op passed transposed={transposed}; build the "
+                             "SketchSpec with the layer's weight layout (layers.kinds.weight_layout_transposed).")
         g = self.group
         u, s, v = g.u[self.index], g.s[self.index], g.v[self.index]
         tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -109,7 +124,7 @@ class StreamStore(Store, FactorSource):
                                 s=torch.zeros((b, k), dtype=torch.float32, device=device),
                                 v=torch.zeros((b, n, k), dtype=torch.float32, device=device))
             for i, spec in enumerate(group_specs):
-                gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + hash((m, n, k, i))) % 2**63)
+                gen = torch.Generator(device=device).manual_seed(_layer_seed(seed, m, n, k, i))
                 slot = StreamSlot(spec.name, group, i, spec.transposed, gen)
                 group.slots.append(slot)
                 slots[spec.name] = slot
@@ -121,29 +136,38 @@ class StreamStore(Store, FactorSource):
         """All bytes the store holds: ``U``, ``s`` and ``V`` of every layer."""
         return sum(g.u.nbytes + g.s.nbytes + g.v.nbytes for g in self.shape_groups)
 
+    def merged(self, process_group: Any = None) -> Iterator[tuple[StreamSlot, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The factorization of every layer's gradient sum over all processes of ``process_group``, one layer at a
+        time, without modifying the store.
+
+        Yields ``(slot, u, s, v)`` for every layer, shape groups in order and layers in group order: fp32 ``u (m,
+        l)``, ``s (l,)`` descending, ``v (n, l)`` with ``u diag(s) v^T`` the rank-``l`` truncated SVD of the sum of
+        every process's ``U diag(s) V^T`` (the ``(out, in)`` math layout; a sum, not divided by the pass counts,
+        which this does not reduce; signs as the merge leaves them: :meth:`factors` fixes them). Distributed, the
+        processes are merged in a binomial tree (module docstring): ``ceil(log2 P)`` merges of width ``2 l`` and a
+        broadcast per layer, the result bit-identical on every process; the tensors yielded are fresh. Not
+        distributed: the store's own state (views: do not modify them).
+
+        Collective when distributed: every process of ``process_group`` must iterate it to the end, in step (one
+        layer's sends, receives and broadcast happen when the layer is reached). A layer's result may be written
+        into the store once it is yielded (:meth:`reduce` does): later layers do not read it.
+        """
+        distributed = is_distributed(process_group)
+        for g in self.shape_groups:
+            for slot in g.slots:
+                u, s, v = g.u[slot.index], g.s[slot.index], g.v[slot.index]
+                yield (slot, *tree_merge(u, s, v, process_group)) if distributed else (slot, u, s, v)
+
     def reduce(self, process_group: Any = None) -> None:
-        """Distributed: merge every process's factorization into one, the same in every process: per layer, an
-        all-gather of ``U diag(s)`` and ``V`` (``4 (m + n) l`` bytes from each process), then a re-factorization of
-        the concatenation in process order (:func:`~loraga_fast.ops.stream.merge_update`, width ``P l``)."""
+        """Distributed: replace every process's factorization by the merged one (:meth:`merged`, the same bits in
+        every process), layer by layer, and sum the pass counts."""
         if not is_distributed(process_group):
             return
-        import torch.distributed as dist
-
-        world = dist.get_world_size(process_group)
-        for g in self.shape_groups:
-            for i in range(len(g.slots)):  # layer by layer: the workspace is one layer's, times the processes
-                sides = []
-                for part in (g.u[i] * g.s[i], g.v[i]):  # (m, l) and (n, l) of this process
-                    parts = [torch.empty_like(part) for _ in range(world)]
-                    dist.all_gather(parts, part, group=process_group)
-                    sides.append(torch.cat(parts, 1))
-                g.u[i].zero_()
-                g.s[i].zero_()
-                g.v[i].zero_()
-                nu, ns, nv = merge_update(g.u[i], g.s[i], g.v[i], *sides)
-                g.u[i].copy_(nu)
-                g.s[i].copy_(ns)
-                g.v[i].copy_(nv)
+        for slot, u, s, v in self.merged(process_group):
+            i, g = slot.index, slot.group
+            g.u[i].copy_(u)
+            g.s[i].copy_(s)
+            g.v[i].copy_(v)
         device = self.shape_groups[0].device if self.shape_groups else None
         all_reduce_counts(list(self.slots.values()), device, process_group)
 
@@ -178,3 +202,51 @@ class StreamStore(Store, FactorSource):
                 out[slot.name] = LayerFactors(u=u[0].contiguous(), s=(s[0] / max(slot.count, 1)).contiguous(),
                                               v=v[0].contiguous())
         return out
+
+
+def _layer_seed(seed: int, m: int, n: int, k: int, index: int) -> int:
+    """The seed of a layer's generator: the store's seed, the layer's ``(m, n, l)`` and its index in its shape group
+    mixed by plain integer arithmetic (a polynomial in a large prime), reduced below ``2**63``."""
+    out = seed
+    for part in (m, n, k, index):
+        out = (out * 1_000_003 + part) % 2**63
+    return out
+
+
+def tree_merge(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+               process_group: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's truncated SVD ``u diag(s) v^T`` (``(m, l)``, ``(l,)``, ``(n, l)`` fp32, this process's) merged
+    with every other process's of ``process_group`` (collective): a binomial tree of
+    :func:`~loraga_fast.ops.stream.merge_update` calls, each folding the partial of group rank ``i + d`` into that
+    of ``i`` (``i % 2d == 0``, ``d = 1, 2, 4, ...``), so at most ``2 l`` columns are merged at once and the order is
+    fixed by rank; group rank 0's result is broadcast, so every process returns the same bits. The inputs are not
+    modified; the outputs are new tensors (views of one broadcast buffer)."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    m, n, width = u.shape[0], v.shape[0], u.shape[1]
+    step = 1
+    while step < world:
+        if rank % (2 * step):  # hand this partial to the process that folds it in; this one is done
+            dist.send(torch.cat([u * s, v]), _global_rank(process_group, rank - step), group=process_group)
+            break
+        if rank + step < world:
+            part = torch.empty((m + n, width), dtype=torch.float32, device=u.device)
+            dist.recv(part, _global_rank(process_group, rank + step), group=process_group)
+            u, s, v = merge_update(u, s, v, part[:m], part[m:])
+            del part
+        step *= 2
+    if rank == 0:
+        packed = torch.cat([u, v, s[None]])
+    else:
+        packed = torch.empty((m + n + 1, width), dtype=torch.float32, device=u.device)
+    del u, s, v
+    dist.broadcast(packed, _global_rank(process_group, 0), group=process_group)
+    return packed[:m], packed[m + n], packed[m : m + n]
+
+
+def _global_rank(process_group: Any, rank: int) -> int:
+    """The global rank of group rank ``rank`` (the point-to-point and broadcast calls take global ranks)."""
+    import torch.distributed as dist
+
+    return rank if process_group is None else dist.get_global_rank(process_group, rank)

@@ -1,7 +1,9 @@
 """One-pass low-memory mode's store (:mod:`loraga_fast.stores.stream`) fed ``G`` and ``X`` directly: exact while the
-sum's rank fits, accurate on a constructed decaying spectrum through the compressed path, deterministic, and
-reporting zero and non-finite sums. End to end (preprocess_loraga, data parallel, the hand-off): tests/api/
-test_lowmem_onepass.py; the two ops: tests/ops/test_registered_ops.py."""
+sum's rank fits, accurate on a constructed decaying spectrum through the compressed path, exact mode's signs in the
+weight's layout, deterministic and seeded by plain arithmetic, reporting zero and non-finite sums, refusing a
+layout that is not its own. End to end (preprocess_loraga, data parallel, the hand-off): tests/api/
+test_lowmem_onepass.py; the two ops: tests/ops/test_registered_ops.py; the distributed merge:
+tests/distributed/test_stream_merge.py; the workspace: tests/stores/test_stream_workspace.py."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from loraga_fast.core.memory import accumulator_bytes
+from loraga_fast.errors import UsageError
 from loraga_fast.stores.sketch import SketchSpec
 from loraga_fast.stores.stream import StreamStore
 from tests._helpers import rel_err, subspace_cos
@@ -148,3 +151,35 @@ def test_factors_come_in_the_weights_layout(transposed: bool) -> None:
     _feed(store, "w", [(torch.randn(5, 20), torch.randn(5, 12))])
     f = store.factors({"w": 2})["w"]
     assert (f.u.shape, f.v.shape) == (((12, 4), (20, 4)) if transposed else ((20, 4), (12, 4)))
+
+
+def test_layer_seeds_are_plain_arithmetic() -> None:
+    """Each layer's generator is seeded from the store's seed, ``(m, n, l)`` and its index by integer arithmetic
+    (``((((seed p + m) p + n) p + l) p + i) mod 2^63``, ``p = 1_000_003``), not by Python's tuple hash, whose value
+    is an implementation detail; every layer of a group gets its own stream."""
+    p = 1_000_003
+    store = StreamStore([SketchSpec(f"l{i}", 20, 12, 8, torch.device("cpu")) for i in range(3)], seed=5)
+    for i, slot in enumerate(store.slots.values()):
+        assert slot.generator.initial_seed() == ((((5 * p + 20) * p + 12) * p + 8) * p + i) % 2**63, i
+    assert len({slot.generator.initial_seed() for slot in store.slots.values()}) == 3
+
+
+def test_add_refuses_a_layout_other_than_the_slots() -> None:
+    store = StreamStore([SketchSpec("h.0.attn.c_attn", 20, 12, 8, torch.device("cpu"), transposed=True)])
+    with pytest.raises(UsageError, match=r"layer 'h\.0\.attn\.c_attn' was set up with transposed=True"):
+        store["h.0.attn.c_attn"].add(torch.randn(3, 20), torch.randn(3, 12), False)
+    assert store["h.0.attn.c_attn"].group.s.abs().max() == 0  # nothing was folded in
+
+
+def test_merged_without_a_process_group_is_the_state_in_layer_order() -> None:
+    store = StreamStore([SketchSpec("a", 12, 10, 4, torch.device("cpu")), SketchSpec("b", 8, 10, 4, torch.device("cpu")),
+                         SketchSpec("c", 12, 10, 4, torch.device("cpu"))])
+    for name in ("a", "b", "c"):
+        m = store[name].group.m
+        _feed(store, name, [(torch.randn(3, m), torch.randn(3, 10))])
+    got = [(slot.name, u, s, v) for slot, u, s, v in store.merged()]
+    assert [name for name, *_ in got] == ["a", "c", "b"]  # shape groups in order, then layers in group order
+    for name, u, s, v in got:
+        slot = store[name]
+        assert u.data_ptr() == slot.group.u[slot.index].data_ptr() and torch.equal(s, slot.group.s[slot.index])
+        assert torch.equal(v, slot.group.v[slot.index])
