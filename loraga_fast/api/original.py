@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.convergence import stop_rule
+from ..core.convergence import DEFAULT_DIRECTION, stop_rule
 from ..core.handoff import hand_off, release
 from ..core.passes import run_passes, summarize
 from ..distributed.layout import check_sharded_config, shard_layout
@@ -80,9 +80,10 @@ def estimate_gradient(
             ``nn.Linear`` and transformers ``Conv1D`` of the model.
         loss_fn: ``loss_fn(outputs, batch) -> loss``; default ``outputs.loss``.
         progress: show a progress bar.
-        until, convergence_tol: ``until="converged"`` stops once the top-``2r`` singular subspaces of every mean
-            gradient have converged, as in :func:`~loraga_fast.preprocess_loraga` (``r`` from ``lora_config``, else
-            peft's default 8); the result is the mean over the batches actually run.
+        until, convergence_tol: ``until="converged"`` stops once LoRA-GA's ``A`` and ``B`` directions of every mean
+            gradient have converged, as in :func:`~loraga_fast.preprocess_loraga` (``r`` and the direction from
+            ``lora_config``, else peft's defaults: 8 and ``"ArB2r"``); the result is the mean over the batches
+            actually run.
 
     Returns:
         ``{module_name: mean gradient}``: fp32, the weight's layout, on the weight's device, for every target that
@@ -97,7 +98,9 @@ def estimate_gradient(
             left as it was.
     """
     del quant_flag, origin_type, quant_type, no_split_module_classes  # the original's workaround only (see above)
-    stop = stop_rule(until, convergence_tol)  # before any data is read
+    ga = getattr(lora_config, "lora_ga_config", None) if lora_config is not None else None
+    stop = stop_rule(until, convergence_tol,  # before any data is read; without a LoRA-GA config, peft's direction
+                     direction=ga.direction if ga is not None else DEFAULT_DIRECTION)
     # a DeepSpeed engine (accelerator.prepare under DeepSpeed) runs its module: without an optimizer it refuses a
     # plain backward
     model = engine_module(model) or model

@@ -85,7 +85,8 @@ def preprocess_loraga(
             ``min(m, n)``); must be at least ``2 r``.
         passes: low-memory mode only: calls of ``train_step`` (default 3). ``1``: one call; each layer keeps a
             rank-``k`` truncated SVD of its gradient sum, updated on every backward pass (the same ``4 (m + n) k``
-            bytes; more compute per backward pass, no replay of the batches; see :mod:`loraga_fast.stores.stream`).
+            bytes; more compute per backward pass, no replay of the batches; ``until="converged"`` works with it; see
+            :mod:`loraga_fast.stores.stream`).
             ``2`` or more: sketches, one call of ``train_step`` per pass; more passes are more accurate (each is one
             power iteration).
         quantized_offset: bitsandbytes 4-/8-bit targets only (QLoRA): how ``get_peft_model`` applies LoRA-GA's base
@@ -94,13 +95,18 @@ def preprocess_loraga(
             does) or ``"none"`` (the quantized base is left untouched; the model's function then changes by
             ``s B A``). Quantized targets are captured through their own forward (the gradient with respect to the
             dequantized weight); no float copy of a weight is made.
-        until: None (default): the mean over every backward pass ``train_step`` runs. ``"converged"`` (exact mode):
-            every 4 backward passes the top-``2r`` singular subspaces of every running mean are checked, and once
-            every layer's moved by less than ``convergence_tol`` of its top-``2r`` energy at two checks in a row,
-            ``train_step`` is stopped at the start of its next forward of ``model`` (cleanly: the model is restored,
-            and the result is the mean over the passes actually run); a ``train_step`` whose gradients do not
-            converge runs to its end. Distributed (data parallel, FSDP), every rank stops at the same pass, and the
-            ranks must run the same number of forwards. See :mod:`loraga_fast.core.convergence`.
+        until: None (default): the mean over every backward pass ``train_step`` runs. ``"converged"`` (exact mode,
+            or low-memory mode with ``passes=1``): every 4 backward passes each running mean is factored and the
+            singular directions LoRA-GA gives ``A`` and ``B`` (the index sets of ``lora_ga_config.direction``, each
+            set apart) are compared with the previous check's: the share of each set's optimal energy the previous
+            directions miss, the worse of ``A`` and ``B`` (with ``rank_budget``: over every rank the allocation may
+            give). Once every layer's moved by less than ``convergence_tol`` at two checks in a row, ``train_step`` is
+            stopped at the start of its next forward of ``model`` (cleanly: the model is restored, and the result is
+            the mean over the passes actually run); a ``train_step`` whose gradients do not converge runs to its
+            end. A target no backward pass has reached yet blocks the stop at the first two checks that find it so,
+            then no longer (peft gives a target never reached its default init); one first reached counts as moved
+            until it has been measured at a second check. Distributed (data parallel, FSDP), every rank stops at the
+            same pass, and the ranks must run the same number of forwards. See :mod:`loraga_fast.core.convergence`.
         convergence_tol: with ``until="converged"``: the tolerance, in ``(0, 1)`` (default 0.05).
         rank_budget: None (default): every target gets the config's rank. ``"uniform"`` (the LoRA parameter count of
             the config's ranks) or a number of LoRA parameters: per-layer ranks are allocated to maximize the
@@ -127,8 +133,8 @@ def preprocess_loraga(
             the standard linear forward; ``train_step`` ran no backward pass through any target; or the cache does
             not match the model. An ``until``, ``convergence_tol``, ``rank_budget``, ``min_rank`` or ``max_rank``
             that cannot work (a tolerance outside ``(0, 1)``, a budget below ``min_rank`` on every target,
-            ``max_rank > min(m, n) / 2``, ``until="converged"`` in low-memory mode, ...) raises before any data is
-            read.
+            ``max_rank > min(m, n) / 2``, ``until="converged"`` in low-memory mode with ``passes >= 2``, ...) raises
+            before any data is read.
     """
     plan = make_plan(model, lora_config, cache_file, mode=mode, sketch_size=sketch_size, passes=passes,
                      quantized_offset=quantized_offset, process_group=process_group, until=until,
@@ -172,7 +178,9 @@ def run_plan(model: nn.Module, plan: Plan, train_step: Callable[[], None], *, nu
             with plan.layout.estimating(model, plan.targets) if plan.layout is not None else contextlib.nullcontext():
                 monitor = run_passes(model, plan.targets, store, train_step, ranks=plan.ranks,
                                      process_group=plan.process_group, guard_group=guard, num_batches=num_batches,
-                                     progress=progress, stop=plan.stop)
+                                     progress=progress, stop=plan.stop,
+                                     watch_ranks=plan.budget.max_ranks if plan.budget is not None else None,
+                                     min_rank=plan.budget.min_rank if plan.budget is not None else None)
             backwards = max(store.counts().values(), default=0)
             how = (f"estimated in {store.passes} passes over {backwards} backward passes each" if store.passes > 1
                    else f"estimated over {backwards} backward passes")
@@ -200,7 +208,7 @@ def run_plan(model: nn.Module, plan: Plan, train_step: Callable[[], None], *, nu
 def _converged_note(summary: dict[str, Any]) -> str:
     last = summary["last_check"]
     if summary["converged"]:
-        return (f" (converged: every layer's top-2r subspaces moved by < {summary['tol']:g} at the last two checks; "
+        return (f" (converged: every layer's A and B directions moved by < {summary['tol']:g} at the last two checks; "
                 f"largest {last['moved']:.2g})")
     if last is None or last["moved"] is None:
         return " (until='converged': train_step ended before two checks)"

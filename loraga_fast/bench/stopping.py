@@ -9,9 +9,9 @@ suite's training text (the same seeded order, so its first batches are that suit
 gguf``). Every ``--step`` backward passes, every running sum is factored accurately (randomized SVD, 8 power
 iterations) and the factors kept. From them:
 
-* moves: ``moved(D, c) = 1 - min(||M_D V||^2, ||U^T M_D||^2) / sum_{i<=2r} sigma_i(M_D)^2`` with ``U, V`` the
-  top-2r factors after ``D - c`` passes (the measure of :mod:`loraga_fast.core.convergence`), largest over the
-  layers, for each interval ``c`` of ``--intervals``;
+* moves: the measure of :mod:`loraga_fast.core.convergence` (LoRA-GA's A and B index sets of the default direction
+  apart, the worse counts) from the accurate factors after ``D - c`` passes to the running sums after ``D``
+  (:func:`accurate_moves`), largest over the layers, for each interval ``c`` of ``--intervals``;
 * the rule replayed: for each ``c`` and tolerance of ``--tols``, the pass at which two checks in a row see every
   layer within the tolerance (the library's rule), and how much of the final subspaces' energy the factors of that
   pass capture;
@@ -37,9 +37,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..core.convergence import (
     CHECK_EVERY,
+    DEFAULT_DIRECTION,
     ConvergenceMonitor,
     StopRule,
     _Local,
+    _set_masks,
+    measure_moves,
     subspace_step,
 )
 from ..core.plan import make_plan
@@ -74,8 +77,19 @@ def captured(store: Any, factors: list[tuple[torch.Tensor, torch.Tensor, torch.T
     return out
 
 
-def moved_of(pairs: list[tuple[float, float]]) -> list[float]:
-    return [max(0.0, 1 - c / o) if o > 0 else 0.0 for c, o in pairs]
+def accurate_moves(store: Any, before: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   now: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rank: int) -> list[float]:
+    """Per layer, the library's measure (:func:`~loraga_fast.core.convergence.measure_moves`, default direction,
+    rank ``rank``) of the move from the factors ``before`` to the current sums, with the accurate factors ``now``."""
+    out = []
+    for g, (pu, _, pv), (u, s, v) in zip(store.shape_groups, before, now):
+        y, z = g.tensor @ pv, g.tensor.mT @ pu
+        masks = _set_masks(DEFAULT_DIRECTION, range(rank, rank + 1), pv.shape[2], g.tensor.device)
+        layers = g.tensor.shape[0]
+        out += measure_moves(s, (y.square().sum(1), u.mT @ y), (z.square().sum(1), v.mT @ z), masks,
+                             torch.ones(layers, 1, dtype=torch.bool), torch.zeros(layers, dtype=torch.bool),
+                             max(g.shape)).tolist()
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             if d % args.check_every == 0:
                 exact = None
                 if d - args.check_every in snapshots:
-                    exact = moved_of(captured(store, snapshots[d - args.check_every], now, k))
+                    exact = accurate_moves(store, snapshots[d - args.check_every], now, args.rank)
                 for it, monitor in monitors.items():
                     t0 = time.perf_counter()
                     monitor.check(d)
@@ -135,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                         check_err[it] += [monitor.moves[n] - e for n, e in zip(names, exact)]
             for c in args.intervals:
                 if d - c in snapshots:
-                    moves[c][d] = max(moved_of(captured(store, snapshots[d - c], now, k)))
+                    moves[c][d] = max(accurate_moves(store, snapshots[d - c], now, args.rank))
             if d % args.step == 0:
                 snapshots[d] = now
             print(f"pass {d}: {pass_s[-1]:.1f}s; largest move " + ", ".join(

@@ -134,6 +134,10 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
              "min_rank": getattr(args, "min_rank", 1), "max_rank": getattr(args, "max_rank", None)}
     if extra["convergence_tol"] is not None and extra["until"] is None:
         raise CliError("--convergence-tol applies with --until-converged only")
+    if extra["until"] is not None and args.mode == "lowmem" and passes != 1:
+        raise CliError(f"--until-converged with --mode lowmem needs --passes 1 (one pass keeps each gradient sum's "
+                       f"truncated SVD, which the check reads; with {passes} passes the first holds only a sketch of "
+                       f"each sum, with nothing to check a stop on), or leave out --mode lowmem")
     if extra["rank_budget"] is None and (extra["min_rank"] != 1 or extra["max_rank"] is not None):
         raise CliError("--min-rank and --max-rank apply with --rank-budget only")
     # model kind, targets, ranks and arguments from the config alone (a meta-device skeleton), and the text, before

@@ -137,12 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--batches", type=_positive, default=8, help="batches to estimate on (the paper uses 64-128); "
                                                                    "with --until-converged, the most it runs")
     init.add_argument("--until-converged", action="store_true",
-                      help="stop estimating once the top-2r singular subspaces of every layer's mean gradient have "
-                           "converged (checked every 4 batches; exact mode only); the run folder's JSON records the "
-                           "batches and tokens used")
+                      help="stop estimating once the singular directions LoRA-GA gives every layer's A and B have "
+                           "converged (checked every 4 batches; exact mode, or --mode lowmem --passes 1); the run "
+                           "folder's JSON records the batches and tokens used")
     init.add_argument("--convergence-tol", type=_fraction, default=None,
-                      help="with --until-converged: how much of its top-2r gradient energy a layer's subspaces may "
-                           "still move by between checks (default: 0.05)")
+                      help="with --until-converged: how much of their optimal gradient energy a layer's A and B "
+                           "directions may still miss between checks (default: 0.05)")
     init.add_argument("--rank-budget", type=_budget, default=None,
                       help="allocate per-layer ranks from the gradient spectra under this many LoRA parameters, or "
                            "'uniform' (the parameter count of --rank on every target); written as peft's rank_pattern "

@@ -1,37 +1,73 @@
-"""Stopping the estimation once the top-``2r`` subspaces of every mean gradient have converged (``until="converged"``).
+"""Stopping the estimation once LoRA-GA's directions stop changing with more batches (``until="converged"``).
 
 Every :data:`CHECK_EVERY` backward passes (at the start of the next forward of the model: a pass boundary, so no
-backward is half-recorded), :class:`ConvergenceMonitor` factors each layer's running sum, batched per shape group,
-and measures how far its top-``2r`` subspaces moved since the previous check: the share of the optimal top-``2r``
-energy of the current running mean ``M`` that the previous check's directions capture,
+backward is half-recorded), :class:`ConvergenceMonitor` factors each layer's running sum ``M`` and measures how far
+the singular directions LoRA-GA turns into ``A`` and ``B`` moved since the previous check. Once every layer has
+moved less than the tolerance at two checks in a row, the next forward of the model raises :class:`Converged`,
+which :func:`~loraga_fast.core.passes.run_passes` catches: ``train_step`` is abandoned at a clean pass boundary,
+the model is restored by the capture session, and the result is the mean over the passes actually run.
 
-    moved = 1 - min(||M V_prev||^2, ||U_prev^T M||^2) / sum_{i <= 2r} sigma_i(M)^2
+**What is measured.** LoRA-GA takes ``A`` from right singular vectors of the mean gradient and ``B`` from left ones,
+at index sets fixed by ``lora_ga_config.direction`` (0-based; ``r`` the layer's rank; :mod:`~loraga_fast.core.layer_init`):
 
-(``V_prev`` / ``U_prev``: the previous check's top-``2r`` right / left singular vectors; the same energy measure
-the tests use against exact SVDs; 0 = the previous directions are still optimal). Once every layer has moved less
-than the tolerance at two checks in a row, the next forward of the model raises :class:`Converged`, which
-:func:`~loraga_fast.core.passes.run_passes` catches: ``train_step`` is abandoned at a clean pass boundary, the
-model is restored by the capture session, and the result is the mean over the passes actually run.
+    direction        A (right vectors)       B (left vectors)
+    ArB2r (default)  0 .. r-1                r .. 2r-1
+    A2rBr            r .. 2r-1               0 .. r-1
+    ArBr             1, 3, .., 2r-1          0, 2, .., 2r-2
+    random           0 .. 2r-1               0 .. 2r-1   (r of these 2r, drawn at init: only the whole is fixed)
 
-The factorization is a randomized subspace iteration (``q = 4r`` columns) whose start holds the previous check's
-top-``2r`` right singular vectors beside ``2r`` Gaussian columns: two iterations, five sweeps over each sum, and the
-captured energies come out of the same sweeps; only the first check starts from a Gaussian alone, with peft's four
-iterations. One iteration was measured to misjudge moves by up to 0.02 on SmolLM2-135M (as large as the
-tolerance), two by about a tenth of that. A check costs a few percent of a forward+backward pass at the default
-interval (measured: docs/benchmarks.md, "Stopping when converged").
+Each set ``I`` of one side is measured on its own. ``E`` is the indices below ``max(I)`` that are not in ``I`` (for
+ArB2r's ``B``, ``0 .. r-1``), and ``M_E`` is ``M`` with the current ``E`` directions projected out (from the other
+side: ``(1 - U_E U_E^T) M`` for a right set, ``M (1 - V_E V_E^T)`` for a left one; the same matrix for exact
+singular vectors), so ``I`` is exactly the top ``|I|`` directions of ``M_E``. The set's move is the share of its
+optimal energy that the previous check's vectors of ``I`` (``P``) miss:
+
+    moved_I = 1 - ||P^T M_E||^2 / sum_{i in I} sigma_i(M)^2        (right side: ||M_E P||^2)
+
+(0: the previous directions are still optimal; at most 1, Ky Fan). A previous band vector that has moved into the
+top ``r`` (two singular values swapping across index ``r``: the top-``2r`` subspace unchanged, ``A`` replaced)
+captures nothing of ``M_E``, so a swap reads as a move. The measure is energy-based rather than a per-vector
+angle because neighbouring singular values of real gradients nearly tie: vectors that rotate among (nearly) equal
+values keep their energy and read as a small move, as they change LoRA-GA's first step little. A layer's move is
+the worse of ``A``'s and ``B``'s; with ``rank_budget=`` the allocation picks each rank after the stop, so every rank
+in ``[min_rank, max_rank]`` is measured (``2 max_rank`` directions watched) and the worst counts. A set whose
+optimal energy is numerically zero (singular values at or below ``sigma_1 max(m, n) eps_fp32``, numpy's
+matrix-rank threshold, below which LoRA-GA's B columns start at zero) counts as moved 0.
+
+**Targets not reached yet** (an MoE expert, a conditional branch) have nothing to measure. A target no backward pass
+has reached (on any process) counts as moved 1 at the first :data:`UNREACHED_CHECKS` checks that find it so, which
+blocks the stop; from its third such check on it is taken as one this ``train_step`` does not reach and no longer
+blocks (it then gets no gradient and peft its default init, as without ``until``: a target never reached cannot
+make stopping impossible). A target first reached since the previous check counts as moved 1 at the first check
+that sees its gradient (nothing to compare with) and is measured from the next check on. A target whose sum is
+exactly zero although backward passes reached it (no gradient flows into it) counts as moved 0.
+
+**The factorization.** Exact mode: a randomized subspace iteration (``q = 4r`` columns) whose start holds the
+previous check's top-``2r`` right singular vectors beside ``2r`` Gaussian columns: two iterations, five sweeps over
+each sum, and the products with the previous vectors come out of the same sweeps; the first check, and a shape
+group with a newly reached target, start from a Gaussian alone with peft's four iterations. One iteration was
+measured to misjudge moves by up to 0.02 on SmolLM2-135M (as large as the tolerance), two by about a tenth of that.
+A check costs a few percent of a forward+backward pass at the default interval (measured: docs/benchmarks.md,
+"Stopping when converged"). One-pass low-memory mode (``mode="lowmem", passes=1``): the store already holds each
+running sum as ``U diag(s) V^T`` (:mod:`~loraga_fast.stores.stream`), so a check reads its leading columns, with no
+iteration; it keeps a copy of the previous check's top ``2r`` vectors (``4 (m + n) 2r`` bytes per layer, a twelfth
+of the store at the default sketch size). Low-memory mode with ``passes >= 2`` is refused (its first pass holds
+only a sketch ``A Omega`` of each sum: no right singular vectors to measure).
 
 Distributed, the decision is collective and made at the same backward count on every rank: one small all-reduce
 per forward carries the ranks' pass counts (and detects ranks running different numbers of forwards, like
-:class:`~loraga_fast.distributed.guard.StepGuard`), and the checks factor the sums where they are: data parallel
-sums through all-reduced skinny products, FSDP row shards with all-reduced Gram matrices (no sum is gathered).
+:class:`~loraga_fast.distributed.guard.StepGuard`), one per check the layers' pass counts, and the checks factor
+the sums where they are: data parallel sums through all-reduced skinny products, FSDP row shards with all-reduced
+Gram matrices (no sum is gathered); one-pass low-memory mode reads the processes' merged factorization (the
+store's :meth:`~loraga_fast.stores.stream.StreamStore.merged`, which leaves its state alone).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,9 +81,10 @@ from ..ops.rsvd import allsum, orthonormalize, orthonormalize_sharded
 from ..stores.exact import AccumulatorStore
 from ..stores.factors import DEFAULT_SEED, NITER
 from ..stores.sharded import ShardedStore
+from ..stores.stream import StreamStore
 
-__all__ = ["CHECK_EVERY", "DEFAULT_TOL", "UNTIL", "Check", "Converged", "ConvergenceMonitor", "StopRule",
-           "stop_rule"]
+__all__ = ["CHECK_EVERY", "DEFAULT_TOL", "DIRECTIONS", "UNREACHED_CHECKS", "UNTIL", "Check", "Converged",
+           "ConvergenceMonitor", "StopRule", "direction_sets", "stop_rule"]
 
 logger = logging.getLogger("loraga_fast")
 
@@ -55,24 +92,31 @@ UNTIL = (None, "converged")
 DEFAULT_TOL = 0.05  # measured on SmolLM2-135M: loraga_fast/bench/stopping.py, docs/benchmarks.md "Stopping when converged"
 CHECK_EVERY = 4  # backward passes between checks (the same measurement; a check costs 0.23 pass: 5.7% overhead)
 DEFAULT_WATCH_RANK = 8  # estimate_gradient without a LoraConfig watches 2 x 8 directions (peft's default r)
+DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")  # peft's LoraGAConfig.direction values
+DEFAULT_DIRECTION = "ArB2r"  # peft's default (estimate_gradient without a LoRA-GA config)
+UNREACHED_CHECKS = 2  # checks at which a target no backward pass has reached yet blocks the stop
 
 
 @dataclass(frozen=True)
 class StopRule:
     """``until="converged"``: check every ``every`` backward passes; stop after two checks in a row where every
-    layer moved less than ``tol``."""
+    layer moved less than ``tol``; ``direction``: the LoRA-GA direction whose ``A`` and ``B`` index sets are
+    measured."""
 
     tol: float = DEFAULT_TOL
     every: int = CHECK_EVERY
     iterations: int = 2  # subspace iterations of a check started from the previous one (bench/stopping.py)
+    direction: str = DEFAULT_DIRECTION
 
 
-def stop_rule(until: str | None, tol: float | None, mode: str = "exact", every: int | None = None) -> StopRule | None:
-    """The checked stopping rule of ``until`` / ``convergence_tol`` (None: run all of ``train_step``).
+def stop_rule(until: str | None, tol: float | None, mode: str = "exact", every: int | None = None, *,
+              passes: int = 1, direction: str = DEFAULT_DIRECTION) -> StopRule | None:
+    """The checked stopping rule of ``until`` / ``convergence_tol`` (None: run all of ``train_step``); ``passes``:
+    low-memory mode's, ``direction``: the LoRA-GA config's.
 
     Raises:
         UsageError: an unknown ``until``, a tolerance outside ``(0, 1)`` or without ``until="converged"``, a
-            check interval below 1, or low-memory mode (see the message).
+            check interval below 1, an unknown direction, or low-memory mode with ``passes >= 2`` (see the message).
     """
     if until not in UNTIL:
         raise UsageError(f"until must be None (all of train_step's batches) or 'converged', got {until!r}.")
@@ -81,23 +125,26 @@ def stop_rule(until: str | None, tol: float | None, mode: str = "exact", every: 
             raise UsageError("convergence_tol applies to until='converged' only.")
         return None
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1):
-        raise UsageError(f"convergence_tol must be a number in (0, 1) (the share of the top-2r gradient energy the "
-                         f"subspaces may still move by; default {DEFAULT_TOL}), got {tol!r}.")
+        raise UsageError(f"convergence_tol must be a number in (0, 1) (the share of a layer's A or B gradient energy "
+                         f"their directions may still move by; default {DEFAULT_TOL}), got {tol!r}.")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise UsageError(f"the convergence check interval must be a whole number >= 1, got {every!r}.")
-    if mode == "lowmem":
+    if direction not in DIRECTIONS:
+        raise UsageError(f"lora_ga_config.direction must be one of {', '.join(map(repr, DIRECTIONS))} (until='converged' "
+                         f"measures the singular directions it gives A and B), got {direction!r}.")
+    if mode == "lowmem" and passes != 1:
         raise UsageError(
-            "until='converged' is not available in low-memory mode: its first pass holds only the sketch A Omega of "
-            "each running gradient sum, which shows the left singular subspace through a random projection but not "
-            "the right one (where LoRA-GA's A factor comes from), and the later passes must replay exactly the "
-            "batches the first one ran. Use mode='exact' with until='converged', or give low-memory mode a fixed "
-            "number of batches (e.g. the count an exact-mode run with until='converged' used on similar data)."
+            f"until='converged' in low-memory mode needs passes=1: with passes={passes} the first pass holds only the "
+            "sketch A Omega of each running gradient sum, which shows the left singular subspace through a random "
+            "projection and not the right one (where LoRA-GA's A comes from), so there is nothing to check a stop on. "
+            "Use passes=1 (one pass over the data; each sum's truncated SVD, which the check reads), or mode='exact'."
         )
-    return StopRule(tol=float(tol) if tol is not None else DEFAULT_TOL, every=every or CHECK_EVERY)
+    return StopRule(tol=float(tol) if tol is not None else DEFAULT_TOL, every=every or CHECK_EVERY,
+                    direction=direction)
 
 
 class Converged(BaseException):
-    """Raised at the start of a forward of the model once the subspaces have converged; caught by the passes.
+    """Raised at the start of a forward of the model once the directions have converged; caught by the passes.
 
     A ``BaseException`` (like ``KeyboardInterrupt``), so a ``train_step`` that catches ``Exception`` around its
     batches does not swallow it."""
@@ -106,19 +153,87 @@ class Converged(BaseException):
 @dataclass(frozen=True)
 class Check:
     """One check: after ``backward_passes`` (over all ranks), the largest ``moved`` (``worst_layer``'s) and the
-    number of layers above the tolerance. ``moved`` is None at the first check (nothing to compare with)."""
+    number of layers above the tolerance (both counting a layer not measured yet that blocks the stop as moved 1),
+    and the targets no backward pass has reached yet. ``moved`` is None when no layer could be compared with a
+    previous check (the first check)."""
 
     backward_passes: int
     moved: float | None
     worst_layer: str | None
     above_tol: int | None
     seconds: float
+    unreached: int = 0
 
 
 def _in_backward() -> bool:
     """Inside autograd's backward (a forward recomputed by activation checkpointing)."""
     task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and task() != -1
+
+
+# --- the measure ---------------------------------------------------------------------------------------------------
+
+
+def direction_sets(direction: str, r: int) -> tuple[list[int], list[int]]:
+    """LoRA-GA's singular-vector indices at rank ``r`` (0-based): ``A``'s (right vectors) and ``B``'s (left
+    vectors), as :func:`~loraga_fast.core.layer_init.init_layer_from_factors` picks them (``random``: the whole top
+    ``2r``, from which it draws)."""
+    if direction == "ArB2r":
+        return list(range(r)), list(range(r, 2 * r))
+    if direction == "A2rBr":
+        return list(range(r, 2 * r)), list(range(r))
+    if direction == "ArBr":
+        return list(range(1, 2 * r, 2)), list(range(0, 2 * r, 2))
+    if direction == "random":
+        return list(range(2 * r)), list(range(2 * r))
+    raise UsageError(f"Unknown LoRA-GA direction {direction!r}.")
+
+
+def _set_masks(direction: str, ranks: range, k: int, device: torch.device) -> torch.Tensor:
+    """``(4, R, k)`` float64 0/1 masks for each candidate rank: ``I_A, E_A, I_B, E_B`` (``E``: the indices below
+    ``max(I)`` not in ``I``), clipped to the ``k`` watched columns."""
+    masks = torch.zeros(4, len(ranks), k, dtype=torch.float64)
+    for j, r in enumerate(ranks):
+        for side, idx in enumerate(direction_sets(direction, r)):
+            chosen = set(idx)
+            excluded = [i for i in range(max(idx)) if i not in chosen]
+            masks[2 * side, j, [i for i in idx if i < k]] = 1.0
+            masks[2 * side + 1, j, [i for i in excluded if i < k]] = 1.0
+    return masks.to(device)
+
+
+def measure_moves(s: torch.Tensor, right: tuple[torch.Tensor, torch.Tensor], left: tuple[torch.Tensor, torch.Tensor],
+                  masks: torch.Tensor, valid: torch.Tensor, swapped: torch.Tensor, size: int) -> torch.Tensor:
+    """Each layer's move (module docstring) from the products of the current running sums ``M`` with the previous
+    check's vectors.
+
+    Args:
+        s: ``(B, >= k)`` the current singular values, descending.
+        right: ``(||M p_i||^2 (B, k), u_e^T M p_i (B, k, k))`` for the previous right vectors ``p_i`` and the current
+            left vectors ``u_e``; ``left``: the same for the previous left vectors and ``M^T`` (``v_e^T M^T p_i``).
+        masks: :func:`_set_masks` ``(4, R, k)``; ``valid``: ``(B, R)`` the candidate ranks each layer may get.
+        swapped: ``(B,)`` the sum is stored ``(in, out)`` (Conv1D in exact mode): ``A`` comes from its left vectors.
+        size: ``max(m, n)`` (the numerical-zero threshold).
+
+    Returns:
+        ``(B,)`` float64 moves in ``[0, 1]``: the worst over ``A``, ``B`` and the valid ranks.
+    """
+    k = masks.shape[2]
+    s2 = s[:, :k].double().square()
+    floor = (s[:, :1].double() * size * torch.finfo(torch.float32).eps).square()  # (B, 1)
+
+    def moved(products: tuple[torch.Tensor, torch.Tensor], chosen: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+        norms, gram = products
+        kept = norms.double() @ chosen.T - torch.einsum("ber,re->br", gram.double().square() @ chosen.T, excluded)
+        opt = s2 @ chosen.T
+        zero = opt <= chosen.sum(1) * floor
+        return torch.where(zero, 0.0, 1.0 - (kept / torch.where(zero, 1.0, opt)).clamp(0.0, 1.0))
+
+    ia, ea, ib, eb = masks
+    plain = torch.maximum(moved(right, ia, ea), moved(left, ib, eb))
+    turned = torch.maximum(moved(left, ia, ea), moved(right, ib, eb))
+    worst = torch.where(swapped[:, None], turned, plain)
+    return torch.where(valid, worst, 0.0).amax(1)
 
 
 # --- the algebra of one check, for each way the sums are held ------------------------------------------------------
@@ -174,23 +289,24 @@ def subspace_step(algebra: _Local, a: torch.Tensor, start: torch.Tensor, k: int,
                   previous_left: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Top-``k`` triplets of each ``M = a[b]`` by subspace iteration from the right basis ``start (B, n, q)``
-    (a Gaussian, or the previous check's right singular vectors: a warm start), ``niter`` iterations; and, when
-    ``previous_left`` is given, what the previous check's directions capture of ``M``.
+    (a Gaussian, or the previous check's right singular vectors in its first ``p`` columns: a warm start),
+    ``niter >= 1`` iterations; and, when ``previous_left (B, rows, p)`` is given, ``M`` times the previous vectors.
 
     Returns ``(U, S, V_all, right, left)``: ``U`` (``k`` columns, rows as held), ``S (B, q)`` descending, ``V_all
-    (B, n, q)`` (all ``q`` right vectors, the next warm start), and ``right[b, j] = ||M start_j||^2``, ``left[b, j]
-    = ||previous_left_j^T M||^2`` (None without ``previous_left``). Sweeps over ``M``: ``2 niter + 1``.
+    (B, n, q)`` (all ``q`` right vectors, the next warm start), and ``right = M start[..., :p]`` (rows as held),
+    ``left = M^T previous_left`` (whole) from the first sweeps (None without ``previous_left``). Sweeps over ``M``:
+    ``2 niter + 1``.
     """
     right = left = None
     basis = start
     for i in range(niter):
         y = algebra.mv(a, basis)
-        if i == 0 and previous_left is not None:
-            right = algebra.rowsum(y.square().sum(1))
         q_left = algebra.orth_rows(y)
         if i == 0 and previous_left is not None:  # one sweep for both: [Q_L, U_prev]
+            p = previous_left.shape[2]
+            right = y[..., :p]
             z = algebra.mtv(a, torch.cat([q_left, previous_left], dim=2))
-            z, left = z[..., : q_left.shape[2]], z[..., q_left.shape[2]:].square().sum(1)
+            z, left = z[..., : q_left.shape[2]], z[..., q_left.shape[2]:]
         else:
             z = algebra.mtv(a, q_left)
         basis = orthonormalize(z)
@@ -204,35 +320,48 @@ def subspace_step(algebra: _Local, a: torch.Tensor, start: torch.Tensor, k: int,
 class _Watched:
     """One shape group of the store and what the previous check left of it."""
 
-    tensor: torch.Tensor
+    group: Any  # the store's ShapeGroup (exact) or StreamGroup (one pass)
     rows: int
+    cols: int
     names: list[str]
-    ks: list[int]  # 2 r per layer
-    previous: tuple[torch.Tensor, torch.Tensor] | None = None  # U (k columns) and V (all q) of the previous check
+    k: int  # directions watched: 2 x the largest candidate rank of the group, at most min(m, n)
+    masks: torch.Tensor  # _set_masks over the group's candidate ranks
+    valid: torch.Tensor  # (B, R): the candidate ranks of each layer
+    swapped: torch.Tensor  # (B,): stored (in, out), A from the left vectors
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None  # U and V (k columns each) of the previous check
+    reached: list[bool] = field(default_factory=list)  # a backward pass had reached each layer by the previous check
 
 
 class ConvergenceMonitor:
-    """Watches an exact-mode store during a pass and stops ``train_step`` once the subspaces have converged.
+    """Watches a one-pass store (exact mode's accumulators, or one-pass low-memory mode's truncated SVDs) during
+    its pass and stops ``train_step`` once LoRA-GA's directions have converged (module docstring).
 
     Args:
-        store: the pass's accumulators (whole, data-parallel partial sums, or FSDP row shards).
-        ranks: each layer's LoRA rank (``2 r`` directions are watched, at most ``min(m, n)``).
-        rule: the tolerance and the check interval.
+        store: the pass's store: whole accumulators, data-parallel partial sums, FSDP row shards, or a
+            :class:`~loraga_fast.stores.stream.StreamStore`.
+        ranks: each layer's LoRA rank; with a rank budget, the largest it may get (``max_rank``). ``2 r``
+            directions are watched, at most ``min(m, n)``; a layer not in it: 8 (peft's default ``r``).
+        rule: the tolerance, the check interval and the LoRA-GA direction.
         process_group: data parallel: the group the sums are reduced over (the checks reduce skinny products).
-        sharded: the store holds row shards (FSDP); its own group is used.
+        min_rank: with a rank budget, the smallest rank the allocation may give: every rank from it to ``ranks``'s
+            is measured and the worst counts (None: ``ranks``'s only).
+        transposed: the layers whose accumulator is stored ``(in, out)`` (Conv1D in exact mode; ignored for the
+            one-pass store, which holds ``(out, in)``).
     """
 
-    def __init__(self, store: AccumulatorStore, ranks: Mapping[str, int], rule: StopRule, *,
-                 process_group: Any = None):
+    def __init__(self, store: AccumulatorStore | StreamStore, ranks: Mapping[str, int], rule: StopRule, *,
+                 process_group: Any = None, min_rank: int | None = None, transposed: Collection[str] = ()):
         self.store = store
         self.rule = rule
         self.checks: list[Check] = []
-        self.moves: dict[str, float] = {}  # each layer's move at the last check
+        self.moves: dict[str, float] = {}  # at the last check: each layer measured or blocking the stop (1.0)
         self.stopped = False
         self._calm = 0  # consecutive checks with every layer within the tolerance
         self._next = rule.every
+        self._unreached: dict[str, int] = {}  # checks that found each layer without a backward pass
         self.process_group: Any = None  # the process group of the collectives (None: the world)
         self.distributed = False
+        self.stream = isinstance(store, StreamStore)
         if isinstance(store, ShardedStore):
             self.algebra: _Local = _RowSharded(store.process_group)
             self.process_group, self.distributed = store.process_group, is_distributed(store.process_group)
@@ -240,11 +369,20 @@ class ConvergenceMonitor:
             self.algebra, self.process_group, self.distributed = _Additive(process_group), process_group, True
         else:
             self.algebra = _Local()
+        flipped = set() if self.stream else set(transposed)
         self.watched: list[_Watched] = []
         for g in store.shape_groups:
-            small = min(g.shape)
-            ks = [min(2 * ranks.get(s.name, DEFAULT_WATCH_RANK), small) for s in g.slots]
-            self.watched.append(_Watched(g.tensor, g.shape[0], [s.name for s in g.slots], ks))
+            rows, cols = (g.m, g.n) if self.stream else g.shape
+            small = min(rows, cols)
+            his = [max(1, min(ranks.get(s.name, DEFAULT_WATCH_RANK), small // 2)) for s in g.slots]
+            los = [min(hi, min_rank) if min_rank is not None else hi for hi in his]
+            k = min(2 * max(his), small, g.k if self.stream else small)
+            candidates = range(min(los), max(his) + 1)
+            device = g.u.device if self.stream else g.tensor.device
+            valid = torch.tensor([[lo <= r <= hi for r in candidates] for lo, hi in zip(los, his)], device=device)
+            self.watched.append(_Watched(
+                g, rows, cols, [s.name for s in g.slots], k, _set_masks(rule.direction, candidates, k, device), valid,
+                torch.tensor([s.name in flipped for s in g.slots], device=device)))
 
     def local_done(self) -> int:
         """Backward passes completed in this process so far in this pass (the most any target has seen)."""
@@ -272,49 +410,113 @@ class ConvergenceMonitor:
             self.stopped = True
             raise Converged
 
+    def _counts(self) -> dict[str, int]:
+        """Every watched layer's backward passes so far, over all processes."""
+        names = [name for w in self.watched for name in w.names]
+        if not names:
+            return {}
+        device = self.watched[0].valid.device
+        counts = torch.tensor([self.store.slots[name].count for name in names], dtype=torch.int64, device=device)
+        if self.distributed:
+            allsum(counts, self.process_group)
+        return dict(zip(names, counts.tolist()))
+
+    def _exact_products(self, w: _Watched, fresh: bool) -> tuple[Any, ...]:
+        """Factor an accumulator group by subspace iteration: ``(U, s, V, right, left)`` (module docstring)."""
+        a = w.group.tensor
+        n = a.shape[2]
+        q = min(2 * w.k, w.rows, n)
+        # a Gaussian start, the same on every rank; from the second check on, its first k columns are the previous
+        # check's top-k right vectors of the layers measured then (what is measured, and a warm start), the others
+        # stay random so that directions orthogonal to the previous subspace are found too
+        gen = torch.Generator(device=a.device).manual_seed(DEFAULT_SEED + len(self.checks))
+        start = torch.randn(a.shape[0], n, q, device=a.device, generator=gen)
+        if w.previous is None:  # the first check: peft's iterations
+            u, s, v, _, _ = subspace_step(self.algebra, a, start, w.k, NITER)
+            return u, s, v[..., : w.k], None, None
+        keep = torch.tensor(w.reached, device=a.device)[:, None, None]
+        start[..., : w.k] = torch.where(keep, w.previous[1], start[..., : w.k])
+        u, s, v, y, z = subspace_step(self.algebra, a, start, w.k, NITER if fresh else self.rule.iterations,
+                                      w.previous[0])
+        assert y is not None and z is not None  # (the products of layers not measured before are not used)
+        right = (self.algebra.rowsum(y.square().sum(1)), self.algebra.rowsum(u.mT @ y))
+        left = (z.square().sum(1), v[..., : w.k].mT @ z)
+        return u, s, v[..., : w.k], right, left
+
+    def _stream_products(self, w: _Watched, layers: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]]
+                         ) -> tuple[Any, ...]:
+        """A one-pass group from its layers' factorizations ``(slot, u, s, v)`` (merged over the processes when
+        distributed): ``(U, s, V, right, left)``, the products with the previous vectors from ``U diag(s) V^T``
+        itself, one layer at a time (no copy of the state beyond the top ``k`` vectors kept for the next check)."""
+        k = w.k
+        u = torch.stack([lu[:, :k] for _, lu, _, _ in layers])
+        s = torch.stack([ls for _, _, ls, _ in layers])
+        v = torch.stack([lv[:, :k] for _, _, _, lv in layers])
+        if w.previous is None:
+            return u, s, v, None, None
+        su, sv = [], []
+        for j, (_, lu, ls, lv) in enumerate(layers):  # u_e^T M p = s_e v_e^T p, ||M p||^2 = sum_e (s_e v_e^T p)^2
+            su.append(ls[:, None] * (lu.mT @ w.previous[0][j]))
+            sv.append(ls[:, None] * (lv.mT @ w.previous[1][j]))
+        cu, cv = torch.stack(su), torch.stack(sv)  # (B, l, k)
+        return u, s, v, (cv.square().sum(1), cv[:, :k]), (cu.square().sum(1), cu[:, :k])
+
     @torch.no_grad()
     @with_exact_fp32
     def check(self, done: int) -> Check:
-        """Factor every running sum, measure how far each layer's subspaces moved since the previous check."""
+        """Factor every running sum, measure how far each layer's directions moved since the previous check."""
         start = time.perf_counter()
-        moved: list[tuple[float, str]] = []
+        counts = self._counts()
+        measured: dict[str, float] = {}
+        blocking: list[str] = []
+        unreached = 0
+        merged: Any = None  # one-pass store, distributed: every layer's factorization merged over the processes,
+        if self.stream and self.distributed:  # in group order (collective: a tree per layer; the store is left alone)
+            merged = iter(self.store.merged(self.process_group))  # type: ignore[union-attr]
         for w in self.watched:
-            k = max(w.ks)
-            n = w.tensor.shape[2]
-            q = min(2 * k, min(w.rows, n))
-            # a Gaussian start, the same on every rank; from the second check on, its first k columns are the previous
-            # check's top-k right vectors (what is measured, and a warm start), the others stay random so that
-            # directions orthogonal to the previous subspace are found too
-            gen = torch.Generator(device=w.tensor.device).manual_seed(DEFAULT_SEED + len(self.checks))
-            start_basis = torch.randn(w.tensor.shape[0], n, q, device=w.tensor.device, generator=gen)
-            if w.previous is None:  # the first check: peft's iterations
-                u, s, v, _, _ = subspace_step(self.algebra, w.tensor, start_basis, k, NITER)
+            reached = [counts[name] > 0 for name in w.names]
+            fresh = any(now and not before for now, before in zip(reached, w.reached))
+            if self.stream:
+                g = w.group
+                layers = ([next(merged) for _ in w.names] if merged is not None
+                          else [(slot, g.u[slot.index], g.s[slot.index], g.v[slot.index]) for slot in g.slots])
+                u, s, v, right, left = self._stream_products(w, layers)
             else:
-                start_basis[..., :k] = w.previous[1][..., :k]
-                u, s, v, right, left = subspace_step(self.algebra, w.tensor, start_basis, k, self.rule.iterations,
-                                                         w.previous[0])
-                assert right is not None and left is not None
-                captured = torch.minimum(right.cumsum(1)[:, :k], left.cumsum(1))
-                best = s.square().cumsum(1)
-                for j, (name, kj) in enumerate(zip(w.names, w.ks)):
-                    opt = float(best[j, kj - 1])
-                    moved.append((max(0.0, 1.0 - float(captured[j, kj - 1]) / opt) if opt > 0 else 0.0, name))
+                u, s, v, right, left = self._exact_products(w, fresh)
+            moves = None
+            if right is not None and left is not None:
+                moves = measure_moves(s, right, left, w.masks, w.valid, w.swapped, max(w.rows, w.cols)).tolist()
+            for j, name in enumerate(w.names):
+                if not reached[j]:
+                    unreached += 1
+                    self._unreached[name] = self._unreached.get(name, 0) + 1
+                    if self._unreached[name] <= UNREACHED_CHECKS:
+                        blocking.append(name)
+                elif moves is not None and w.reached[j]:
+                    measured[name] = moves[j]
+                else:  # first reached since the previous check: nothing to compare with yet
+                    blocking.append(name)
             w.previous = (u, v)
-        self.moves = {name: m for m, name in moved}
-        worst, name = max(moved, default=(None, None))  # type: ignore[type-var]
-        above = sum(1 for m, _ in moved if m > self.rule.tol) if moved else None
-        if self.distributed and moved:  # identical inputs everywhere; make the decision provably identical too
+            w.reached = reached
+        worst = name = above = None
+        if measured:
+            self.moves = measured | dict.fromkeys(blocking, 1.0)
+            worst, name = max((m, n) for n, m in self.moves.items())
+            above = sum(1 for m in self.moves.values() if m > self.rule.tol)
+        else:
+            self.moves = {}
+        if self.distributed and measured:  # identical inputs everywhere; make the decision provably identical too
             import torch.distributed as dist
 
-            flags = torch.tensor([above], dtype=torch.int64, device=self.watched[0].tensor.device)
+            flags = torch.tensor([above], dtype=torch.int64, device=self.watched[0].valid.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
             above = int(flags.item())
         total = done * (torch.distributed.get_world_size(self.process_group) if self.distributed else 1)
-        record = Check(total, worst, name, above, time.perf_counter() - start)
+        record = Check(total, worst, name, above, time.perf_counter() - start, unreached)
         self.checks.append(record)
         self._calm = self._calm + 1 if above == 0 else 0
-        logger.debug("LoRA-GA convergence check after %d backward passes: largest move %s (%s), %s above %g",
-                     total, worst, name, above, self.rule.tol)
+        logger.debug("LoRA-GA convergence check after %d backward passes: largest move %s (%s), %s above %g, %d not "
+                     "reached yet", total, worst, name, above, self.rule.tol, unreached)
         return record
 
     def summary(self) -> dict[str, Any]:
@@ -324,7 +526,8 @@ class ConvergenceMonitor:
                 "checks": len(self.checks),
                 "last_check": None if last is None else {"backward_passes": last.backward_passes, "moved": last.moved,
                                                          "worst_layer": last.worst_layer,
-                                                         "layers_above_tol": last.above_tol}}
+                                                         "layers_above_tol": last.above_tol,
+                                                         "layers_not_reached": last.unreached}}
 
 
 class _CountingGuard(StepGuard):

@@ -23,7 +23,7 @@ from ..distributed.dtensor import local_tensor
 from ..distributed.guard import StepGuard
 from ..errors import UsageError
 from ..layers.capture import CaptureSession, Slot
-from ..layers.kinds import weight_shape
+from ..layers.kinds import weight_layout_transposed, weight_shape
 from ..layers.targets import check_ranks, short_list
 from ..stores.base import GradientSource, Store
 from ..stores.factors import check_finite
@@ -95,7 +95,8 @@ class RandomState:
 def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store: Store,
                train_step: Callable[[], None], *, ranks: Mapping[str, int], process_group: Any = None,
                guard_group: Any = None, num_batches: int | None = None, progress: bool | None = None,
-               stop: StopRule | None = None) -> ConvergenceMonitor | None:
+               stop: StopRule | None = None, watch_ranks: Mapping[str, int] | None = None,
+               min_rank: int | None = None) -> ConvergenceMonitor | None:
     """Run ``train_step`` ``store.passes`` times with ``targets`` routed into ``store``, reducing and checking each pass.
 
     Args:
@@ -104,10 +105,13 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
         guard_group: when set (FSDP-sharded models), every pass runs under a
             :class:`~loraga_fast.distributed.guard.StepGuard` over this process group, so processes running different
             numbers of forwards raise instead of hanging.
-        stop: ``until="converged"`` (exact mode, one pass): a :class:`~loraga_fast.core.convergence.ConvergenceMonitor`
-            checks the subspaces every few backward passes and ends ``train_step`` at the start of a forward once
-            they have converged (every rank at the same pass; distributed, ranks must then run the same number of
-            forwards). The store then holds the passes actually run.
+        stop: ``until="converged"`` (a store of one pass: exact mode, or one-pass low-memory mode): a
+            :class:`~loraga_fast.core.convergence.ConvergenceMonitor` checks LoRA-GA's directions every few backward
+            passes and ends ``train_step`` at the start of a forward once they have converged (every rank at the
+            same pass; distributed, ranks must then run the same number of forwards). The store then holds the
+            passes actually run.
+        watch_ranks, min_rank: with ``stop`` and a rank budget: the largest rank each layer may get (default
+            ``ranks``) and the smallest; the monitor measures every rank between.
 
     Returns:
         The monitor (its checks and whether it stopped ``train_step``) when ``stop`` is given, else None.
@@ -123,8 +127,10 @@ def run_passes(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], store
     first_prints: dict[str, torch.Tensor] | None = None
     monitor = None
     if stop is not None:
-        assert store.passes == 1, "until='converged' is refused in low-memory mode by the plan"
-        monitor = ConvergenceMonitor(store, ranks, stop, process_group=process_group)  # type: ignore[arg-type]
+        assert store.passes == 1, "until='converged' is refused for sketch passes by the plan"
+        monitor = ConvergenceMonitor(store, watch_ranks if watch_ranks is not None else ranks, stop,  # type: ignore[arg-type]
+                                     process_group=process_group, min_rank=min_rank,
+                                     transposed=[name for name, module in targets if weight_layout_transposed(module)])
     device = local_tensor(next(iter(model.parameters()))).device if monitor or guard_group is not None else None
     try:
         for index in range(store.passes):

@@ -134,7 +134,6 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
         raise UsageError(f"quantized_offset must be one of {', '.join(map(repr, OFFSETS))}, got {quantized_offset!r}.")
     if mode == "exact" and (sketch_size is not None or passes is not None):
         raise UsageError("sketch_size and passes apply to mode='lowmem' only.")
-    stop = stop_rule(until, convergence_tol, mode, check_every)
     ranks = layer_ranks(lora_config, [name for name, _ in targets])
     shapes = {name: weight_shape(module) for name, module in targets}
     check_ranks(shapes, ranks, ranks)  # before any forward pass
@@ -150,6 +149,8 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
         if sketch_size is not None and sketch_size < 2 * max(ranks.values()):
             raise UsageError(f"sketch_size={sketch_size} must be at least 2 * r = {2 * max(ranks.values())} (the "
                              f"default, {DEFAULT_SKETCH_PER_LORA_RANK} r, meets LoRA-GA's accuracy needs).")
+    stop = stop_rule(until, convergence_tol, mode, check_every, passes=passes or 1,
+                     direction=lora_config.lora_ga_config.direction)
     path, cached = None, False
     if cache_file is not None:
         path = os.fspath(cache_file)

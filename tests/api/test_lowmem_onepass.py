@@ -152,8 +152,8 @@ def test_memory_line_and_bad_passes() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="passes must be a positive integer"):
             preprocess_loraga(tiny_llama(), lora_ga_config(), lambda: None, mode="lowmem", passes=bad)
-    with pytest.raises(ValueError, match="not available in low-memory mode"):
-        preprocess_loraga(tiny_llama(), lora_ga_config(), lambda: None, mode="lowmem", passes=1, until="converged")
+    with pytest.raises(ValueError, match="until='converged' in low-memory mode needs passes=1: with passes=3"):
+        preprocess_loraga(tiny_llama(), lora_ga_config(), lambda: None, mode="lowmem", passes=3, until="converged")
 
 
 # ---- data parallel ---------------------------------------------------------------------------------------------------

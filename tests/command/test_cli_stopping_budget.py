@@ -1,5 +1,6 @@
 """loraga-fast init --until-converged and --rank-budget: what the run folder records, that it reloads at the allocated
-ranks with the model's function unchanged, and the flags' one-line errors before anything is read."""
+ranks with the model's function unchanged, that one-pass low-memory mode stops too, and the flags' one-line errors
+before anything is read."""
 
 from __future__ import annotations
 
@@ -48,10 +49,23 @@ def test_until_converged_and_a_rank_budget_are_recorded_and_reload(tmp_path: Pat
         torch.testing.assert_close(model(x).logits, before, rtol=1e-4, atol=1e-4)
 
 
+def test_one_pass_low_memory_mode_stops_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--mode lowmem --passes 1 --until-converged runs, and records the checks (random tokens: all 6 batches)."""
+    out = tmp_path / "out"
+    assert main(["init", "--out", str(out), "--batches", "6", "--batch-size", "2", "--seq-len", "32", "--rank", "4",
+                 "--mode", "lowmem", "--passes", "1", "--until-converged"]) == 0
+    assert "convergence" in capsys.readouterr().out
+    summary = json.loads((out / "loraga_fast_init.json").read_text())
+    assert summary["mode"] == "lowmem" and summary["passes"] == 1 and summary["batches_used"] == 6
+    conv = summary["convergence"]
+    assert conv["converged"] is False and conv["checks"] == 1 and conv["last_check"]["backward_passes"] == 4
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["--convergence-tol", "0.1"], "--convergence-tol applies with --until-converged only"),
     (["--until-converged", "--convergence-tol", "1.5"], "--convergence-tol: must be in (0, 1)"),
-    (["--until-converged", "--mode", "lowmem"], "until='converged' is not available in low-memory mode"),
+    (["--until-converged", "--mode", "lowmem"], "--until-converged with --mode lowmem needs --passes 1"),
+    (["--until-converged", "--mode", "lowmem", "--passes", "2"], "needs --passes 1 (one pass keeps each gradient sum's"),
     (["--max-rank", "3"], "--min-rank and --max-rank apply with --rank-budget only"),
     (["--rank-budget", "uniform", "--max-rank", "200"], "max_rank=200 is over min(m, n) / 2 = 128"),
     (["--rank-budget", "10"], "is smaller than min_rank=1 on every target"),
