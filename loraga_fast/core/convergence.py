@@ -44,8 +44,9 @@ exactly zero although backward passes reached it (no gradient flows into it) cou
 
 **The factorization.** Exact mode: a randomized subspace iteration (``q = 4r`` columns) whose start holds the
 previous check's top-``2r`` right singular vectors beside ``2r`` Gaussian columns: two iterations, five sweeps over
-each sum, and the products with the previous vectors come out of the same sweeps; the first check, and a shape
-group with a newly reached target, start from a Gaussian alone with peft's four iterations. One iteration was
+each sum, and the products with the previous vectors come out of the same sweeps; the first check starts from a
+Gaussian alone with peft's four iterations, and a shape group with a newly reached target runs four (that target's
+columns start Gaussian). One iteration was
 measured to misjudge moves by up to 0.02 on SmolLM2-135M (as large as the tolerance), two by about a tenth of that.
 A check costs a few percent of a forward+backward pass at the default interval (measured: docs/benchmarks.md,
 "Stopping when converged"). One-pass low-memory mode (``mode="lowmem", passes=1``): the store already holds each
@@ -59,7 +60,8 @@ per forward carries the ranks' pass counts (and detects ranks running different 
 :class:`~loraga_fast.distributed.guard.StepGuard`), one per check the layers' pass counts, and the checks factor
 the sums where they are: data parallel sums through all-reduced skinny products, FSDP row shards with all-reduced
 Gram matrices (no sum is gathered); one-pass low-memory mode reads the processes' merged factorization (the
-store's :meth:`~loraga_fast.stores.stream.StreamStore.merged`, which leaves its state alone).
+store's :meth:`~loraga_fast.stores.stream.StreamStore.merged`, which leaves its state alone: per check and layer,
+``ceil(log2 P)`` merges of width ``2 l`` and a broadcast, as at the end of the pass).
 """
 
 from __future__ import annotations
