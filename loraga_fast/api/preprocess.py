@@ -110,10 +110,12 @@ def preprocess_loraga(
         convergence_tol: with ``until="converged"``: the tolerance, in ``(0, 1)`` (default 0.05).
         rank_budget: None (default): every target gets the config's rank. ``"uniform"`` (the LoRA parameter count of
             the config's ranks) or a number of LoRA parameters: per-layer ranks are allocated to maximize the
-            gradient energy the adapters capture, ``sum_l sum_{i <= 2 r_l} sigma_i^2`` (LoRA-GA's first-step loss
-            decrease), under ``sum_l r_l (m_l + n_l) <= rank_budget``, and written to ``lora_config.rank_pattern``
+            first-order loss decrease of one SGD step on the adapters LoRA-GA builds at those ranks (for the
+            config's direction and scale: ``s^2 (sum_{i in IA} sigma_i^2 + c^2 sum_{j in IB} sigma_j^4)`` per
+            layer), under ``sum_l r_l (m_l + n_l) <= rank_budget``, and written to ``lora_config.rank_pattern``
             and ``alpha_pattern`` (each layer's scaling kept at the config's), which ``get_peft_model``,
-            ``save_pretrained`` and ``PeftModel.from_pretrained`` use as usual. See
+            ``save_pretrained`` and ``PeftModel.from_pretrained`` use as usual. Not with ``use_rslora=True``
+            (peft cannot convert such an adapter back to the untouched base). See
             :mod:`loraga_fast.core.allocation`.
         min_rank, max_rank: with ``rank_budget``: the bounds of every layer's rank (``max_rank=None``: 4 x the
             config's rank, at most ``min(m, n) / 2``; a given ``max_rank`` must be at most ``min(m, n) / 2`` for
