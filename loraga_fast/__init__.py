@@ -27,6 +27,8 @@ _EXPORTS = {
     "save_loraga_model_init": "api.original",
     "save_loraga_model_final": "api.original",
     "load_initialized": "api.runs",
+    "save_offset_model": "api.export",
+    "finalize_adapter": "api.finalize",
     "quantize_model": "api.quantize",
     "train_step_from_dataloader": "api.steps",
     "train_step_from_trainer": "api.steps",
@@ -37,7 +39,8 @@ _EXPORTS = {
 
 __all__ = [  # noqa: RUF022 (the order of _EXPORTS)
     "__version__", "preprocess_loraga", "check_preprocess", "estimate_gradient", "LoraGAContext",
-    "save_loraga_model_init", "save_loraga_model_final", "load_initialized", "quantize_model",
+    "save_loraga_model_init", "save_loraga_model_final", "load_initialized", "save_offset_model", "finalize_adapter",
+    "quantize_model",
     "train_step_from_dataloader", "train_step_from_trainer", "memory_estimate", "LowMemGradientUnavailable",
     "UsageError",
 ]
@@ -52,6 +55,8 @@ if TYPE_CHECKING:
         save_loraga_model_final,
         save_loraga_model_init,
     )
+    from .api.export import save_offset_model
+    from .api.finalize import finalize_adapter
     from .api.preprocess import check_preprocess, preprocess_loraga
     from .api.quantize import quantize_model
     from .api.runs import load_initialized

@@ -5,14 +5,17 @@ A run folder holds
 * ``init_lora_checkpoint/``: the initialized adapter (as :func:`~loraga_fast.save_loraga_model_init` writes it);
 * ``base_offset.safetensors``: the target layers' base weights after the LoRA-GA offset ``W - (alpha / r) B0 A0``
   (``B0 A0`` = the initial adapter; not written for a quantized base, which ``--quantize`` leaves untouched);
-* ``loraga_fast_init.json``: what was run (every parameter, timings, memory).
+* ``loraga_fast_init.json``: what was run (every parameter, timings, memory);
+* ``model/`` (``--export-model`` only): the offset base as a complete transformers model folder
+  (:func:`~loraga_fast.api.export.save_offset_model`), for frameworks that train from a model folder and an adapter.
 
 The folder is built under a temporary name beside ``DIR`` and renamed into place only when complete, so an
-interrupted run leaves no half-written ``DIR`` and never mixes its files with an older run's. Each of the three
-carries the same run id (the json's ``run_id``; the two safetensors files' metadata ``loraga_fast.run_id``), which
-:func:`load_initialized` checks. After training, :func:`~loraga_fast.save_loraga_model_final` leaves just the
-adapter for the untouched base: the offset weights are no longer needed (and can be recomputed from the base and
-the initial adapter if ever wanted).
+interrupted run leaves no half-written ``DIR`` and never mixes its files with an older run's. Each file carries
+the same run id (the json's ``run_id``; the safetensors files' metadata ``loraga_fast.run_id``;
+``model/config.json``'s ``loraga_fast_run_id``), which :func:`load_initialized` checks. After training,
+:func:`~loraga_fast.save_loraga_model_final` leaves just the adapter for the untouched base: the offset weights are
+no longer needed (and can be recomputed from the base and the initial adapter if ever wanted); an adapter trained
+elsewhere from ``model/`` and ``init_lora_checkpoint/`` is converted by :func:`~loraga_fast.finalize_adapter`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..layers.quantized import UNTOUCHED_BASES
-from .names import ADAPTER_WEIGHTS, INIT_CHECKPOINT, OFFSETS_FILE, RUN_ENTRIES, RUN_ID_KEY, SUMMARY_FILE
+from .names import ADAPTER_WEIGHTS, INIT_CHECKPOINT, MODEL_FOLDER, OFFSETS_FILE, RUN_ENTRIES, RUN_ID_KEY, SUMMARY_FILE
 from .original import save_loraga_model_init
 
 __all__ = ["check_out", "load_initialized", "new_run_id", "out_problem", "run_ids", "save_initialized",
@@ -193,7 +196,13 @@ def run_ids(folder: str | os.PathLike[str]) -> dict[str, str | None]:
             ids[SUMMARY_FILE] = json.loads(summary.read_text(encoding="utf-8")).get("run_id")
         except (json.JSONDecodeError, AttributeError):
             ids[SUMMARY_FILE] = None
-    for rel in (OFFSETS_FILE, f"{INIT_CHECKPOINT}/{ADAPTER_WEIGHTS}"):
+    model = folder / MODEL_FOLDER
+    shards = sorted(p.name for p in model.glob("*.safetensors")) if model.is_dir() else []
+    if (model / "config.json").is_file():
+        from .export import model_folder_run_id
+
+        ids[f"{MODEL_FOLDER}/config.json"] = model_folder_run_id(model)
+    for rel in (OFFSETS_FILE, f"{INIT_CHECKPOINT}/{ADAPTER_WEIGHTS}", *(f"{MODEL_FOLDER}/{s}" for s in shards)):
         path = folder / rel
         if path.is_file():
             with safe_open(str(path), framework="pt") as f:

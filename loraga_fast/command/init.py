@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..api.names import SUMMARY_FILE
+from ..api.names import MODEL_FOLDER, SUMMARY_FILE
 from ..api.quantize import quantize_model
 from ..errors import UsageError
-from .inputs import CliError, load_model, make_batches, model_skeleton, read_text, stdlib_text
+from .inputs import ByteTokenizer, CliError, load_model, make_batches, model_skeleton, read_text, stdlib_text
 
 __all__ = ["run_init"]
 
@@ -105,6 +105,7 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig, LoraGAConfig, get_peft_model
     from tqdm.auto import tqdm
 
+    from ..api.export import apply_umask
     from ..api.preprocess import run_plan
     from ..api.runs import check_out, new_run_id, save_initialized, write_atomically
     from ..api.steps import train_step_from_dataloader
@@ -112,6 +113,11 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
     from ..core.plan import make_plan
 
     out = Path(args.out)
+    export = getattr(args, "export_model", False)
+    if export and args.quantize:
+        raise CliError(f"--export-model with --quantize {args.quantize}: a quantized base is left untouched, so there is "
+                       "no offset base to export; train RUN/init_lora_checkpoint on --model itself, loaded quantized the "
+                       "same way (docs/frameworks.md), or drop --quantize")
     check_out(out, args.overwrite)
     if args.cache and Path(args.cache).is_dir():
         raise CliError(f"--cache {args.cache} is a folder: give a file path, e.g. {Path(args.cache) / 'grads.safetensors'}")
@@ -194,19 +200,36 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
         "rank": args.rank, "phases_s": phases, "peak_memory_bytes": 0, "out": str(out),
         "device": str(device), "dtype": args.dtype, "mode": args.mode,
         "passes": passes if args.mode == "lowmem" else 1, "quantize": args.quantize,
-        "base_untouched": bool(args.quantize),
+        "base_untouched": bool(args.quantize), "model_path": _model_path(args.model),
+        "model_folder": MODEL_FOLDER if export else None,
     }
 
     def write(folder: Path) -> None:
         start = time.perf_counter()
         save_initialized(peft_model, folder, run_id, base_untouched=bool(args.quantize))
         phases["save"] = time.perf_counter() - start
+        if export:
+            from ..api.export import save_offset_model
+
+            start = time.perf_counter()
+            save_offset_model(peft_model, folder / MODEL_FOLDER, run_id=run_id,
+                              tokenizer=None if isinstance(tokenizer, ByteTokenizer) else tokenizer)
+            phases["export"] = time.perf_counter() - start
+        apply_umask(folder)  # safetensors writes mode 0o600 whatever the umask
         summary["peak_memory_bytes"] = _peak_memory_bytes(device)
         (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
     write_atomically(out, run_id, write)
     print(_summary_table(summary))
     return summary
+
+
+def _model_path(model: str | None) -> str | None:
+    """Where ``--model`` is, for ``loraga-fast finalize --merge``: an absolute path for a local folder or file, the hub
+    id as given, None for the embedded default."""
+    if model is None:
+        return None
+    return str(Path(model).absolute()) if Path(model).exists() else model
 
 
 def _summary_table(s: dict[str, Any]) -> str:
@@ -234,6 +257,12 @@ def _summary_table(s: dict[str, Any]) -> str:
     rows += [("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"), ("saved to", f"{s['out']} (run {s['run_id']})")]
     width = max(len(k) for k, _ in rows)
     lines = ["LoRA-GA initialization"] + [f"  {k:<{width}}  {v}" for k, v in rows]
-    lines.append(f"  next: loraga_fast.load_initialized(base_model, {s['out']!r}) -> trainable PeftModel; after training, "
-                 f"save_loraga_model_final(model, {s['out']!r}) writes a LoRA adapter for the untouched base")
+    if s.get("model_folder"):
+        out = Path(s["out"])
+        lines.append(f"  next: train in any framework from the model {out / s['model_folder']} and the adapter "
+                     f"{out / 'init_lora_checkpoint'}; then loraga-fast finalize {out} TRAINED_ADAPTER --out FINAL writes a "
+                     "LoRA adapter for the untouched base (docs/frameworks.md)")
+    else:
+        lines.append(f"  next: loraga_fast.load_initialized(base_model, {s['out']!r}) -> trainable PeftModel; after "
+                     f"training, save_loraga_model_final(model, {s['out']!r}) writes a LoRA adapter for the untouched base")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from typing import Any
 from ..api.quantize import QUANTIZE
 from ..errors import UsageError
 from .bench import add_bench_parser, run_bench
+from .finalize import add_finalize_parser, run_finalize
 from .init import run_init
 
 __all__ = ["main"]
@@ -90,10 +91,12 @@ Estimate the LoRA-GA gradients of a causal language model on text, initialize a 
 and save the run folder --out:
   init_lora_checkpoint/     the initialized adapter
   base_offset.safetensors   the target layers' base weights after the LoRA-GA offset (not with --quantize)
+  model/                    with --export-model: the whole offset base as a transformers model folder
   loraga_fast_init.json     every parameter of the run, timings and peak memory
 The folder is written as one unit (under a temporary name, then renamed) and its files carry one run id.
 Then, in Python: model = loraga_fast.load_initialized(base_model, OUT); train; save_loraga_model_final(model, OUT)
-leaves OUT holding a plain LoRA adapter for the untouched base.
+leaves OUT holding a plain LoRA adapter for the untouched base. Or, with --export-model, train OUT/model plus
+OUT/init_lora_checkpoint in any framework and run: loraga-fast finalize OUT TRAINED_ADAPTER --out FINAL.
 
 Every check that needs no data (--out, --cache, model kind, targets, rank, memory) runs before the data is read.
 With no --model / --data, it runs offline on an embedded default: a small LLaMA-config model with random weights
@@ -104,7 +107,8 @@ examples:
   loraga-fast init                                   # the embedded default, into ./loraga_init
   loraga-fast init --model HuggingFaceTB/SmolLM2-135M --data train.jsonl --rank 16 --batches 64 --out runs/smol
   loraga-fast init --model ./llama-7b --dtype bf16 --mode lowmem --cache grads.safetensors --out runs/7b
-  loraga-fast init --model ./smollm2 --data train.jsonl --batches 64 --until-converged --rank-budget uniform"""
+  loraga-fast init --model ./smollm2 --data train.jsonl --batches 64 --until-converged --rank-budget uniform
+  loraga-fast init --model ./llama-7b --data train.jsonl --dtype bf16 --export-model --out runs/7b   # for any trainer"""
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
@@ -115,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loraga-fast {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of every error, including mistakes in the arguments (or {DEBUG_ENV}=1)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{init,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{init,finalize,bench}")
     init = sub.add_parser("init", help="estimate gradients, initialize a LoRA-GA adapter, save the run folder",
                           description=INIT_DESCRIPTION, epilog=INIT_EXAMPLES, formatter_class=_Help)
     init.add_argument("--model", help="a model folder, a .gguf file or a hub id such as org/name (local cache "
@@ -180,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--overwrite", action="store_true",
                       help="replace an --out that holds an earlier run (it is replaced only once the new run is "
                            "complete; a folder with other files is never replaced)")
+    init.add_argument("--export-model", action="store_true",
+                      help="also write OUT/model: the offset base as a complete transformers model folder (config, "
+                           "safetensors shards, tokenizer), for frameworks that train from a model folder plus an "
+                           "adapter (LLaMA-Factory, axolotl, ms-swift, unsloth); then loraga-fast finalize. Not with "
+                           "--quantize")
+    add_finalize_parser(sub, _Help)
     add_bench_parser(sub, _Help)
     return parser
 
@@ -193,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "init":
             run_init(args)
+        elif args.command == "finalize":
+            run_finalize(args)
         else:
             run_bench(args)
     except UsageError as err:
@@ -203,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        left = f"; --out {args.out} was left as it was" if args.command == "init" else ""
+        left = f"; --out {args.out} was left as it was" if args.command in ("init", "finalize") else ""
         print(f"loraga-fast: interrupted{left}", file=sys.stderr)
         return 130
     return 0
