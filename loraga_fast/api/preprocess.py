@@ -50,6 +50,7 @@ def preprocess_loraga(
     rank_budget: int | str | None = None,
     min_rank: int = 1,
     max_rank: int | None = None,
+    keep_base: bool | str = False,
 ) -> None:
     """Estimate the mean gradient of every LoRA-GA target layer and attach it for ``peft.get_peft_model``.
 
@@ -121,6 +122,14 @@ def preprocess_loraga(
             config's rank, at most ``min(m, n) / 2``; a given ``max_rank`` must be at most ``min(m, n) / 2`` for
             every target).
 
+        keep_base: False (default): LoRA-GA's init, with peft's base offset ``W -= scaling * B A`` (the trained
+            adapter then works on the offset base only, or after ``save_loraga_model_final``'s conversion). True (or
+            ``"a-only"``): ``A`` from the top-``r`` right singular vectors of the mean gradient and ``B = 0``, the
+            base weights untouched, so the model's function is unchanged and the adapter (initial or trained) is a
+            plain LoRA adapter for the original base; ``"lora-one"``: LoRA-One's ``B A = -G_r / stable_gamma``, the
+            base untouched and the model one step down the gradient. See
+            :func:`loraga_fast.core.layer_init.keep_base_factors` and docs/usage.md. Not with ``rank_budget``.
+
     Effects:
         Each target module gets ``module._peft_loraga_grad``: fp32, the weight's shape and layout, on the
         weight's device, equal to the sum of the weight gradients over the backward passes through the module
@@ -140,7 +149,8 @@ def preprocess_loraga(
     """
     plan = make_plan(model, lora_config, cache_file, mode=mode, sketch_size=sketch_size, passes=passes,
                      quantized_offset=quantized_offset, process_group=process_group, until=until,
-                     convergence_tol=convergence_tol, rank_budget=rank_budget, min_rank=min_rank, max_rank=max_rank)
+                     convergence_tol=convergence_tol, rank_budget=rank_budget, min_rank=min_rank, max_rank=max_rank,
+                     keep_base=keep_base)
     run_plan(model, plan, train_step, num_batches=num_batches, progress=progress)
 
 
@@ -196,7 +206,7 @@ def run_plan(model: nn.Module, plan: Plan, train_step: Callable[[], None], *, nu
     writer = not is_distributed(plan.process_group) or torch.distributed.get_rank(plan.process_group) == 0
     ranks = hand_off(plan.lora_config, plan.targets, source, layout=plan.layout,
                      cache_file=plan.cache_file if not plan.cached else None, writer=writer,
-                     quantized_offset=plan.quantized_offset, budget=plan.budget)
+                     quantized_offset=plan.quantized_offset, budget=plan.budget, keep_base=plan.keep_base)
     params = None
     if ranks is not None:
         assert plan.budget is not None
@@ -222,7 +232,7 @@ def check_preprocess(model: nn.Module, lora_config: LoraConfig, cache_file: str 
                      mode: str = "exact", sketch_size: int | None = None, passes: int | None = None,
                      quantized_offset: str = "requantize", process_group: Any = None, until: str | None = None,
                      convergence_tol: float | None = None, rank_budget: int | str | None = None, min_rank: int = 1,
-                     max_rank: int | None = None) -> Plan:
+                     max_rank: int | None = None, keep_base: bool | str = False) -> Plan:
     """Every check :func:`preprocess_loraga` makes from shapes and config before it runs ``train_step`` (LoRA-GA
     config, targets, ``2 r <= min(m, n)``, arguments, cache path, sharded layout, memory fit), without running
     anything: for callers that want to fail before spending time on data preparation. Fills
@@ -236,6 +246,7 @@ def check_preprocess(model: nn.Module, lora_config: LoraConfig, cache_file: str 
     """
     plan = make_plan(model, lora_config, cache_file, mode=mode, sketch_size=sketch_size, passes=passes,
                      quantized_offset=quantized_offset, process_group=process_group, until=until,
-                     convergence_tol=convergence_tol, rank_budget=rank_budget, min_rank=min_rank, max_rank=max_rank)
+                     convergence_tol=convergence_tol, rank_budget=rank_budget, min_rank=min_rank, max_rank=max_rank,
+                     keep_base=keep_base)
     plan.check_fits()
     return plan

@@ -40,7 +40,7 @@ _init_bar: Any = None
 def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source: GradientSource, *,
              layout: ShardLayout | None = None, cache_file: str | os.PathLike[str] | None = None,
              writer: bool = True, quantized_offset: str = "requantize",
-             budget: RankBudget | None = None) -> dict[str, int] | None:
+             budget: RankBudget | None = None, keep_base: str | None = None) -> dict[str, int] | None:
     """Everything after estimation, for every mode: checks, prepared groups, optional cache, attach, register.
 
     Nothing is attached and no weight is touched unless every check passes; each shape group is factored (exact
@@ -75,6 +75,7 @@ def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source:
             group.ranks = {name: allocated[name] for name in group.ranks}
     for group in groups:
         group.quantized_offset = quantized_offset
+        group.keep_base = keep_base
     if cache_file is not None:
         source.save_cache(cache_file, names, zero, writer=writer)
     _attach(targets, attached)
@@ -190,12 +191,13 @@ def _lora_ga_init_from_prepared(self: Any, adapter_name: str, lora_ga_config: An
             unit = _FSDP1_OWNERS.get(base)
             if unit is None:
                 init_layer_from_factors(self, adapter_name, lora_ga_config, factors, name=name,
-                                        quantized_offset=group.quantized_offset)
+                                        quantized_offset=group.quantized_offset, keep_base=group.keep_base)
             else:  # FSDP1: the whole weight for the duration, offset in place, written back to every process's shard
                 from torch.distributed.fsdp import FullyShardedDataParallel
 
                 with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True):
-                    init_layer_from_factors(self, adapter_name, lora_ga_config, factors, in_place=True, name=name)
+                    init_layer_from_factors(self, adapter_name, lora_ga_config, factors, in_place=True, name=name,
+                                            keep_base=group.keep_base)
         delattr(base, GRAD_ATTR)
         if _init_bar is not None:
             _init_bar.update(1)

@@ -21,7 +21,8 @@ from ..layers.quantized import UNTOUCHED_BASES, dense_weight, is_bnb_quantized, 
 from ..ops._precision import with_exact_fp32
 from ..stores.factors import NITER, LayerFactors
 
-__all__ = ["PEFT_STABLE_READS_OUT_FEATURES", "init_layer_from_factors", "stable_features"]
+__all__ = ["KEEP_BASE", "PEFT_STABLE_READS_OUT_FEATURES", "init_layer_from_factors", "keep_base_factors",
+           "stable_features"]
 
 logger = logging.getLogger("loraga_fast")
 
@@ -38,6 +39,30 @@ PEFT_STABLE_READS_OUT_FEATURES = _peft_stable_reads_out_features()
 ``weight.shape[0]``, which for a transformers ``Conv1D`` (weight ``(in, out)``) is its in_features."""
 
 
+KEEP_BASE = ("a-only", "lora-one")
+"""The inits that leave the base weight untouched (``keep_base=``): see :func:`keep_base_factors`."""
+
+
+def keep_base_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int, construction: str,
+                      gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of an init that needs no base offset, from the mean gradient's top triplets (``G ~= U diag(s)
+    Vh``, math layout ``(out, in)``):
+
+    * ``"a-only"``: ``A = Vh[:r]`` (the top-``r`` right singular vectors), ``B = 0``. ``B A = 0``, so the model's
+      function is unchanged; the first SGD step gives ``dB = -eta s G A^T``, i.e. the weight moves by
+      ``-eta s^2 G V_r V_r^T``: the top-``r`` part of the full fine-tuning step, LoRA-GA's dominant A term.
+    * ``"lora-one"`` (LoRA-One, arXiv 2502.01235): ``B = -U_r diag(s_r)^(1/2) / sqrt(gamma)``, ``A = diag(s_r)^(1/2)
+      Vh[:r] / sqrt(gamma)``, so ``B A = -G_r / gamma`` (``G_r`` the best rank-``r`` approximation): the model
+      starts one gradient step ``scaling / gamma`` down the top-``r`` gradient, and ``A``, ``B`` are balanced.
+    """
+    if construction == "a-only":
+        return vh[:r], torch.zeros(u.shape[0], r, dtype=u.dtype, device=u.device)
+    if construction == "lora-one":
+        root = s[:r].clamp_min(0).sqrt() / gamma**0.5
+        return root[:, None] * vh[:r], -(u[:, :r] * root)
+    raise UsageError(f"keep_base must be False, True or one of {', '.join(map(repr, KEEP_BASE))}, got {construction!r}.")
+
+
 def stable_features(base: nn.Module) -> int:
     """The feature count ``d`` of ``scale="stable"``'s factor ``d ** 0.25 / stable_gamma ** 0.5`` as the installed
     peft computes it: the layer's out_features (peft >= 0.22), or the first dimension of the stored weight (peft
@@ -52,7 +77,8 @@ def _transpose(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 @torch.no_grad()
 @with_exact_fp32
 def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config: object, factors: LayerFactors, *,
-                            in_place: bool = False, name: str = "", quantized_offset: str = "requantize") -> None:
+                            in_place: bool = False, name: str = "", quantized_offset: str = "requantize",
+                            keep_base: str | None = None) -> None:
     """peft's ``LoraLayer.lora_ga_init`` computed from precomputed factors (same math, same order of casts).
 
     The offset base weight replaces the weight's data, as peft does; ``in_place=True`` writes it into the existing
@@ -66,6 +92,10 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
 
     A quantized base (bitsandbytes 4-/8-bit): the adapters keep the dtype peft gave them, ``weight_svd`` reads the
     dequantized weight, and the offset follows ``quantized_offset`` (:func:`loraga_fast.layers.quantized.offset_weight`).
+
+    ``keep_base`` (one of :data:`KEEP_BASE`): instead of LoRA-GA's direction and scale, the init of
+    :func:`keep_base_factors`, and the base weight is not touched at all (the layer joins ``UNTOUCHED_BASES``, so
+    ``save_loraga_model_final`` saves the trained adapter as it is).
     """
     base = layer.get_base_layer()  # type: ignore[operator]
     weight = base.weight
@@ -77,6 +107,12 @@ def init_layer_from_factors(layer: nn.Module, adapter_name: str, lora_ga_config:
     # peft factors transpose(grad, fan_in_fan_out): swapping U and V is the SVD of the transpose
     u, s, v = (factors.v, factors.s, factors.u) if fan_in_fan_out else (factors.u, factors.s, factors.v)
     vh = v.T
+    if keep_base is not None:
+        a_w, b_w = keep_base_factors(u, s, vh, r, keep_base, lora_ga_config.stable_gamma)  # type: ignore[attr-defined]
+        layer.lora_A[adapter_name].weight.data = a_w.to(dtype).contiguous()  # type: ignore[index]
+        layer.lora_B[adapter_name].weight.data = b_w.to(dtype).contiguous()  # type: ignore[index]
+        UNTOUCHED_BASES.add(layer)
+        return
     direction = lora_ga_config.direction  # type: ignore[attr-defined]
     if direction == "ArBr":
         a_w, b_idx = vh[1 : 2 * r : 2], slice(0, 2 * r, 2)

@@ -25,11 +25,13 @@ from ..stores.sketch import DEFAULT_PASSES, DEFAULT_SKETCH_PER_LORA_RANK, Sketch
 from ..stores.stream import StreamStore
 from .allocation import RankBudget, rank_budget as check_budget
 from .convergence import StopRule, stop_rule
+from .layer_init import KEEP_BASE
 from .memory import MemoryEstimate, check_fits, target_memory
 
-__all__ = ["MODES", "Plan", "make_plan"]
+__all__ = ["DEFAULT_KEEP_BASE", "MODES", "Plan", "make_plan"]
 
 MODES = ("exact", "lowmem")
+DEFAULT_KEEP_BASE = "a-only"  # keep_base=True (measured: docs/benchmarks.md, "An init that leaves the base untouched")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Plan:
         stop: ``until="converged"``: when to stop ``train_step`` (:mod:`~loraga_fast.core.convergence`), else None.
         budget: ``rank_budget=``: the checked budget the ranks are allocated under
             (:mod:`~loraga_fast.core.allocation`), else None (the config's ranks).
+        keep_base: None (LoRA-GA's init, the base offset), or the construction of an init that leaves the base
+            untouched (:data:`~loraga_fast.core.layer_init.KEEP_BASE`).
     """
 
     lora_config: Any
@@ -59,6 +63,7 @@ class Plan:
     memory: MemoryEstimate
     stop: StopRule | None = None
     budget: RankBudget | None = None
+    keep_base: str | None = None
 
     @property
     def names(self) -> list[str]:
@@ -107,7 +112,7 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
               mode: str = "exact", sketch_size: int | None = None, passes: int | None = None,
               quantized_offset: str = "requantize", process_group: Any = None, until: str | None = None,
               convergence_tol: float | None = None, rank_budget: Any = None, min_rank: Any = 1,
-              max_rank: Any = None, check_every: int | None = None) -> Plan:
+              max_rank: Any = None, check_every: int | None = None, keep_base: bool | str = False) -> Plan:
     """Check everything that needs only shapes and config, and decide the run (see :class:`Plan`). Fills
     ``lora_config.target_modules`` from peft's defaults when it is None, as peft does. ``check_every`` overrides
     the convergence check interval (measurements).
@@ -149,6 +154,7 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
         if sketch_size is not None and sketch_size < 2 * max(ranks.values()):
             raise UsageError(f"sketch_size={sketch_size} must be at least 2 * r = {2 * max(ranks.values())} (the "
                              f"default, {DEFAULT_SKETCH_PER_LORA_RANK} r, meets LoRA-GA's accuracy needs).")
+    keep = _keep_base(keep_base, rank_budget)
     stop = stop_rule(until, convergence_tol, mode, check_every, passes=passes or 1,
                      direction=lora_config.lora_ga_config.direction)
     path, cached = None, False
@@ -167,4 +173,18 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
                 sketch_size=sketch_size, quantized_offset=quantized_offset, cache_file=path, cached=cached,
                 layout=layout, process_group=process_group,
                 memory=target_memory(targets, ranks, sketch_size, passes=passes if mode == "lowmem" else None),
-                stop=stop, budget=budget)
+                stop=stop, budget=budget, keep_base=keep)
+
+
+def _keep_base(keep_base: Any, rank_budget: Any) -> str | None:
+    """The checked ``keep_base``: None (off), or a construction of :data:`KEEP_BASE` (True: the default one)."""
+    if keep_base is False or keep_base is None:
+        return None
+    keep = DEFAULT_KEEP_BASE if keep_base is True else keep_base
+    if keep not in KEEP_BASE:
+        raise UsageError(f"keep_base must be False, True or one of {', '.join(map(repr, KEEP_BASE))}, got "
+                         f"{keep_base!r}.")
+    if rank_budget is not None:
+        raise UsageError("keep_base cannot be combined with rank_budget yet: the allocation's criterion is the first "
+                         "step of LoRA-GA's own init (docs/convergence-and-ranks.md). Drop one of them.")
+    return keep

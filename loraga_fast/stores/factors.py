@@ -66,6 +66,8 @@ class PreparedGroup(ABC):
     """Layers of one shape group, ready for the ``get_peft_model`` hand-off.
 
     Attributes:
+        keep_base: None (LoRA-GA's init and offset), or the construction of an init that leaves the base
+            untouched (:data:`loraga_fast.core.layer_init.KEEP_BASE`; set by the hand-off).
         quantized_offset: how a quantized base takes the offset ``W - s B A``
             (:data:`loraga_fast.layers.quantized.OFFSETS`; set by the hand-off).
         modules: ``{name: weakref to the base layer}`` (weak: the hand-off's registry maps modules to groups).
@@ -82,6 +84,7 @@ class PreparedGroup(ABC):
         self.ranks = {name: ranks[name] for name in names}
         self.zero = {name for name in names if name in set(zero)}
         self.quantized_offset = "requantize"
+        self.keep_base: str | None = None
 
     @abstractmethod
     def factors(self) -> dict[str, LayerFactors]:

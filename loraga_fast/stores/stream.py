@@ -136,7 +136,8 @@ class StreamStore(Store, FactorSource):
         """All bytes the store holds: ``U``, ``s`` and ``V`` of every layer."""
         return sum(g.u.nbytes + g.s.nbytes + g.v.nbytes for g in self.shape_groups)
 
-    def merged(self, process_group: Any = None) -> Iterator[tuple[StreamSlot, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def merged(self, process_group: Any = None
+               ) -> Iterator[tuple[StreamSlot, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The factorization of every layer's gradient sum over all processes of ``process_group``, one layer at a
         time, without modifying the store.
 

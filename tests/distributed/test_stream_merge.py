@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from loraga_fast.stores.sketch import SketchSpec
+from loraga_fast.stores.stream import StreamStore
+
 R = 4  # LoRA rank: the factors' 2 r = 8 columns
 LAYERS = {"a": (60, 50, 16, False), "b": (60, 50, 16, False), "c": (40, 70, 16, True)}  # (m, n, l, Conv1D)
 BATCHES, TOKENS = 12, 24  # 24 tokens > l = 16: every batch compressed; the sums have rank 50 / 40 > l: truncated
@@ -45,11 +48,8 @@ def batches() -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     return out
 
 
-def fold(which: slice) -> object:
+def fold(which: slice) -> StreamStore:
     """A one-pass store of :data:`LAYERS` fed the batches ``which`` of each layer, in order."""
-    from loraga_fast.stores.sketch import SketchSpec
-    from loraga_fast.stores.stream import StreamStore
-
     store = StreamStore([SketchSpec(name, m, n, k, torch.device("cpu"), transposed=t)
                          for name, (m, n, k, t) in LAYERS.items()])
     for name, pairs in batches().items():
@@ -60,24 +60,24 @@ def fold(which: slice) -> object:
     return store
 
 
-def _state(store: object) -> list[torch.Tensor]:
-    return [t.clone() for g in store.shape_groups for t in (g.u, g.s, g.v)]  # type: ignore[attr-defined]
+def _state(store: StreamStore) -> list[torch.Tensor]:
+    return [t.clone() for g in store.shape_groups for t in (g.u, g.s, g.v)]
 
 
-def _merge(store: object, process_group: object) -> dict[str, object]:
+def _merge(store: StreamStore, process_group: object) -> dict[str, object]:
     """``merged`` (checked not to touch the store), then ``reduce`` under :class:`LiveBytes`, then the factors."""
     from tests.stores.test_stream_workspace import LiveBytes
 
     before = _state(store)
-    merged = {slot.name: tuple(t.clone() for t in usv) for slot, *usv in store.merged(process_group)}  # type: ignore[attr-defined]
+    merged = {slot.name: tuple(t.clone() for t in usv) for slot, *usv in store.merged(process_group)}
     unchanged = all(torch.equal(a, b) for a, b in zip(before, _state(store)))
     with LiveBytes() as probe:
-        store.reduce(process_group)  # type: ignore[attr-defined]
+        store.reduce(process_group)
     after = {name: (slot.group.u[slot.index], slot.group.s[slot.index], slot.group.v[slot.index])
-             for name, slot in store.slots.items()}  # type: ignore[attr-defined]
-    factors = store.factors(dict.fromkeys(LAYERS, R))  # type: ignore[attr-defined]
-    return {"merged": merged, "after": after, "unchanged": unchanged, "peak": probe.peak,
-            "counts": store.counts(), "factors": {n: (f.u, f.s, f.v) for n, f in factors.items()}}  # type: ignore[attr-defined]
+             for name, slot in store.slots.items()}
+    factors = store.factors(dict.fromkeys(LAYERS, R))
+    return {"merged": merged, "after": after, "unchanged": unchanged, "peak": probe.peak, "counts": store.counts(),
+            "factors": {n: (f.u, f.s, f.v) for n, f in factors.items()}}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -106,7 +106,7 @@ def test_tree_merge_on_3_and_4_processes_equals_one_process_and_is_bit_identical
 
     spawn(_worker, 4, tmp_path, timeout=150.0)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
-    single = fold(slice(None)).factors(dict.fromkeys(LAYERS, R))  # type: ignore[attr-defined]
+    single = fold(slice(None)).factors(dict.fromkeys(LAYERS, R))
     reference = {name: sum(g.double().T @ x.double() for g, x in pairs) / BATCHES for name, pairs in batches().items()}
     bound = stream_workspace_bytes([(m, n, k) for m, n, k, _ in LAYERS.values()])
     for world in (4, 3):

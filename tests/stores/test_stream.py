@@ -89,7 +89,8 @@ def test_lora_ga_pairs_equal_exact_modes_signs_included(transposed: bool) -> Non
         f = store.factors({"w": r})["w"]
         total = sum(g.T @ x for g, x in batches) / 3  # (out, in); exact mode holds it in the weight's layout
         stored = total.T if transposed else total
-        u0, s0, v0 = batched_rsvd(stored[None].contiguous(), 2 * r, 4 * r, 4, generator=torch.Generator().manual_seed(0))
+        u0, s0, v0 = batched_rsvd(stored[None].contiguous(), 2 * r, 4 * r, 4,
+                                  generator=torch.Generator().manual_seed(0))
         assert (f.u.shape, f.v.shape) == (u0[0].shape, v0[0].shape)
         pairs, pairs0 = f.u[:, r : 2 * r] @ f.v[:, :r].T, u0[0, :, r : 2 * r] @ v0[0, :, :r].T
         assert rel_err(pairs, pairs0) < 1e-4, (seed, rel_err(pairs, pairs0))
@@ -172,8 +173,8 @@ def test_add_refuses_a_layout_other_than_the_slots() -> None:
 
 
 def test_merged_without_a_process_group_is_the_state_in_layer_order() -> None:
-    store = StreamStore([SketchSpec("a", 12, 10, 4, torch.device("cpu")), SketchSpec("b", 8, 10, 4, torch.device("cpu")),
-                         SketchSpec("c", 12, 10, 4, torch.device("cpu"))])
+    cpu = torch.device("cpu")
+    store = StreamStore([SketchSpec("a", 12, 10, 4, cpu), SketchSpec("b", 8, 10, 4, cpu), SketchSpec("c", 12, 10, 4, cpu)])
     for name in ("a", "b", "c"):
         m = store[name].group.m
         _feed(store, name, [(torch.randn(3, m), torch.randn(3, 10))])
