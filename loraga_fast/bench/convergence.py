@@ -14,9 +14,11 @@ held-out loss (the paper expects 2-4x fewer). Writes JSON and a PNG plot.
 Methods (``--runs METHOD:LR``): ``lora`` (plain LoRA), ``lora_ga`` (``--estimate-batches`` batches of
 ``--estimate-batch-size`` x ``--seq-len`` tokens), ``lora_ga_converged`` (the same batches at most, with
 ``until="converged"``: it records how many it used) and ``lora_ga_budget`` (the same gradient, ranks allocated with
-``rank_budget=--rank-budget``, by default the parameter count of the uniform r). ``--seeds`` repeats every run with
-another data order (and plain LoRA's random init); runs of one seed share the estimation batches, and ``lora_ga``
-and ``lora_ga_budget`` share one estimated gradient (a cache file). The summary gives the training loss at steps
+``rank_budget=--rank-budget``, by default the parameter count of the uniform r), ``keep_base_a`` and
+``keep_base_one`` (the same gradient, ``keep_base="a-only"`` / ``"lora-one"``: inits that leave the base
+untouched). ``--seeds`` repeats every run with
+another data order (and plain LoRA's random init); runs of one seed share the estimation batches, and ``lora_ga``,
+``lora_ga_budget`` and ``keep_base_*`` share one estimated gradient (a cache file). The summary gives the training loss at steps
 10/25/50/100 (each the mean of the 5 steps ending there) and the final held-out loss.
 
     loraga-fast bench convergence --runs lora_ga:2e-4 lora_ga_converged:2e-4 --estimate-batches 64 \
@@ -49,7 +51,8 @@ TRAIN_FILES = ["functools.py", "inspect.py", "argparse.py", "dataclasses.py", "t
                "logging/__init__.py"]
 EVAL_FILE = "collections/__init__.py"
 TARGETS = list(TARGET_MODULES)
-METHODS = ("lora", "lora_ga", "lora_ga_converged", "lora_ga_budget")
+METHODS = ("lora", "lora_ga", "lora_ga_converged", "lora_ga_budget", "keep_base_a", "keep_base_one")
+KEEP_BASE = {"keep_base_a": "a-only", "keep_base_one": "lora-one"}  # keep_base= of those methods
 MARKS = (10, 25, 50, 100)  # steps at which the summary reports the training loss (mean of the 5 steps ending there)
 
 
@@ -85,8 +88,9 @@ def estimate(model: Any, method: str, estimation: torch.Tensor, args: argparse.N
     options: dict[str, Any] = {}
     if method == "lora_ga_converged":
         options = {"until": "converged", "convergence_tol": args.convergence_tol}
-    else:  # lora_ga and lora_ga_budget estimate the same gradient: the second reads the first's cache
-        options = {"rank_budget": args.rank_budget if method == "lora_ga_budget" else None}
+    else:  # lora_ga, lora_ga_budget and keep_base_* estimate the same gradient: the later ones read the first's cache
+        options = {"rank_budget": args.rank_budget if method == "lora_ga_budget" else None,
+                   "keep_base": KEEP_BASE.get(method, False)}
     budget = options.get("rank_budget")
     plan = make_plan(model, config, None if method == "lora_ga_converged" else cache,
                      rank_budget=int(budget) if budget not in (None, "uniform") else budget,
