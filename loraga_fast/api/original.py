@@ -254,8 +254,8 @@ def save_loraga_model_final(model: Any, save_dir: str | os.PathLike[str]) -> Non
     base weights (``base_offset.safetensors``): the folder then holds just the adapter for the untouched base
     (plus the run's ``loraga_fast_init.json``).
 
-    A quantized base initialized with ``quantized_offset="none"`` was never offset: its trained adapter is saved
-    as it is (rank ``r``; exact on the untouched base). With ``"requantize"`` the converted adapter on the
+    A base initialized with ``keep_base`` (or a quantized base with ``quantized_offset="none"``) was never offset:
+    its trained adapter is saved as it is (rank ``r``; exact on the untouched base). With ``"requantize"`` the converted adapter on the
     untouched quantized base differs from the trained model by the requantization error of the offset.
 
     In a distributed run (DDP, FSDP, DeepSpeed ZeRO-3) call it on every process: process 0 writes, with the trained
@@ -277,10 +277,10 @@ def save_loraga_model_final(model: Any, save_dir: str | os.PathLike[str]) -> Non
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     untouched = [m for m in layers if m in UNTOUCHED_BASES]
     if untouched and len(untouched) < len(layers):
-        raise UsageError(f"save_loraga_model_final: {len(untouched)} of the {len(layers)} LoRA layers have a quantized "
-                         "base left untouched (quantized_offset='none') and the others an offset base; no single "
-                         "adapter converts both. Use one quantized_offset for every target, or save with "
-                         "model.save_pretrained and keep the offset base.")
+        raise UsageError(f"save_loraga_model_final: {len(untouched)} of the {len(layers)} LoRA layers have a base left "
+                         "untouched (keep_base, or a quantized base with quantized_offset='none') and the others an "
+                         "offset base; no single adapter converts both. Initialize every target the same way, or save "
+                         "with model.save_pretrained and keep the offset base.")
     with writing(model) as writer:  # distributed: process 0 writes, the trained ZeRO-3 adapters gathered
         if not writer:
             return

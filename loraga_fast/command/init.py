@@ -118,6 +118,13 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(f"--export-model with --quantize {args.quantize}: a quantized base is left untouched, so there is "
                        "no offset base to export; train RUN/init_lora_checkpoint on --model itself, loaded quantized the "
                        "same way (docs/frameworks.md), or drop --quantize")
+    keep_base = getattr(args, "keep_base", False)
+    if export and keep_base:
+        raise CliError("--export-model with --keep-base: the base is left untouched, so there is no offset base to "
+                       "export; train RUN/init_lora_checkpoint on --model itself, or drop --keep-base")
+    if keep_base and getattr(args, "rank_budget", None) is not None:
+        raise CliError("--keep-base cannot be combined with --rank-budget yet (the allocation's criterion is the first "
+                       "step of LoRA-GA's own init): drop one of them")
     check_out(out, args.overwrite)
     if args.cache and Path(args.cache).is_dir():
         raise CliError(f"--cache {args.cache} is a folder: give a file path, e.g. {Path(args.cache) / 'grads.safetensors'}")
@@ -150,7 +157,8 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
     # any weight is read
     skeleton = model_skeleton(args.model)
     targets = _resolve_targets(skeleton, config, args.targets)
-    plan = make_plan(skeleton, config, args.cache, mode=args.mode, quantized_offset="none", **lowmem, **extra)
+    plan = make_plan(skeleton, config, args.cache, mode=args.mode, quantized_offset="none", keep_base=keep_base,
+                     **lowmem, **extra)
     del skeleton
     text = read_text(args.data, args.text_field) if args.data else stdlib_text()
     with tqdm(total=2, desc="loading", unit="step") as bar:
@@ -200,13 +208,14 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
         "rank": args.rank, "phases_s": phases, "peak_memory_bytes": 0, "out": str(out),
         "device": str(device), "dtype": args.dtype, "mode": args.mode,
         "passes": passes if args.mode == "lowmem" else 1, "quantize": args.quantize,
-        "base_untouched": bool(args.quantize), "model_path": _model_path(args.model),
+        "base_untouched": bool(args.quantize or keep_base), "keep_base": plan.keep_base,
+        "model_path": _model_path(args.model),
         "model_folder": MODEL_FOLDER if export else None,
     }
 
     def write(folder: Path) -> None:
         start = time.perf_counter()
-        save_initialized(peft_model, folder, run_id, base_untouched=bool(args.quantize))
+        save_initialized(peft_model, folder, run_id, base_untouched=bool(args.quantize or keep_base))
         phases["save"] = time.perf_counter() - start
         if export:
             from ..api.export import save_offset_model

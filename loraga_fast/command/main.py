@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="allocate per-layer ranks from the gradient spectra under this many LoRA parameters, or "
                            "'uniform' (the parameter count of --rank on every target); written as peft's rank_pattern "
                            "(default: --rank everywhere)")
+    init.add_argument("--keep-base", action="store_true",
+                      help="an init that leaves the base weights untouched (A from the gradient's top-r right singular "
+                           "vectors, B = 0): the run folder is then just an adapter for the original --model, which "
+                           "any framework trains from (default: LoRA-GA's init and base offset)")
     init.add_argument("--min-rank", type=_positive, default=1, help="with --rank-budget: the smallest rank of a layer")
     init.add_argument("--max-rank", type=_positive, default=None,
                       help="with --rank-budget: the largest rank of a layer, at most min(m, n) / 2 of every target "

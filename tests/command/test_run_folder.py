@@ -229,3 +229,31 @@ def test_write_atomically_removes_the_parent_folders_it_created(tmp_path: Path) 
     with pytest.raises(KeyboardInterrupt):
         write_atomically(tmp_path / "a" / "b" / "run", "0123456789ab", fails)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- --keep-base ------------------------------------------------------------------------------------------------
+
+
+def test_keep_base_writes_just_an_adapter_for_the_original_model(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _init(out, "--keep-base") == 0
+    summary = json.loads((out / "loraga_fast_init.json").read_text())
+    assert summary["keep_base"] == "a-only" and summary["base_untouched"] is True
+    assert not (out / OFFSETS_FILE).exists()  # nothing to offset: the adapter is for the original model
+    x, before = _reference_logits()
+    base, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    model = load_initialized(base, out)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)  # B = 0: the original function
+    assert all(torch.equal(v, weights[k]) for k, v in base.state_dict().items() if k in weights)
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--keep-base", "--export-model"], "--export-model with --keep-base: the base is left untouched"),
+    (["--keep-base", "--rank-budget", "uniform"], "--keep-base cannot be combined with --rank-budget"),
+])
+def test_keep_base_mistakes_are_one_line(args: list[str], match: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    line, _ = one_line_error(args, tmp_path, capsys)
+    assert match in line
