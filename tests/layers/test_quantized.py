@@ -268,7 +268,7 @@ def test_mixed_offsets_cannot_be_saved_as_one_adapter(tmp_path: Path) -> None:
                       quantized_offset="none")
     pm = get_peft_model(model, cfg)
     save_loraga_model_init(pm, tmp_path / "run")
-    with pytest.raises(UsageError, match="12 of the 14 LoRA layers have a quantized base left untouched"):
+    with pytest.raises(UsageError, match="12 of the 14 LoRA layers have a base left untouched"):
         save_loraga_model_final(pm, tmp_path / "run")
 
 
