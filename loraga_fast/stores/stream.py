@@ -149,9 +149,10 @@ class StreamStore(Store, FactorSource):
         broadcast per layer, the result bit-identical on every process; the tensors yielded are fresh. Not
         distributed: the store's own state (views: do not modify them).
 
-        Collective when distributed: every process of ``process_group`` must iterate it to the end, in step (one
-        layer's sends, receives and broadcast happen when the layer is reached). A layer's result may be written
-        into the store once it is yielded (:meth:`reduce` does): later layers do not read it.
+        Collective when distributed, and lazy: a layer's sends, receives and broadcast run when the iteration
+        reaches it, so every process of ``process_group`` must take the same layers from it, in step (all of them,
+        or the same first ones everywhere). A layer's result may be written into the store once it is yielded
+        (:meth:`reduce` does): later layers do not read it.
         """
         distributed = is_distributed(process_group)
         for g in self.shape_groups:
