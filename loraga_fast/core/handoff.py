@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..distributed.layout import ShardLayout
 from ..layers.kinds import weight_shape
+from ..layers.quantized import UNTOUCHED_BASES
 from ..layers.targets import GRAD_ATTR, check_ranks, layer_ranks, warn_left_out
 from ..stores.base import GradientSource
 from ..stores.factors import PreparedGroup
@@ -35,6 +37,17 @@ _PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[PreparedGroup, str]] = wea
 _FSDP1_OWNERS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 _peft_lora_ga_init: Callable[..., Any] | None = None
 _init_bar: Any = None
+_offset_layers = 0  # layers whose base was offset since the wrapper was installed (for the save guidance)
+
+logger = logging.getLogger("loraga_fast")
+
+SAVE_GUIDANCE = (
+    "LoRA-GA offset the base weights of {n} layer(s) (W -= scaling * B A): the adapter reproduces this model only on "
+    "that offset base, so a plain save_pretrained + PeftModel.from_pretrained on a fresh base gives a different model. "
+    "Call save_loraga_model_init(model, DIR) now and save_loraga_model_final(model, DIR) after training (a plain LoRA "
+    "adapter for the untouched base; or peft's save_pretrained(..., path_initial_model_for_weight_conversion=...)), "
+    "or preprocess with keep_base=True, which leaves the base untouched."
+)
 
 
 def hand_off(lora_config: Any, targets: Sequence[tuple[str, nn.Module]], source: GradientSource, *,
@@ -165,13 +178,17 @@ def release(module: nn.Module) -> None:
 
 
 def _uninstall_if_idle() -> None:
-    global _peft_lora_ga_init
+    global _peft_lora_ga_init, _offset_layers
     if _peft_lora_ga_init is not None and not any(True for _ in _PREPARED.keys()):
         _lora_layer_class().lora_ga_init = _peft_lora_ga_init
         _peft_lora_ga_init = None
+        if _offset_layers:  # once per initialization: how to save what the offset base makes necessary
+            logger.warning(SAVE_GUIDANCE.format(n=_offset_layers))
+            _offset_layers = 0
 
 
 def _lora_ga_init_from_prepared(self: Any, adapter_name: str, lora_ga_config: Any) -> None:
+    global _offset_layers
     original = _peft_lora_ga_init
     assert original is not None
     base = self.get_base_layer()
@@ -198,6 +215,8 @@ def _lora_ga_init_from_prepared(self: Any, adapter_name: str, lora_ga_config: An
                 with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True):
                     init_layer_from_factors(self, adapter_name, lora_ga_config, factors, in_place=True, name=name,
                                             keep_base=group.keep_base)
+            if self not in UNTOUCHED_BASES:  # keep_base, or a quantized base left as it is: nothing was offset
+                _offset_layers += 1
         delattr(base, GRAD_ATTR)
         if _init_bar is not None:
             _init_bar.update(1)
