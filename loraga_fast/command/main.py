@@ -76,6 +76,14 @@ def _device(text: str) -> str:
     return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line naming the command's help (argparse prints its whole usage
+    block first, 15 lines for ``init``, before the line that says what is wrong)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _Help(argparse.RawDescriptionHelpFormatter):
     """Descriptions and examples as written; every option's default appended to its help (unless it says it)."""
 
@@ -113,7 +121,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="loraga-fast", formatter_class=_Help,
+    parser = _Parser(prog="loraga-fast", formatter_class=_Help,
                                      description="LoRA-GA initialization for peft: estimate gradients with fp32 "
                                                  "accumulation and no .grad, initialize, save; and its benchmarks.")
     parser.add_argument("--version", action="version", version=f"loraga-fast {__version__}")

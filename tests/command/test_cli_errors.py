@@ -72,6 +72,9 @@ CASES: list[tuple[str, Args, str]] = [
     ("batch-size-0", lambda t: ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     ("seq-len-0", lambda t: ["--seq-len", "0"], "argument --seq-len: must be at least 1, got 0"),
     ("rank-not-a-number", lambda t: ["--rank", "two"], "argument --rank: expected a whole number >= 1, got 'two'"),
+    ("rank-0", lambda t: ["--rank", "0"], "argument --rank: must be at least 1, got 0 (see loraga-fast init --help)"),
+    ("rank-negative", lambda t: ["--rank", "-4"], "argument --rank: must be at least 1, got -4"),
+    ("device-cuda-without-gpu", lambda t: ["--device", "cuda"], "torch sees no CUDA GPU on this machine: use --device cpu"),
     ("device-unknown", lambda t: ["--device", "foo"], "argument --device: unknown device 'foo'"),
     # data
     ("data-missing", lambda t: ["--data", "/nonexistent/file.txt"], "--data file not found: /nonexistent/file.txt"),
