@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
+from ..stores.files import umask
 from .names import RUN_ID_KEY
 
 __all__ = ["CONFIG_RUN_ID_KEY", "SHARD_BYTES", "apply_umask", "model_folder_run_id", "save_offset_model"]
@@ -103,25 +104,12 @@ def apply_umask(folder: str | os.PathLike[str]) -> None:
     """Give every file under ``folder`` the mode ``0o666`` and every folder ``0o777``, less the user's umask, as
     ``open`` and ``mkdir`` do: safetensors writes its files with mode ``0o600`` whatever the umask (through a
     temporary file), so a shared model folder would be readable by its owner only."""
-    mask = _umask()
+    mask = umask()
     for root, dirs, files in os.walk(folder):
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
-
-
-def _umask() -> int:
-    try:  # Linux: read it without setting it (os.umask sets the process-wide value, racing other threads)
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def model_folder_run_id(folder: str | os.PathLike[str]) -> str | None:

@@ -198,6 +198,7 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
     n_targets = sum(1 for m in peft_model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
     used = estimation.backward_passes if estimation.backward_passes is not None else args.batches
     params = {k: v for k, v in vars(args).items() if k not in ("command", "func", "debug")}
+    params["alpha"] = config.lora_alpha  # the value used (--alpha's default is 2 --rank), not None
     summary = {
         "run_id": run_id, "model": description, "targets": n_targets, "target_modules": targets,
         "tokens": None if cache_reused else used * args.batch_size * args.seq_len,

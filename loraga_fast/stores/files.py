@@ -25,13 +25,27 @@ from ..errors import UsageError
 from .factors import LayerFactors
 
 __all__ = ["GRAD_SUFFIX", "PARTS", "ZERO_KEY", "CacheFile", "save_factors", "save_gradients", "stream_gradients",
-           "write_atomic"]
+           "umask", "write_atomic"]
 
 GRAD_SUFFIX = "._peft_loraga_grad"
 TARGETS_KEY = "loraga_fast.targets"
 ZERO_KEY = "loraga_fast.zero"
 MODE_KEY = "loraga_fast.mode"  # "lowmem" for factor caches; gradient caches (ours and peft's) have none
 PARTS = ("u", "s", "v")
+
+
+def umask() -> int:
+    """The process's umask (the file modes ``open`` and ``mkdir`` give are ``0o666`` / ``0o777`` less it)."""
+    try:  # Linux: read it without setting it (os.umask sets the process-wide value, racing other threads)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
@@ -44,13 +58,15 @@ def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tenso
 @contextlib.contextmanager
 def _replacing(path: str | os.PathLike[str]) -> Iterator[str]:
     """A temporary file name beside ``path`` (parent folders created) that replaces ``path`` when the block
-    succeeds; on any error the temporary file is removed and ``path`` is left as it was."""
+    succeeds, with the mode ``open`` would give (``0o666`` less the umask); on any error the temporary file is
+    removed and ``path`` is left as it was."""
     path = os.fspath(path)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask())  # safetensors writes 0o600 whatever the umask: the mode open() would give
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

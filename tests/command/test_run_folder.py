@@ -239,6 +239,7 @@ def test_keep_base_writes_just_an_adapter_for_the_original_model(tmp_path: Path)
     assert _init(out, "--keep-base") == 0
     summary = json.loads((out / "loraga_fast_init.json").read_text())
     assert summary["keep_base"] == "a-only" and summary["base_untouched"] is True
+    assert summary["params"]["alpha"] == 8  # the alpha used (2 x --rank 4), not None
     assert not (out / OFFSETS_FILE).exists()  # nothing to offset: the adapter is for the original model
     x, before = _reference_logits()
     base, _, _ = load_model(None, torch.float32, torch.device("cpu"), seed=0)

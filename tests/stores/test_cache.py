@@ -89,3 +89,21 @@ def test_cache_path_that_is_a_folder_is_refused_before_train_step(tmp_path: Path
         preprocess_loraga(model, lora_ga_config(), _never, cache_file=tmp_path)
     assert not attached(model)
     check_preprocess(model, lora_ga_config(), tmp_path / "grads.safetensors")  # a file path: every check passes
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+@pytest.mark.parametrize("mode", ["exact", "lowmem"])
+def test_cache_files_get_the_users_umask(mask: int, mode: str, tmp_path: Path) -> None:
+    """safetensors writes 0o600 whatever the umask: a cache shared with a group was unreadable to it."""
+    import os
+    import stat
+
+    path = tmp_path / "grads.safetensors"
+    model = tiny_llama()
+    old = os.umask(mask)
+    try:
+        preprocess_loraga(model, lora_ga_config(), train_step_for(model, token_batches()), cache_file=str(path),
+                          mode=mode)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
