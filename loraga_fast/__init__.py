@@ -32,6 +32,7 @@ _EXPORTS = {
     "quantize_model": "api.quantize",
     "train_step_from_dataloader": "api.steps",
     "train_step_from_trainer": "api.steps",
+    "init_lora_ga": "integrations.trl",
     "memory_estimate": "core.memory",
     "LowMemGradientUnavailable": "stores.placeholder",
     "UsageError": "errors",
@@ -41,8 +42,8 @@ __all__ = [  # noqa: RUF022 (the order of _EXPORTS)
     "__version__", "preprocess_loraga", "check_preprocess", "estimate_gradient", "LoraGAContext",
     "save_loraga_model_init", "save_loraga_model_final", "load_initialized", "save_offset_model", "finalize_adapter",
     "quantize_model",
-    "train_step_from_dataloader", "train_step_from_trainer", "memory_estimate", "LowMemGradientUnavailable",
-    "UsageError",
+    "train_step_from_dataloader", "train_step_from_trainer", "init_lora_ga", "memory_estimate",
+    "LowMemGradientUnavailable", "UsageError",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 
@@ -62,12 +63,14 @@ if TYPE_CHECKING:
     from .api.runs import load_initialized
     from .api.steps import train_step_from_dataloader, train_step_from_trainer
     from .core.memory import memory_estimate
+    from .integrations.trl import init_lora_ga
     from .errors import UsageError
     from .stores.placeholder import LowMemGradientUnavailable
 
 
 def __getattr__(name: str) -> Any:
-    # peft and transformers are imported on first use, so `import loraga_fast` stays light
+    # peft and transformers are imported on first use, so `import loraga_fast` stays light (and trl never: the
+    # integrations duck-type the trainer)
     if name in _EXPORTS:
         import importlib
 

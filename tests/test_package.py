@@ -18,7 +18,7 @@ import loraga_fast
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "loraga_fast"
 # each may import only those before it
-LAYERS = ["ops", "layers", "distributed", "stores", "core", "api", "command", "bench"]
+LAYERS = ["ops", "layers", "distributed", "stores", "core", "api", "integrations", "command", "bench"]
 
 
 def _modules() -> dict[str, Path]:

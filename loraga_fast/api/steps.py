@@ -111,8 +111,15 @@ def train_step_from_trainer(trainer: Any, *, num_batches: int | None = None) -> 
 
     def train_step() -> None:
         model = trainer.model
-        _backward_each(trainer.get_train_dataloader(), num_batches,
-                       lambda b: trainer.compute_loss(model, trainer._prepare_inputs(b)),
-                       "The Trainer's train dataloader yielded no batches.")
+        loader = trainer.get_train_dataloader()
+        try:
+            _backward_each(loader, num_batches, lambda b: trainer.compute_loss(model, trainer._prepare_inputs(b)),
+                           "The Trainer's train dataloader yielded no batches.")
+        finally:
+            # accelerate's prepared loader registers itself in the GradientState when iterated and leaves it only
+            # at its end: stopped after num_batches, it would stay there (and alive) while the trainer trains
+            end = getattr(loader, "end", None)
+            if callable(end):
+                end()
 
     return train_step
