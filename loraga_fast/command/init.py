@@ -161,6 +161,12 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
                      **lowmem, **extra)
     del skeleton
     text = read_text(args.data, args.text_field) if args.data else stdlib_text()
+    need = args.batches * args.batch_size * args.seq_len
+    size = len(text.encode("utf-8"))
+    if 2 * size + 2 < need:  # before the model loads: no tokenizer makes twice as many tokens as bytes (plus BOS/EOS)
+        raise CliError(f"the data has {size} bytes of text, far fewer than the {need} tokens --batches {args.batches} x "
+                       f"--batch-size {args.batch_size} x --seq-len {args.seq_len} need: use more data or lower one "
+                       "of them")
     with tqdm(total=2, desc="loading", unit="step") as bar:
         model, tokenizer, description = load_model(args.model, dtype, device, args.seed)
         if args.quantize:

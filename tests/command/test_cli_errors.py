@@ -88,7 +88,9 @@ CASES: list[tuple[str, Args, str]] = [
      "d.jsonl, line 2: not valid JSON"),
     ("jsonl-record-not-an-object", lambda t: ["--data", _file(t, "d.jsonl", '{"text": "a"}\n[1, 2]\n')],
      "d.jsonl, line 2: expected a JSON object with a 'text' field, got a list"),
-    ("too-little-data", lambda t: ["--data", _file(t, "d.txt", "short text")], "the data has 10 tokens, but"),
+    ("too-little-data", lambda t: ["--data", _file(t, "d.txt", "short text")],
+     "the data has 10 bytes of text, far fewer than the 192 tokens"),  # before the model loads
+    ("too-few-tokens", lambda t: ["--data", _file(t, "d.txt", "x" * 150)], "the data has 150 tokens, but"),
     ("csv-without-the-column", lambda t: ["--data", _file(t, "d.csv", "body,label\nsome text,1\n")],
      "d.csv: no column 'text' (columns: 'body', 'label'); set --text-field"),
     ("tsv-named-csv", lambda t: ["--data", _file(t, "d.csv", "text\tlabel\nsome text\t1\n")],
@@ -160,7 +162,7 @@ def test_user_mistakes_are_one_line_exit_2(make_args: Args, message: str, tmp_pa
     monkeypatch.chdir(tmp_path)
     line, err = one_line_error(make_args(tmp_path), tmp_path, capsys)
     assert message.replace("{t}", str(tmp_path)) in line, line
-    if message != "the data has 10 tokens, but":  # the only check that needs the tokenizer
+    if message != "the data has 150 tokens, but":  # the only check that needs the tokenizer
         assert "loading:" not in err  # failed before any weight was read
 
 
