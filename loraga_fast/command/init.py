@@ -18,7 +18,16 @@ from typing import Any
 from ..api.names import MODEL_FOLDER, SUMMARY_FILE
 from ..api.quantize import quantize_model
 from ..errors import UsageError
-from .inputs import ByteTokenizer, CliError, load_model, make_batches, model_skeleton, read_text, stdlib_text
+from .inputs import (
+    ByteTokenizer,
+    CliError,
+    check_paths,
+    load_model,
+    make_batches,
+    model_skeleton,
+    read_text,
+    stdlib_text,
+)
 
 __all__ = ["run_init"]
 
@@ -100,7 +109,8 @@ def run_init(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_init(args: argparse.Namespace) -> dict[str, Any]:
     # torch, peft and the modules that import them are imported here, not at the top, so that `loraga-fast --help`
-    # and argument errors answer without spending seconds on imports
+    # and argument errors answer without spending seconds on imports; so are mistyped paths
+    check_paths(args.model, args.data)
     import torch
     from peft import LoraConfig, LoraGAConfig, get_peft_model
     from tqdm.auto import tqdm

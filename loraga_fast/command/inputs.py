@@ -175,6 +175,23 @@ def _default_config() -> Any:
 _MODEL_KINDS = "give a model folder (with a config.json), a .gguf file or a hub id such as org/name"
 
 
+def check_paths(model: str | None, data: str | None) -> None:
+    """The checks of ``--model`` and ``--data`` that need only the file system (a missing path, a folder for a file,
+    ...), so that a mistyped path is answered before the seconds that importing torch and transformers take.
+
+    Raises:
+        CliError: as :func:`read_text` and the model loaders do for the same mistakes.
+    """
+    if model is not None:
+        _source(model)
+    if data:
+        p = Path(data)
+        if p.is_dir():
+            raise CliError(f"--data {data} is a folder: give a {DATA_FORMATS} file")
+        if not p.is_file():
+            raise CliError(f"--data file not found: {data}")
+
+
 def _source(model: str) -> tuple[str, dict[str, Any]]:
     """Where transformers loads ``model`` from, and the ``gguf_file`` argument for a GGUF file.
 

@@ -61,10 +61,10 @@ def _fraction(text: str) -> float:
 
 def _device(text: str) -> str:
     """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where torch sees a GPU."""
+    if text in ("auto", "cpu"):  # argparse converts the default too: no torch import for it (seconds)
+        return text
     import torch
 
-    if text == "auto":
-        return text
     try:
         device = torch.device(text)
     except RuntimeError:

@@ -225,3 +225,17 @@ def test_a_cache_for_other_targets_is_refused_before_the_model_loads(tmp_path: P
     line, err = one_line_error(["--cache", str(cache)], tmp_path, capsys)
     assert f"Cache file '{cache}' does not match the model" in line and "Delete the file, or pass another" in line
     assert "loading:" not in err  # before any weight was read
+
+
+@pytest.mark.parametrize("args", [["--model", "/nonexistent/model"], ["--data", "/nonexistent/train.jsonl"],
+                                  ["--data", "/"]])
+def test_a_mistyped_path_is_answered_before_torch_is_imported(args: list[str]) -> None:
+    """Plain path mistakes took 6 s idle: the heavy imports ran first."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from loraga_fast.command.main import main; "
+            f"rc = main(['init', *{args!r}]); print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr)
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
