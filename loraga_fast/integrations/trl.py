@@ -9,9 +9,11 @@ gradient and gives the adapters its default init (``B = 0``). :func:`init_lora_g
     trainer.train()
 
 1. runs ``num_batches`` batches of the trainer's own train dataloader (dataset, collator, batch size, sampler,
-   device placement) through its own ``compute_loss`` on the *base* model: each LoRA layer is swapped for its base
-   layer for the duration and every adapter is disabled (``PeftModel.disable_adapter``), so the model the batches
-   see is exactly the one the trainer was given, under the module names peft's ``target_modules`` match;
+   device placement) through its own ``compute_loss`` (SFT's, DPO's with its reference pass, ...) with every adapter
+   disabled (``PeftModel.disable_adapter``), so the model the batches see is the base model the trainer was given;
+   for the plan, the capture session and ZeRO-3's temporary engine, ``preprocess_loraga`` sees that base model with
+   each LoRA layer swapped back for its base layer (the module names peft's ``target_modules`` match), the LoRA
+   layers being put back only while the trainer's passes run;
 2. estimates the mean gradients with :func:`~loraga_fast.api.preprocess.preprocess_loraga` (every mode and option
    of it: ``mode=``, ``until=``, ``keep_base=``, ``quantized_offset=``, ``cache_file=``, ...);
 3. re-initializes each LoRA layer in place through peft's own ``LoraLayer.lora_ga_init`` (under peft's
@@ -96,13 +98,21 @@ def init_lora_ga(trainer: TrainerT, *, num_batches: int | None = 64,
     if "progress" not in preprocess_kwargs:
         local_main = getattr(trainer, "is_local_process_zero", lambda: True)()
         preprocess_kwargs["progress"] = bool(local_main) and not getattr(args, "disable_tqdm", False)
-    step = train_step_from_trainer(trainer, num_batches=num_batches)
+    trainer_step = train_step_from_trainer(trainer, num_batches=num_batches)
+    root = peft_model.get_base_model()
+    bare = _BareBase(root, layers)
+
+    def train_step() -> None:
+        # the trainer's batches run through the peft model as it is (adapters disabled): trainers that ask peft
+        # about its adapter layers (DPO's and KTO's reference passes under disable_adapter) find them
+        with bare.restored():
+            trainer_step()
+
     logged = {k: copy.deepcopy(trainer.__dict__[k]) for k in _LOGGED if k in trainer.__dict__}  # type: ignore[attr-defined]
     try:
-        with peft_model.disable_adapter(), _bare_base(peft_model.get_base_model(), layers):
+        with peft_model.disable_adapter(), bare:
             # a copy: preprocess_loraga may fill in what peft left implicit; the model's own config stays as it is
-            preprocess_loraga(peft_model.get_base_model(), copy.deepcopy(config), step, num_batches=num_batches,
-                              **preprocess_kwargs)
+            preprocess_loraga(root, copy.deepcopy(config), train_step, num_batches=num_batches, **preprocess_kwargs)
     finally:
         trainer.__dict__.update(logged)  # type: ignore[attr-defined]
     _reinitialize(layers, adapter, config)
@@ -177,22 +187,40 @@ def _lora_layers(peft_model: Any, adapter: str) -> list[Any]:
     return [m for _, m in layers]
 
 
-@contextlib.contextmanager
-def _bare_base(root: nn.Module, layers: Sequence[Any]) -> Iterator[None]:
-    """Inside: every LoRA layer of ``root`` replaced by its base layer, so ``root`` is the model as it was before
-    ``get_peft_model`` (its modules, their names, its function) for the estimation; restored on exit."""
-    names = {id(m): n for n, m in root.named_modules()}
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
+class _BareBase:
+    """While entered, every LoRA layer of ``root`` is replaced by its base layer, so ``root`` is the model as it was
+    before ``get_peft_model`` (its modules, their names, its function) for ``preprocess_loraga``'s plan, capture
+    session and (ZeRO-3) temporary engine; :meth:`restored` puts the LoRA layers back for a block (the trainer's
+    forward and backward passes, which reach the same base layers through them)."""
+
+    def __init__(self, root: nn.Module, layers: Sequence[Any]) -> None:
+        names = {id(m): n for n, m in root.named_modules()}
+        self._slots: list[tuple[nn.Module, str, nn.Module]] = []
         for layer in layers:
             parent_name, _, child = names[id(layer)].rpartition(".")
-            parent = root.get_submodule(parent_name)
-            setattr(parent, child, layer.get_base_layer())
-            swapped.append((parent, child, layer))
-        yield
-    finally:
-        for parent, child, layer in reversed(swapped):
-            setattr(parent, child, layer)
+            self._slots.append((root.get_submodule(parent_name), child, layer))
+        self._bare = False
+
+    def _put(self, bare: bool) -> None:
+        for parent, child, layer in self._slots:
+            setattr(parent, child, layer.get_base_layer() if bare else layer)
+        self._bare = bare
+
+    def __enter__(self) -> _BareBase:
+        self._put(True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._put(False)
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        was = self._bare
+        self._put(False)
+        try:
+            yield
+        finally:
+            self._put(was)
 
 
 def _reinitialize(layers: Sequence[Any], adapter: str, config: Any) -> None:
