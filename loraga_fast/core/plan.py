@@ -32,7 +32,7 @@ from .memory import MemoryEstimate, check_fits, target_memory
 __all__ = ["DEFAULT_KEEP_BASE", "MODES", "Plan", "make_plan"]
 
 MODES = ("exact", "lowmem")
-DEFAULT_KEEP_BASE = "a-only"  # keep_base=True (measured: docs/benchmarks.md, "An init that leaves the base untouched")
+DEFAULT_KEEP_BASE = "a-only"  # keep_base=True; on the argument of docs/usage.md, not yet measured (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
