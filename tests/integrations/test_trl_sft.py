@@ -142,3 +142,40 @@ def test_refusals_in_one_line(tmp_path: Path) -> None:
     assert "not at peft's default init" in _message(lambda: init_lora_ga(trainer, num_batches=1))
     trainer.train()
     assert "already trained (2 steps)" in _message(lambda: init_lora_ga(trainer, num_batches=1))
+
+
+def test_qlora_base_left_untouched_trains_and_reloads(tmp_path: Path) -> None:
+    # an nf4 base (bitsandbytes runs on the CPU); TRL casts QLoRA adapters to bf16 after get_peft_model, and
+    # LoRA-GA's factors take the adapters' dtype; quantized_offset="none": the quantized base is not rewritten
+    pytest.importorskip("bitsandbytes", reason="the QLoRA case needs bitsandbytes (the test extra)")
+    import peft
+
+    from loraga_fast import preprocess_loraga, quantize_model
+
+    def nf4() -> Any:
+        return quantize_model(tiny_llama(), "nf4", torch.float32, "cpu")
+
+    trainer = _trainer(tmp_path, model=nf4(), peft_config=lora_ga_config())
+    seen, remove = record_batches(trainer.model.get_base_model())
+    packed = {k: v.clone() for k, v in trainer.model.state_dict().items() if "base_layer.weight" in k}
+    init_lora_ga(trainer, num_batches=2, quantized_offset="none", save_dir=tmp_path / "qlora")
+    remove()
+    assert all(torch.equal(v, packed[k]) for k, v in trainer.model.state_dict().items() if k in packed)
+
+    ref_model, config = nf4(), lora_ga_config()
+    preprocess_loraga(ref_model, config, lambda: [ref_model(**b).loss.backward() for b in seen] and None,
+                      quantized_offset="none")
+    want = adapters(peft.get_peft_model(ref_model, config))
+    for name, (a, b) in adapters(trainer.model).items():  # the reference's factors in the adapters' bf16
+        assert a.dtype == b.dtype == torch.bfloat16 and bool(b.ne(0).any()), name
+        expected = want[name][1].bfloat16().float() @ want[name][0].bfloat16().float()
+        assert rel_err(b.float() @ a.float(), expected) < 1e-3, name
+
+    trainer.train()
+    trained = probe(trainer.model)
+    save_loraga_model_final(trainer.model, tmp_path / "qlora")  # saved as it is: the base was never offset
+    reloaded_model = peft.PeftModel.from_pretrained(nf4(), str(tmp_path / "qlora"))
+    for name, p in reloaded_model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.bfloat16()  # as TRL trained them
+    assert rel_err(probe(reloaded_model), trained) < 1e-5
