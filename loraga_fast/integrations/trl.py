@@ -85,12 +85,12 @@ def init_lora_ga(trainer: TrainerT, *, num_batches: int | None = 64,
         The model's train/eval modes, ``requires_grad`` flags and the trainer's logged metrics are as before.
 
     Raises:
-        UsageError: the trainer's model is not a peft model, the adapter is not LoRA with
-            ``init_lora_weights="lora_ga"`` and a ``lora_ga_config``, it uses DoRA, the adapter is no longer at
-            peft's default init (``B != 0``: already initialized or trained), the trainer has trained, wrapped its
-            model or stepped its optimizer, or a rank option is passed; and every refusal of ``preprocess_loraga``
-            (quantized layers other than bitsandbytes', ranks too large, no backward pass, ...), before any weight
-            is touched.
+        UsageError: the trainer generates its own batches (GRPO, RLOO: online RL), its model is not a peft model,
+            the adapter is not LoRA with ``init_lora_weights="lora_ga"`` and a ``lora_ga_config``, it uses DoRA, the
+            adapter is no longer at peft's default init (``B != 0``: already initialized or trained), the trainer
+            has trained, wrapped its model or stepped its optimizer, or a rank option is passed; and every refusal
+            of ``preprocess_loraga`` (quantized layers other than bitsandbytes', ranks too large, no backward pass,
+            ...), before any weight is touched.
     """
     peft_model, adapter, config = _check(trainer, adapter_name, preprocess_kwargs)
     layers = _lora_layers(peft_model, adapter)
@@ -130,6 +130,11 @@ def _check(trainer: Any, adapter_name: str | None, kwargs: dict[str, Any]) -> tu
         raise UsageError(f"init_lora_ga: the trainer's model is a {type(model).__name__}, not a peft model: build the "
                          "trainer with peft_config=LoraConfig(..., init_lora_weights='lora_ga', "
                          "lora_ga_config=LoraGAConfig()).")
+    if getattr(trainer, "reward_funcs", None) is not None:
+        raise UsageError(f"init_lora_ga: {type(trainer).__name__} generates its batches from the model it trains "
+                         "(online RL), so estimating through it would consume its generation buffer and step counters "
+                         "before training; estimate on fixed data instead (preprocess_loraga with "
+                         "train_step_from_dataloader, then get_peft_model) and give the trainer that PeftModel.")
     passed = [k for k in _RANK_OPTIONS if k in kwargs]
     if passed:
         raise UsageError(f"init_lora_ga: {passed[0]}= changes the adapters' ranks, which the trainer's get_peft_model "

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("trl", reason="the TRL integration tests need trl (the test extra)")
 
-from loraga_fast import preprocess_loraga, train_step_from_trainer  # noqa: E402
+from loraga_fast import UsageError, preprocess_loraga, train_step_from_trainer  # noqa: E402
 from loraga_fast.integrations.trl import init_lora_ga  # noqa: E402
 from tests._helpers import adapters, lora_ga_config, tiny_llama  # noqa: E402
 from tests.integrations._sft import assert_like_reference, char_tokenizer  # noqa: E402
@@ -96,3 +96,22 @@ def test_one_line_equals_the_two_trainer_recipe_and_trains(kind: str, tmp_path: 
     initial = {n: b.clone() for n, (_, b) in adapters(trainer.model).items()}
     assert trainer.train().global_step == 2
     assert all(not torch.equal(b, initial[n]) for n, (_, b) in adapters(trainer.model).items())
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_online_rl_trainers_are_refused_in_one_line(kind: str, tmp_path: Path) -> None:
+    # they generate their batches from the model in _prepare_inputs, buffering generations and counting steps:
+    # GRPO's loss even reads a field only the training loop sets (current_gradient_accumulation_steps)
+    import trl
+    from datasets import Dataset
+
+    classes = {"grpo": (trl.GRPOConfig, trl.GRPOTrainer), "rloo": (trl.RLOOConfig, trl.RLOOTrainer)}
+    config_cls, trainer_cls = classes[kind]
+    common = {k: v for k, v in _common(tmp_path, kind).items() if k != "max_length"}
+    args = config_cls(**{**common, "per_device_train_batch_size": 4}, num_generations=2, max_completion_length=4)
+    trainer = trainer_cls(model=tiny_llama(), reward_funcs=lambda completions, **_: [0.0] * len(completions),
+                          args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                          processing_class=char_tokenizer(), peft_config=lora_ga_config())
+    with pytest.raises(UsageError, match=f"{trainer_cls.__name__} generates its batches") as err:
+        init_lora_ga(trainer, num_batches=1)
+    assert "\n" not in str(err.value)
