@@ -105,6 +105,24 @@ def test_an_optimizer_built_before_holds_the_initialized_parameters(tmp_path: Pa
     assert all(not torch.equal(p, q) for p, q in zip(lora, initialized, strict=True))
 
 
+def test_lowmem_mode_and_a_trl_checkpoint_finalized(tmp_path: Path) -> None:
+    # mode="lowmem": 3 passes over the trainer's dataloader (the same batches each time: checked by preprocess_loraga);
+    # what the trainer itself saves (trainer.save_model, checkpoint-N) is an adapter for the offset base, which
+    # finalize_adapter turns into one for the untouched base from save_dir's initial adapter
+    from loraga_fast import finalize_adapter
+
+    trainer = _trainer(tmp_path)
+    seen, remove = record_batches(trainer.model.get_base_model())
+    init_lora_ga(trainer, num_batches=2, mode="lowmem", save_dir=tmp_path / "run")
+    remove()
+    assert len(seen) == 6 and all(torch.equal(seen[i]["input_ids"], seen[i % 2]["input_ids"]) for i in range(6))
+    assert_like_reference(trainer.model, reference(seen[:2], mode="lowmem"))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "trl_out"))
+    finalize_adapter(tmp_path / "run", tmp_path / "trl_out", tmp_path / "final")
+    assert rel_err(reloaded(tmp_path / "final"), probe(trainer.model)) < 1e-5
+
+
 def _message(fn: Any) -> str:
     with pytest.raises(UsageError) as err:
         fn()
