@@ -115,3 +115,24 @@ def test_online_rl_trainers_are_refused_in_one_line(kind: str, tmp_path: Path) -
     with pytest.raises(UsageError, match=f"{trainer_cls.__name__} generates its batches") as err:
         init_lora_ga(trainer, num_batches=1)
     assert "\n" not in str(err.value)
+
+
+def test_a_transformers_trainer_on_a_peft_model(tmp_path: Path) -> None:
+    # no TRL in the trainer: transformers' own Trainer given a PeftModel with a LoRA-GA config at peft's default init
+    import peft
+    from transformers import Trainer, TrainingArguments
+
+    from tests._helpers import token_batches
+    from tests.integrations._sft import record_batches, reference
+
+    data = [{"input_ids": row, "labels": row} for batch in token_batches(n=4, bsz=2, seq=12) for row in batch]
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2, max_steps=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no", seed=0,
+                             disable_tqdm=True, use_cpu=True)
+    trainer = Trainer(model=peft.get_peft_model(tiny_llama(), lora_ga_config()), args=args, train_dataset=data)
+    seen, remove = record_batches(trainer.model.get_base_model())
+    init_lora_ga(trainer, num_batches=2)
+    remove()
+    assert len(seen) == 2
+    assert_like_reference(trainer.model, reference(seen))
+    assert trainer.train().global_step == 2
