@@ -141,11 +141,14 @@ CASES: list[tuple[str, Args, str]] = [
      "x.gguf could not be read as a GGUF file (truncated or corrupt?): "),  # then the reader's message
     ("gguf-data-cut-short", lambda t: ["--model", _gguf_cut_short(t)],
      "cut.gguf could not be read as a GGUF file (truncated or corrupt?): "),
-    # targets and rank: checked from the config's shapes before the data is read (the --data file does not exist)
-    ("unknown-target", lambda t: ["--targets", "q_proj,qkv", "--data", "/nonexistent"],
+    # targets and rank: checked from the config's shapes before the data is read (the --data file, a .parquet file,
+    # is refused by name when it is read: these errors come first)
+    ("unknown-target", lambda t: ["--targets", "q_proj,qkv", "--data", _file(t, "d.parquet", "PAR1")],
      "unknown --targets qkv: this model's linear layers are down_proj, gate_proj, k_proj, lm_head"),
-    ("empty-targets", lambda t: ["--targets", ",", "--data", "/nonexistent"], "--targets ',' names no module"),
-    ("rank-too-large", lambda t: ["--rank", "200", "--data", "/nonexistent"], "2 * r <= min(out_features, in_features)"),
+    ("empty-targets", lambda t: ["--targets", ",", "--data", _file(t, "d.parquet", "PAR1")],
+     "--targets ',' names no module"),
+    ("rank-too-large", lambda t: ["--rank", "200", "--data", _file(t, "d.parquet", "PAR1")],
+     "2 * r <= min(out_features, in_features)"),
     # files the run writes
     ("cache-is-a-folder", lambda t: ["--cache", str(t)], "--cache " + "{t} is a folder: give a file path"),
     ("out-is-a-file", lambda t: ["--out", _file(t, "f", "")], "is a file, not a folder"),
