@@ -166,7 +166,7 @@ def make_plan(model: nn.Module, lora_config: Any, cache_file: str | os.PathLike[
                              f"{os.path.join(path, 'loraga_cache.safetensors')!r}).")
         cached = os.path.isfile(path) and os.path.getsize(path) > 0
         if cached:  # its kind, names and shapes from the header, before any data is read (or a model loaded)
-            CacheFile(path, {name: weight_shape(m) for name, m in targets}, mode).close()
+            CacheFile(path, shapes, mode).close()
     layout = shard_layout(targets, model)
     if layout is not None:
         check_sharded_config(layout, lora_config)
