@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _moved
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 _EXPORTS = {
     "preprocess_loraga": "api.preprocess",

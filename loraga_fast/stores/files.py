@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UsageError
 from .factors import LayerFactors
 
