@@ -70,6 +70,44 @@ def _resolve_targets(model: Any, config: Any, given: str | None) -> list[str]:
     return [t] if isinstance(t, str) else sorted(t)
 
 
+def _check_rank(model: Any, config: Any, rank: int) -> None:
+    """``--rank`` against the targets' shapes (LoRA-GA takes ``2 r`` singular directions of each gradient), with
+    the largest rank this model allows, before any weight is read."""
+    from ..layers.kinds import weight_shape
+    from ..layers.targets import find_targets
+
+    shapes = {name: weight_shape(module) for name, module in find_targets(model, config)}
+    if not shapes:
+        return
+    name = min(shapes, key=lambda n: min(shapes[n]))
+    cap = min(shapes[name]) // 2
+    if rank > cap:
+        m, n = shapes[name]
+        raise CliError(f"--rank {rank} is too large for this model: LoRA-GA takes 2 x r singular directions of each "
+                       f"target's gradient, and '{name}' is {m} x {n}, so --rank can be at most {cap} here (or leave "
+                       "that layer out of --targets)")
+
+
+_FLAG_WORDS = (("rank_budget=", "--rank-budget "), ("min_rank=", "--min-rank "), ("max_rank=", "--max-rank "),
+               ("lower min_rank", "lower --min-rank"), ("lower max_rank", "lower --max-rank"),
+               ("stable_gamma", "--gamma"),
+               ("until='converged'", "--until-converged"), ("mode='lowmem'", "--mode lowmem"),
+               ("mode='exact'", "--mode exact"), ("cache_file", "--cache"))
+
+
+def _command_words(message: str) -> str:
+    """A library message with its keyword arguments named as this command's options."""
+    import re
+
+    # the command has no --sketch-size: the bound is on --max-rank
+    message = re.sub(r"has (\d+) columns: raise sketch_size to at least \d+ or lower max_rank\.",
+                     lambda m: f"has {m.group(1)} columns: lower --max-rank to at most {int(m.group(1)) // 2}, or use "
+                               "--mode exact.", message)
+    for python, flag in _FLAG_WORDS:
+        message = message.replace(python, flag)
+    return message
+
+
 def _peak_memory_bytes(device: Any) -> int:
     import torch
 
@@ -167,8 +205,12 @@ def _run_init(args: argparse.Namespace) -> dict[str, Any]:
     # any weight is read
     skeleton = model_skeleton(args.model)
     targets = _resolve_targets(skeleton, config, args.targets)
-    plan = make_plan(skeleton, config, args.cache, mode=args.mode, quantized_offset="none", keep_base=keep_base,
-                     **lowmem, **extra)
+    _check_rank(skeleton, config, args.rank)
+    try:
+        plan = make_plan(skeleton, config, args.cache, mode=args.mode, quantized_offset="none", keep_base=keep_base,
+                         **lowmem, **extra)
+    except UsageError as err:  # the library's refusals, in the command's words (its options, not keyword arguments)
+        raise CliError(_command_words(str(err))) from None
     del skeleton
     text = read_text(args.data, args.text_field) if args.data else stdlib_text()
     need = args.batches * args.batch_size * args.seq_len

@@ -98,7 +98,7 @@ def read_text(path: str, text_field: str) -> str:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise CliError(f"{path}, line {i}: not valid JSON ({err.msg} at column {err.colno}): each line of a "
+                raise CliError(f"{path}, line {i}: not valid JSON ({_json_error(err)} column {err.colno}): each line of a "
                                ".jsonl file must be one JSON object") from None
             texts.append(_record_text(record, text_field, f"{path}, line {i}"))
         return "\n\n".join(texts)
@@ -106,7 +106,7 @@ def read_text(path: str, text_field: str) -> str:
         try:
             records = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise CliError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+            raise CliError(f"{path}: not valid JSON ({_json_error(err)} line {err.lineno}, column {err.colno})") from None
         if not isinstance(records, list):
             raise CliError(f"{path}: a .json file must hold a list of records (got a {type(records).__name__}); "
                            "for one record per line use .jsonl")
@@ -319,6 +319,13 @@ def load_model(model: str | None, dtype: Any, device: Any, seed: int) -> tuple[A
     return loaded.to(device), tok, f"{type(loaded).__name__} from {model}"
 
 
+def _json_error(err: Any) -> str:
+    """The decoder's message ending in "at" for the position that follows ("Unterminated string starting at" keeps
+    its own "at")."""
+    msg = err.msg.rstrip()
+    return msg if msg.endswith(" at") else f"{msg} at"
+
+
 def check_causal_lm(config: Any, model: str) -> None:
     """Refuse, naming the model class, a checkpoint that is not a causal LM: ``loraga-fast init`` estimates with
     a next-token loss on text (encoders and seq2seq models need another objective: the library's
@@ -329,7 +336,7 @@ def check_causal_lm(config: Any, model: str) -> None:
     archs = list(getattr(config, "architectures", None) or [])
     name = archs[0] if archs else f"model type {config.model_type!r}"
     use = ("loraga-fast init trains causal language models (next-token loss on text); for this model call "
-           "loraga_fast.preprocess_loraga with a train_step computing its own loss (README: 'Usage: a one-line swap from peft')")
+           "loraga_fast.preprocess_loraga with a train_step computing its own loss (docs/usage.md)")
     if getattr(config, "is_encoder_decoder", False):
         raise CliError(f"--model {model} is {name}, an encoder-decoder (seq2seq) model: {use}")
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not causal.intersection(archs)):

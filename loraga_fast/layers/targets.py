@@ -86,7 +86,8 @@ def check_ranks(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int],
         if 2 * ranks[name] > min(shape):
             raise UsageError(
                 f"LoRA-GA needs 2 * r <= min(out_features, in_features), but layer '{name}' has a weight of shape "
-                f"{shape} and r={ranks[name]}: lower r (or set rank_pattern for it) or exclude the layer."
+                f"{shape} and r={ranks[name]}: r can be at most {min(shape) // 2} there; lower r (or set rank_pattern "
+                "for it) or exclude the layer."
             )
 
 

@@ -86,6 +86,10 @@ CASES: list[tuple[str, Args, str]] = [
      "d.json: a .json file must hold a list of records (got a dict)"),
     ("jsonl-malformed-line", lambda t: ["--data", _file(t, "d.jsonl", '{"text": "a"}\n{"text": "b",\n')],
      "d.jsonl, line 2: not valid JSON"),
+    ("jsonl-string-left-open", lambda t: ["--data", _file(t, "d.jsonl", '{"text": "a}\n')],
+     "d.jsonl, line 1: not valid JSON (Unterminated string starting at column 10): each line"),
+    ("json-string-left-open", lambda t: ["--data", _file(t, "d.json", '[{"text": "a}]')],
+     "d.json: not valid JSON (Unterminated string starting at line 1, column 11)"),
     ("jsonl-record-not-an-object", lambda t: ["--data", _file(t, "d.jsonl", '{"text": "a"}\n[1, 2]\n')],
      "d.jsonl, line 2: expected a JSON object with a 'text' field, got a list"),
     ("too-little-data", lambda t: ["--data", _file(t, "d.txt", "short text")],
@@ -117,7 +121,9 @@ CASES: list[tuple[str, Args, str]] = [
     ("gguf-missing", lambda t: ["--model", "/nonexistent/model.gguf"], "--model GGUF file not found"),
     ("folder-missing", lambda t: ["--model", "./no/such/folder"], "--model folder not found"),
     ("encoder", lambda t: ["--model", _config_folder(t, "bert")],
-     "is BertModel, which has no causal language-model head"),
+     "is BertModel, which has no causal language-model head (an encoder, a classifier, ...): loraga-fast init trains "
+     "causal language models (next-token loss on text); for this model call loraga_fast.preprocess_loraga with a "
+     "train_step computing its own loss (docs/usage.md)"),
     ("seq2seq", lambda t: ["--model", _config_folder(t, "t5")],
      "is T5ForConditionalGeneration, an encoder-decoder (seq2seq) model"),
     ("headless-decoder", lambda t: ["--model", _config_folder(t, "llama-base")],
@@ -148,7 +154,16 @@ CASES: list[tuple[str, Args, str]] = [
     ("empty-targets", lambda t: ["--targets", ",", "--data", _file(t, "d.parquet", "PAR1")],
      "--targets ',' names no module"),
     ("rank-too-large", lambda t: ["--rank", "200", "--data", _file(t, "d.parquet", "PAR1")],
-     "2 * r <= min(out_features, in_features)"),
+     "--rank 200 is too large for this model: LoRA-GA takes 2 x r singular directions of each target's gradient, and "
+     "'model.layers.0.self_attn.q_proj' is 256 x 256, so --rank can be at most 128 here"),
+    # the library's refusals in the command's words: its options, not keyword arguments
+    ("rank-budget-too-small", lambda t: ["--rank-budget", "10", "--data", _file(t, "d.parquet", "PAR1")],
+     "--rank-budget 10 (10 LoRA parameters) is smaller than --min-rank 1 on every target, which takes 4096: raise the "
+     "budget or lower --min-rank."),
+    ("max-rank-over-the-sketch", lambda t: ["--rank-budget", "100000", "--max-rank", "100", "--mode", "lowmem",
+                                            "--data", _file(t, "d.parquet", "PAR1")],
+     "sketch of layer 'model.layers.0.self_attn.q_proj' has 96 columns: lower --max-rank to at most 48, or use "
+     "--mode exact."),
     # files the run writes
     ("cache-is-a-folder", lambda t: ["--cache", str(t)], "--cache " + "{t} is a folder: give a file path"),
     ("out-is-a-file", lambda t: ["--out", _file(t, "f", "")], "is a file, not a folder"),
