@@ -106,7 +106,7 @@ def attached(model: nn.Module) -> dict[str, torch.Tensor]:
 def prepared_factors(model: nn.Module) -> dict[str, Any]:
     """The factors (:class:`loraga_fast.stores.factors.LayerFactors`) the get_peft_model hand-off holds for ``model``'s
     prepared layers, by module name."""
-    from loraga_fast import handoff
+    from loraga_fast.core import handoff
 
     out = {}
     for full_name, module in model.named_modules():
