@@ -39,6 +39,7 @@ from ..ops import accumulate
 from ..ops._accumulate_triton import INTERPRETER_CONFIG, config_dict, kernel_config, shape_class
 from ..ops._dispatch import LOW_PRECISION, interpreter_enabled, select_backend
 from .harness import num, result_path, suite_parser, tflops_text, write_json
+from .plots import kernel_names
 from .timing import environment, first_line, rel_err, sync, tflops, time_ms
 from .workloads import resolve_device
 
@@ -214,10 +215,12 @@ def run(preset: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, 
     return results
 
 
-def table(cases: list[dict[str, Any]]) -> str:
-    """Per case: time and TFLOP/s of each implementation, ours/alternative time, errors vs float64, bit-identity."""
-    head = (f"{'case':<24} {'ours ms':>8} {'TF/s':>6} {'cuBLAS ms':>9} {'TF/s':>6} {'bf16 ms':>8} {'TF/s':>6} "
-            f"{'ours/cuBLAS':>11} {'ours/bf16':>9} {'err ours':>9} {'err cuBLAS':>10} {'err bf16':>9} {'same':>5}")
+def table(cases: list[dict[str, Any]], dtype: str = "bf16") -> str:
+    """Per case: time and TFLOP/s of each implementation, ours/alternative time, errors vs float64, bit-identity
+    (the ``autograd`` columns are named by ``dtype``, as the plot's legend: :func:`~.plots.kernel_names`)."""
+    d = kernel_names(dtype)["autograd"]
+    head = (f"{'case':<24} {'ours ms':>8} {'TF/s':>6} {'cuBLAS ms':>9} {'TF/s':>6} {d + ' ms':>8} {'TF/s':>6} "
+            f"{'ours/cuBLAS':>11} {'ours/' + d:>9} {'err ours':>9} {'err cuBLAS':>10} {'err ' + d:>9} {'same':>5}")
     lines = [head]
     for c in cases:
         lines.append(
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     print(f"accumulate C_fp32 += G^T X, preset {preset}, {args.dtype}, {env['device_name']}, torch {torch.__version__}"
           f", triton {env['triton']}; ours = {cases[0].get('backend')}")
-    print(table(cases))
+    print(table(cases, args.dtype))
     notes = sorted({r.note for r in results if r.impl == "cublas" and r.note})
     for note in notes:
         print(f"cuBLAS: {note}")

@@ -121,8 +121,15 @@ def kernels_figure(data: dict[str, Any]) -> Any:
     cases = sorted({(r["t"], r["m"], r["n"], bool(r.get("transposed"))) for r in rows})
     by = {(r["impl"], r["t"], r["m"], r["n"], bool(r.get("transposed"))): r["tflops"] for r in rows}
     labels = [f"T{t} {m}x{n}" + (" conv1d" if transposed else "") for t, m, n, transposed in cases]
-    return bar_chart(labels, [Series(impl, [by.get((impl, *c)) for c in cases]) for impl in impls],
+    names = kernel_names(str(data.get("dtype") or "bf16"))
+    return bar_chart(labels, [Series(names.get(impl, impl), [by.get((impl, *c)) for c in cases]) for impl in impls],
                      "accumulate C_fp32 += G^T X", ratio=False)
+
+
+def kernel_names(dtype: str) -> dict[str, str]:
+    """The kernels suite's implementations as its table heads name them (``autograd`` is the GEMM in the inputs'
+    dtype with an output in that dtype, what peft accumulates)."""
+    return {"ours": "ours", "cublas": "cuBLAS", "autograd": dtype}
 
 
 def ratio_limits(values: list[float]) -> tuple[float, float]:

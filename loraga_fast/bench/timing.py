@@ -69,10 +69,15 @@ def rel_err(result: torch.Tensor, ref: torch.Tensor) -> float:
     return ((result.double() - ref).norm() / ref.norm()).item()
 
 
-def first_line(err: BaseException) -> str:
-    """``Type: first line of the message`` (100 characters at most), for a table cell or a note."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:100] if text else ''}"
+def first_line(err: BaseException, limit: int = 120) -> str:
+    """``Type: first line of the message``, for a table cell or a note: a line over ``limit`` characters ends at
+    its first sentence's end when that fits, else at the last word that fits, followed by "..." (never mid-word)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        end = text.find(". ")
+        text = text[: end + 1] if 0 < end < limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(err).__name__}: {text}"
 
 
 def device_name(device: torch.device) -> str:

@@ -11,7 +11,9 @@ with ``quant`` (``llama-13b-nf4-cpu``, ``llama-7b-nf4-cpu``) are QLoRA bases bui
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import warnings
 from argparse import ArgumentParser
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -380,10 +382,25 @@ def get_impl(impl: str) -> PreprocessFn:
     if impl == "loraga_fast":
         from loraga_fast import preprocess_loraga
     elif impl == "peft":
-        from peft import preprocess_loraga
+        from peft import preprocess_loraga as peft_preprocess
+
+        return functools.partial(_quiet_peft_preprocess, peft_preprocess)
     else:
         raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
     return preprocess_loraga
+
+
+PEFT_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module outputs"
+"""What torch warns on every peft run: peft's ``preprocess_loraga`` registers full backward hooks on the target
+layers, and the embeddings' outputs are the first to need a gradient. It is the baseline's, not a fault of the
+benchmark: the suites run peft with it silenced."""
+
+
+def _quiet_peft_preprocess(peft_preprocess: PreprocessFn, *args: Any, **kwargs: Any) -> Any:
+    """peft's ``preprocess_loraga``, without torch's full-backward-hook warning (:data:`PEFT_HOOK_WARNING`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_HOOK_WARNING, category=UserWarning)
+        return peft_preprocess(*args, **kwargs)
 
 
 def clear_loraga_state(model: nn.Module) -> None:

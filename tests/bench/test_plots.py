@@ -169,12 +169,14 @@ def test_init_chart_flags_contended_pairs() -> None:
 def test_kernels_chart_keeps_the_transposed_case() -> None:
     results = [{"impl": impl, "t": 64, "m": 96, "n": 64, "transposed": transposed, "tflops": tf}
                for impl, transposed, tf in (("ours", False, 1.5), ("ours", True, 0.75), ("cublas", False, 2.0),
-                                            ("cublas", True, None))]
-    (ax,) = plots.kernels_figure({"results": results}).axes
+                                            ("cublas", True, None), ("autograd", False, 0.5))]
+    (ax,) = plots.kernels_figure({"dtype": "fp16", "results": results}).axes
     assert [t.get_text() for t in ax.get_xticklabels()] == ["T64 96x64", "T64 96x64 conv1d"]
     assert ax.get_ylabel() == "TFLOP/s, higher is better" and ax.get_yscale() == "linear"
     assert [b.get_height() for b in _bars_by_label(ax)["ours"]] == [1.5, 0.75]  # not overwritten by the other
-    assert len(_bars_by_label(ax)["cublas"]) == 1  # no bar where nothing was timed
+    assert len(_bars_by_label(ax)["cuBLAS"]) == 1  # no bar where nothing was timed
+    # the legend names the implementations as the table's heads do (it said "autograd" where the table says bf16)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["fp16", "cuBLAS", "ours"]
     assert {"1.5", "0.75", "2"} <= {t.get_text() for t in ax.texts}
 
 
