@@ -4,8 +4,10 @@ text (a file or the embedded default), turned into batches."""
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+import os
 import re
 import struct
 import sysconfig
@@ -217,7 +219,45 @@ def _source(model: str) -> tuple[str, dict[str, Any]]:
         raise CliError(f"--model {model} is a file but not a .gguf file: {_MODEL_KINDS}")
     if not _HUB_ID.fullmatch(model):  # a path (absolute, relative, or several levels deep) that is not there
         raise CliError(f"--model folder not found: {model}")
-    return model, {}  # a hub id, "name" or "org/name": transformers resolves it (local cache, HF_HUB_OFFLINE)
+    return model, dict(_hub_options(model))  # a hub id, "name" or "org/name": transformers resolves it
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_options(model: str) -> tuple[tuple[str, Any], ...]:
+    """For a hub id: one quick look at the hub before transformers' downloads (which retry five times with backoff,
+    36 s and 12 lines of warnings when the hub is unreachable). Unreachable: the local cache is used when it holds
+    the model (``local_files_only``), else one line. No such model (or a gated one): one line. ``HF_HUB_OFFLINE=1``:
+    nothing to check, transformers reads the cache.
+
+    Raises:
+        CliError: the model is not on the hub, is gated, or the hub is unreachable and the cache lacks it.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return ()
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    cached = isinstance(try_to_load_from_cache(model, "config.json"), str)
+    try:
+        HfApi().model_info(model, timeout=10)
+    except GatedRepoError:
+        if cached:
+            return ()
+        raise CliError(f"--model {model} is a gated model on the Hugging Face hub: accept its terms on its hub page and "
+                       "log in (huggingface-cli login), or pass a local folder") from None
+    except RepositoryNotFoundError:
+        raise CliError(f"--model {model}: no local folder or file of that name, and no such model on the Hugging Face "
+                       "hub (a private one needs huggingface-cli login): check the name") from None
+    except HfHubHTTPError:
+        return ()  # the hub answered (an error of its own): transformers tries, and says what it gets
+    except Exception as err:  # the hub cannot be reached: DNS, connection, timeout (requests' or httpx's errors)
+        if cached:
+            return (("local_files_only", True),)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CliError(f"--model {model} is not a local folder or file, not in the Hugging Face cache, and the hub "
+                       f"cannot be reached ({type(err).__name__}: {first}): download it where there is a network "
+                       f"(huggingface-cli download {model}) and pass its folder, or give a local path") from None
+    return ()
 
 
 def _check_gguf_magic(path: Path, model: str) -> None:
@@ -238,6 +278,7 @@ def _reading(model: str, gguf: dict[str, Any]) -> Iterator[None]:
     """Turn what transformers raises while reading ``model``'s config or a GGUF file into one-line
     :class:`CliError` s: a GGUF file that cannot be parsed, a missing ``gguf`` package, a config.json that names no
     model type."""
+    gguf = {"gguf_file": gguf["gguf_file"]} if "gguf_file" in gguf else {}  # not the hub options
     try:
         yield
     except UsageError:

@@ -156,6 +156,7 @@ def test_hub_ids_with_a_slash_are_looked_up_not_refused_as_paths(monkeypatch: py
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no look at the hub first (test_cli_errors covers it)
     with pytest.raises(CliError, match=r"could not load --model 'HuggingFaceTB/SmolLM2-135M' \(not a local folder; "
                                        r"looked up as a hub id"):
         load_model("HuggingFaceTB/SmolLM2-135M", torch.float32, torch.device("cpu"), 0)

@@ -257,3 +257,72 @@ def test_a_mistyped_path_is_answered_before_torch_is_imported(args: list[str]) -
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr)
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+class _Unreachable(OSError):
+    """What the hub client raises without a network (httpx's ConnectError, requests' ConnectionError)."""
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``hub(answer, cached)``: the hub answers ``model_info`` with ``answer`` (an exception to raise, or None: the
+    model exists), and the local cache holds the model's config.json when ``cached``."""
+    import huggingface_hub
+
+    from loraga_fast.command import inputs
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def setup(answer: BaseException | None, cached: bool) -> None:
+        def model_info(self: object, repo_id: str, **kw: object) -> object:
+            if answer is not None:
+                raise answer
+            return object()
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+        monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                            lambda repo_id, filename, **kw: "/cache/config.json" if cached else None)
+        inputs._hub_options.cache_clear()
+
+    yield setup
+    inputs._hub_options.cache_clear()
+
+
+def test_an_uncached_hub_id_without_a_network_is_one_line_at_once(hub: Callable[..., None], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """It printed 12 lines of hub retry warnings over 36 s before the error."""
+    import time
+
+    hub(_Unreachable("[Errno -2] Name or service not known"), cached=False)
+    start = time.perf_counter()
+    line, _ = one_line_error(["--model", "someorg/some-model"], tmp_path, capsys)
+    assert time.perf_counter() - start < 10
+    assert ("--model someorg/some-model is not a local folder or file, not in the Hugging Face cache, and the hub "
+            "cannot be reached (_Unreachable: [Errno -2] Name or service not known): download it where there is a "
+            "network (huggingface-cli download someorg/some-model)") in line, line
+
+
+def test_a_hub_id_that_does_not_exist_is_one_line(hub: Callable[..., None], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    hub(_without_response(RepositoryNotFoundError, "404 Client Error"), cached=False)
+    line, _ = one_line_error(["--model", "someorg/typo-model"], tmp_path, capsys)
+    assert "--model someorg/typo-model: no local folder or file of that name, and no such model on the Hugging " in line
+
+
+def test_a_cached_hub_id_without_a_network_is_read_from_the_cache(hub: Callable[..., None]) -> None:
+    from loraga_fast.command.inputs import _source
+
+    hub(_Unreachable("timed out"), cached=True)
+    assert _source("someorg/some-model") == ("someorg/some-model", {"local_files_only": True})
+    hub(None, cached=True)  # reachable: transformers resolves it as always (it may find a newer revision)
+    assert _source("someorg/some-model") == ("someorg/some-model", {})
+
+
+def _without_response(kind: type[BaseException], message: str) -> BaseException:
+    """An hub HTTP error as the client raises it, without building its response (its HTTP library varies with the
+    huggingface_hub version: requests, httpx, httpx2)."""
+    err = kind.__new__(kind)
+    Exception.__init__(err, message)
+    return err
