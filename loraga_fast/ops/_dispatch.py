@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -118,7 +119,8 @@ def choose(op: str, device_type: str, dtypes: Iterable[torch.dtype], *, requeste
     triton_possible = device_type == "cuda" or (device_type == "cpu" and interpreter)
     if requested == "triton":
         if not triton_installed:
-            raise RuntimeError(f"{BACKEND_ENV}=triton was requested for '{op}', but triton is not installed: pip install triton")
+            raise RuntimeError(f"{BACKEND_ENV}=triton was requested for '{op}', but triton is not installed: "
+                               f"{TRITON_INSTALL}")
         if not triton_possible:
             raise RuntimeError(
                 f"{BACKEND_ENV}=triton was requested for '{op}' on a {device_type} tensor; Triton kernels run on CUDA "
@@ -126,7 +128,24 @@ def choose(op: str, device_type: str, dtypes: Iterable[torch.dtype], *, requeste
             )
         return "triton"
     low_precision = any(d in LOW_PRECISION for d in dtypes)
+    if device_type == "cuda" and low_precision and not triton_installed:
+        _warn_without_triton(op)
     return "triton" if triton_possible and triton_installed and low_precision else "torch"
+
+
+TRITON_INSTALL = "pip install 'loraga_fast[cuda]' (or pip install triton; CUDA builds of torch on Linux bring it)"
+_WARNED_WITHOUT_TRITON: set[str] = set()
+
+
+def _warn_without_triton(op: str) -> None:
+    """Once per op and process: a low-precision CUDA op that has a Triton kernel runs the plain-torch path because
+    triton is missing (the same fp32 result, slower; triton is the ``[cuda]`` extra, not a dependency, since a CPU
+    install never runs it)."""
+    if op in _WARNED_WITHOUT_TRITON:
+        return
+    _WARNED_WITHOUT_TRITON.add(op)
+    warnings.warn(f"loraga_fast: triton is not installed, so '{op}' on low-precision CUDA tensors runs the plain-torch "
+                  f"path (the same fp32 result, slower): {TRITON_INSTALL}", RuntimeWarning, stacklevel=3)
 
 
 def select_backend(op: str, out: torch.Tensor, *operands: torch.Tensor) -> str:

@@ -66,8 +66,27 @@ def test_forcing_a_backend() -> None:
     assert choose("op", "cuda", (FP32, FP32), requested="triton", interpreter=False, triton_installed=True) == "triton"
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         choose("op", "cpu", (BF16,), requested="triton", interpreter=False, triton_installed=True)
-    with pytest.raises(RuntimeError, match="pip install triton"):
+    with pytest.raises(RuntimeError, match=r"pip install 'loraga_fast\[cuda\]'"):
         choose("op", "cuda", (BF16,), requested="triton", interpreter=False, triton_installed=False)
+
+
+def test_a_cuda_run_without_triton_is_told_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """triton is the [cuda] extra, not a dependency: a bf16 CUDA run without it says so (once), and still runs."""
+    from loraga_fast.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_WARNED_WITHOUT_TRITON", set())
+    with pytest.warns(RuntimeWarning, match=r"triton is not installed, so 'acc' on low-precision CUDA tensors runs "
+                                            r"the plain-torch path .*pip install 'loraga_fast\[cuda\]'") as record:
+        for _ in range(3):
+            assert choose("acc", "cuda", (BF16,), requested="auto", interpreter=False, triton_installed=False) == "torch"
+    assert len(record) == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say: CPU, fp32 on CUDA (no kernel would run), triton present
+        assert choose("other", "cpu", (BF16,), requested="auto", interpreter=False, triton_installed=False) == "torch"
+        assert choose("other", "cuda", (FP32,), requested="auto", interpreter=False, triton_installed=False) == "torch"
+        assert choose("other", "cuda", (BF16,), requested="auto", interpreter=False, triton_installed=True) == "triton"
 
 
 def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
