@@ -33,6 +33,7 @@ SUITES: dict[str, str] = {
     "onepass": "one-pass low-memory mode's accuracy on SmolLM2's real gradients next to three passes (4k/16k tokens)",
     "qlora": "LoRA-GA on a bitsandbytes-quantized SmolLM2: drift at initialization and first training steps",
     "convergence": "plain LoRA vs LoRA-GA fine-tuning SmolLM2 (held-out loss per step); until='converged', rank_budget=",
+    "task": "accuracy on held-out arithmetic word problems: plain LoRA vs peft's and our LoRA-GA (SmolLM2)",
     "stopping": "how fast SmolLM2's gradient subspaces converge: until='converged''s tolerance, interval and cost",
     "distributed": "data parallel, FSDP2, FSDP1 and DeepSpeed ZeRO-3 on gloo processes: time, memory, bytes per rank",
 }
@@ -117,7 +118,7 @@ def _split_options(args: argparse.Namespace) -> list[str]:
 def missing_packages(suite: str, preset: str | None, plot: bool) -> list[tuple[str, str]]:
     """``(what needs it, pip name)`` of every package the run needs and this Python lacks."""
     needs = []
-    if preset == "smollm2" or suite in ("accuracy", "onepass", "qlora", "convergence", "stopping"):
+    if preset == "smollm2" or suite in ("accuracy", "onepass", "qlora", "convergence", "stopping", "task"):
         what = "--preset smollm2" if preset == "smollm2" else f"bench {suite}"
         needs += [(what, pkg, module) for pkg, module in _SMOLLM2]
     if suite in ("e2e", "init", "lowmem", "sketch_memory", "distributed"):

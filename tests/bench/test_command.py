@@ -44,6 +44,7 @@ def _module(cmd: list[str]) -> str:
     ("qlora", [], ["--json", "{out}/qlora.json"]),
     ("convergence", [], ["--out", "{out}"]),
     ("stopping", [], ["--json", "{out}/stopping.json"]),
+    ("task", [], ["--json", "{out}/task.json"]),
     ("distributed", [], ["--preset", "70m", "--json", "{out}/distributed.json"]),
 ])
 def test_bench_suites_run_their_modules(suite: str, given: list[str], expected: list[str], tmp_path: Path,
