@@ -67,8 +67,8 @@ def test_one_pass_low_memory_mode_stops_too(tmp_path: Path, capsys: pytest.Captu
     (["--until-converged", "--mode", "lowmem"], "--until-converged with --mode lowmem needs --passes 1"),
     (["--until-converged", "--mode", "lowmem", "--passes", "2"], "needs --passes 1 (one pass keeps each gradient sum's"),
     (["--max-rank", "3"], "--min-rank and --max-rank apply with --rank-budget only"),
-    (["--rank-budget", "uniform", "--max-rank", "200"], "max_rank=200 is over min(m, n) / 2 = 128"),
-    (["--rank-budget", "10"], "is smaller than min_rank=1 on every target"),
+    (["--rank-budget", "uniform", "--max-rank", "200"], "--max-rank 200 is over min(m, n) / 2 = 128"),
+    (["--rank-budget", "10"], "is smaller than --min-rank 1 on every target"),
     (["--rank-budget", "lots"], "--rank-budget: expected 'uniform' or a whole number"),
     (["--passes", "1"], "--passes applies with --mode lowmem only"),
 ])
